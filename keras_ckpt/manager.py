@@ -1,0 +1,274 @@
+"""A checkpoint directory: list it, find the latest valid or the best, apply retention.
+
+Also the functional API for code that does not use the callback:
+`list_checkpoints`, `latest_checkpoint`, `best_checkpoint` and `restore`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+import string
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from keras_ckpt import state as state_lib
+from keras_ckpt import storage
+from keras_ckpt.jsonsafe import decode_float
+
+__all__ = ["CheckpointInfo", "list_checkpoints", "latest_checkpoint", "best_checkpoint",
+           "restore", "template_regex"]
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointInfo:
+    """What the metadata of one checkpoint file says, and whether it is readable.
+
+    Attributes:
+        path: the file.
+        epoch: the 0-based epoch it was written in (None when unreadable).
+        step: steps done in that epoch.
+        epoch_complete: True for an end-of-epoch save.
+        global_step: training steps since the run began.
+        monitor, monitor_value: the monitored quantity and its value then.
+        loss: the training loss then (None if not logged).
+        written_at: POSIX time of the write.
+        kind: `"regular"` or `"last"`.
+        size: bytes on disk.
+        error: why the file is not a valid checkpoint, or None.
+    """
+
+    path: str
+    epoch: int | None = None
+    step: int | None = None
+    epoch_complete: bool = False
+    global_step: int = -1
+    monitor: str | None = None
+    monitor_value: float | None = None
+    loss: float | None = None
+    written_at: float = 0.0
+    kind: str = "regular"
+    size: int = 0
+    error: str | None = None
+
+    @property
+    def valid(self) -> bool:
+        """True when the metadata was readable (arrays are verified on load)."""
+        return self.error is None
+
+    @property
+    def finite(self) -> bool:
+        """True when the recorded loss and monitored value are finite (or absent)."""
+        return all(v is None or math.isfinite(v) for v in (self.loss, self.monitor_value))
+
+    @property
+    def resume_point(self) -> tuple[int, int]:
+        """(epoch, steps done in it) at which training continues from this checkpoint."""
+        if self.epoch_complete:
+            return self.epoch + 1, 0
+        return self.epoch, self.step
+
+
+def info_from_meta(path: str, meta: Mapping[str, Any], size: int = 0) -> CheckpointInfo:
+    """Builds a `CheckpointInfo` from a checkpoint's metadata."""
+    progress = meta.get("progress", {})
+    return CheckpointInfo(
+        path=path,
+        epoch=progress.get("epoch"),
+        step=progress.get("step"),
+        epoch_complete=bool(progress.get("epoch_complete")),
+        global_step=int(progress.get("global_step", -1)),
+        monitor=meta.get("monitor"),
+        monitor_value=decode_float(meta.get("monitor_value")),
+        loss=decode_float(meta.get("loss")),
+        written_at=float(meta.get("written_at", 0.0)),
+        kind=meta.get("kind", "regular"),
+        size=size,
+    )
+
+
+def _candidates(directory: str) -> list[str]:
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    return sorted(
+        os.path.join(directory, n) for n in names
+        if not n.startswith(".") and storage.extension(n)
+        and os.path.isfile(os.path.join(directory, n))
+    )
+
+
+def list_checkpoints(directory: str | os.PathLike, include_invalid: bool = False
+                     ) -> list[CheckpointInfo]:
+    """Lists the keras-ckpt checkpoints in `directory`, oldest first.
+
+    Reads metadata only. Temporary files of writes in progress are never
+    listed. Files that are not keras-ckpt checkpoints, or whose metadata cannot
+    be read, are left out unless `include_invalid`, where they come with
+    `error` set.
+
+    Args:
+        directory: the checkpoint directory.
+        include_invalid: include unreadable and foreign files.
+
+    Returns:
+        A list of `CheckpointInfo`, ordered by global step, then time written.
+
+    Example:
+    >>> list_checkpoints("/nonexistent")
+    []
+    """
+    infos = []
+    for path in _candidates(os.fspath(directory)):
+        size = os.path.getsize(path)
+        try:
+            infos.append(info_from_meta(path, storage.read_meta(path), size))
+        except storage.CorruptCheckpointError as e:
+            if include_invalid:
+                infos.append(CheckpointInfo(path=path, size=size, error=str(e)))
+    return sorted(infos, key=lambda c: (c.error is None, c.global_step, c.written_at, c.path))
+
+
+def latest_checkpoint(directory: str | os.PathLike, *, verify: bool = True
+                      ) -> tuple[CheckpointInfo, state_lib.Snapshot] | None:
+    """Finds and reads the newest valid, finite checkpoint in `directory`.
+
+    Checkpoints are tried newest first; one that fails verification is
+    skipped with a warning that names it (and left on disk).
+
+    Returns:
+        `(info, snapshot)`, or None when the directory holds no valid checkpoint.
+    """
+    for info in reversed(list_checkpoints(directory)):
+        if not info.finite:
+            continue
+        try:
+            return info, storage.read(info.path, verify=verify)
+        except storage.CorruptCheckpointError as e:
+            warnings.warn(f"Skipping a checkpoint that fails verification: {e}", stacklevel=2)
+    return None
+
+
+def best_checkpoint(directory: str | os.PathLike, monitor: str | None = None,
+                    mode: str = "min") -> CheckpointInfo | None:
+    """The checkpoint with the best finite recorded value of `monitor`.
+
+    Args:
+        directory: the checkpoint directory.
+        monitor: the quantity; by default whichever the checkpoints recorded.
+        mode: `"min"` or `"max"`.
+
+    Returns:
+        Its `CheckpointInfo`, or None if no checkpoint recorded a finite value.
+    """
+    scored = [c for c in list_checkpoints(directory)
+              if c.monitor_value is not None and math.isfinite(c.monitor_value)
+              and (monitor is None or c.monitor == monitor)]
+    if not scored:
+        return None
+    pick = min if mode == "min" else max
+    return pick(scored, key=lambda c: c.monitor_value)
+
+
+def restore(model: Any, path: str | os.PathLike, *, weights_only: bool = False,
+            objects: Mapping[str, Any] | None = None, rng: bool = False) -> CheckpointInfo:
+    """Restores `model` (and its optimizer) from one checkpoint file.
+
+    Use it to start a new run from any earlier checkpoint, e.g. to fine-tune on
+    fresh data from epoch 5 of an old run, writing into a new directory; the
+    old run's files are only read.
+
+    Args:
+        model: a built model with the same variables as the checkpoint's (the
+            optimizer may be unbuilt: it is built from the model first).
+        path: the checkpoint file.
+        weights_only: restore `model.variables` alone (any optimizer).
+        objects: stateful objects by key whose saved state to restore.
+        rng: also restore the global Python and NumPy RNG states.
+
+    Returns:
+        The checkpoint's `CheckpointInfo` (its `resume_point` says where the
+        run stood).
+
+    Raises:
+        CorruptCheckpointError: the file is not a valid checkpoint.
+        StateMismatchError: it does not fit the model; the message names the
+            first differing variable.
+        ValueError: the model is not built.
+
+    Example:
+    ```python
+    info = keras_ckpt.restore(model, "run1/ckpt-05.keras")
+    model.fit(new_x, new_y, initial_epoch=info.resume_point[0], epochs=10,
+              callbacks=[keras_ckpt.ModelCheckpoint("run2/ckpt-{epoch:02d}.keras")])
+    ```
+    """
+    path = os.fspath(path)
+    if not model.variables:
+        raise ValueError(
+            "The model is not built, so its variables cannot be restored. Build it first: "
+            "call it on a batch, call model.build(input_shape), or start it with keras.Input."
+        )
+    snapshot = storage.read(path)
+    state_lib.apply(snapshot, model, objects, weights_only=weights_only, rng=rng)
+    return info_from_meta(path, snapshot.meta, os.path.getsize(path))
+
+
+def template_fields(template: str) -> list[str]:
+    """The placeholder names of a `str.format` template.
+
+    Raises:
+        ValueError: malformed template, or a field with attribute/index access.
+    """
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise ValueError(f"`filepath` {template!r} is not a valid format string: {e}") from None
+    fields = []
+    for _, field, _, _ in parsed:
+        if field is None:
+            continue
+        if not field or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", field):
+            raise ValueError(
+                f"`filepath` {template!r} has the placeholder {{{field}}}; placeholders must "
+                "be names such as {epoch}, {batch} or a metric name like {val_loss}."
+            )
+        fields.append(field)
+    return fields
+
+
+def template_regex(template: str) -> re.Pattern:
+    """A regex that matches the file names a `filepath` template produces."""
+    parts = []
+    for literal, field, _, _ in string.Formatter().parse(os.path.basename(template)):
+        parts.append(re.escape(literal))
+        if field is not None:
+            parts.append(".+?")
+    return re.compile("".join(parts) + r"\Z")
+
+
+def apply_retention(checkpoints: Sequence[CheckpointInfo], policies: Iterable[Any],
+                    protect: Iterable[str] = ()) -> list[str]:
+    """Deletes the checkpoints no policy keeps; returns the deleted paths.
+
+    The newest checkpoint and the paths in `protect` are always kept.
+    """
+    checkpoints = list(checkpoints)
+    if not checkpoints:
+        return []
+    keep = set(protect) | {checkpoints[-1].path}
+    for policy in policies:
+        keep |= policy.keep(checkpoints)
+    deleted = []
+    for c in checkpoints:
+        if c.path not in keep:
+            try:
+                os.remove(c.path)
+                deleted.append(c.path)
+            except FileNotFoundError:
+                pass
+    return deleted

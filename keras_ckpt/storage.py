@@ -1,0 +1,236 @@
+"""One checkpoint on disk: crash-safe writes, verified reads. No pickle, ever.
+
+A checkpoint is one file. Its training state lives in an HDF5 group named
+`keras_ckpt`: one dataset per array, and a JSON metadata attribute that lists
+every array with its shape, dtype and CRC-32. Where the user asked for a file
+Keras can read, Keras writes its own part first (`.weights.h5` and legacy
+`.h5`: the same HDF5 file; `.keras`: the zip archive, with our state as one
+more member, `keras_ckpt.h5`).
+
+Writes go to a hidden temporary name in the same directory, are flushed and
+fsynced, renamed over the final name and the directory is fsynced: until the
+rename, the previous checkpoint of that name stays whole, and a partial write
+is never listed or loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import secrets
+import zipfile
+import zlib
+from collections.abc import Callable
+from typing import Any
+
+import h5py
+import numpy as np
+
+from keras_ckpt.state import Snapshot
+
+__all__ = ["CorruptCheckpointError", "write", "read", "read_meta", "is_temporary",
+           "FORMAT", "FORMAT_VERSION", "EXTENSIONS"]
+
+FORMAT = "keras-ckpt"
+FORMAT_VERSION = 1
+GROUP = "keras_ckpt"
+ZIP_MEMBER = "keras_ckpt.h5"
+EXTENSIONS = (".weights.h5", ".keras", ".h5")
+_TMP_MARK = ".tmp-"
+_ALLOWED_KINDS = "biuf"  # bool, int, uint, float: nothing that could hold objects
+
+
+class CorruptCheckpointError(ValueError):
+    """A file is not a valid keras-ckpt checkpoint (partial, damaged or foreign)."""
+
+
+def extension(path: str) -> str:
+    """The checkpoint extension of `path` (`.weights.h5`, `.keras`, `.h5`) or ''."""
+    for ext in EXTENSIONS:
+        if path.endswith(ext):
+            return ext
+    return ""
+
+
+def is_temporary(name: str) -> bool:
+    """Whether a file name is one of our in-progress temporary names."""
+    return os.path.basename(name).startswith(".") and _TMP_MARK in name
+
+
+def _crc(array: np.ndarray) -> int:
+    data = np.ascontiguousarray(array)
+    return zlib.crc32(memoryview(data).cast("B")) if data.size else 0
+
+
+def _write_group(h5: h5py.File, snapshot: Snapshot, meta: dict) -> None:
+    group = h5.require_group(GROUP)
+    arrays_meta = {}
+    data = group.create_group("arrays")
+    for i, (name, array) in enumerate(snapshot.arrays.items()):
+        dataset = f"a{i:05d}"
+        data.create_dataset(dataset, data=array)
+        arrays_meta[name] = {"dataset": dataset, "shape": list(array.shape),
+                             "dtype": array.dtype.str, "crc32": _crc(array)}
+    full = {**snapshot.meta, **meta, "arrays": arrays_meta}
+    text = json.dumps(full, allow_nan=False, separators=(",", ":"))
+    group.attrs["format"] = FORMAT
+    group.attrs["format_version"] = FORMAT_VERSION
+    group.attrs["meta"] = text
+    group.attrs["meta_crc32"] = zlib.crc32(text.encode())
+
+
+def _fsync_path(path: str, directory: bool = False) -> None:
+    flags = os.O_RDONLY if directory else os.O_RDWR
+    fd = os.open(path, flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write(path: str, snapshot: Snapshot, *, keras_writer: Callable[[str], None] | None = None,
+          meta: dict | None = None, fsync: bool = True) -> int:
+    """Writes one checkpoint atomically; returns its size in bytes.
+
+    Args:
+        path: the final file name; its extension picks the layout.
+        snapshot: the state to store.
+        keras_writer: writes Keras's own part to the path it is given (e.g.
+            `model.save_weights`); None for a file only keras-ckpt reads.
+        meta: extra JSON-safe metadata (progress, monitor, time written).
+        fsync: flush file and directory to stable storage before returning.
+
+    Raises:
+        OSError: the write failed; the previous file at `path` is untouched and
+            no temporary file is left behind.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    base = os.path.basename(path)
+    ext = extension(base) or ".h5"
+    tmp = os.path.join(directory, f".{base}{_TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}{ext}")
+    try:
+        if ext == ".keras":
+            if keras_writer is not None:
+                keras_writer(tmp)
+            buffer = io.BytesIO()
+            with h5py.File(buffer, "w") as h5:
+                _write_group(h5, snapshot, meta or {})
+            mode = "a" if keras_writer is not None else "w"
+            with zipfile.ZipFile(tmp, mode, compression=zipfile.ZIP_STORED) as archive:
+                archive.writestr(ZIP_MEMBER, buffer.getbuffer())
+        else:
+            if keras_writer is not None:
+                keras_writer(tmp)
+            with h5py.File(tmp, "a" if keras_writer is not None else "w") as h5:
+                if GROUP in h5:
+                    del h5[GROUP]
+                _write_group(h5, snapshot, meta or {})
+        if fsync:
+            _fsync_path(tmp)
+        size = os.path.getsize(tmp)
+        os.replace(tmp, path)
+        if fsync:
+            _fsync_path(directory, directory=True)
+        return size
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def _open_group(path: str):
+    try:
+        if path.endswith(".keras"):
+            with zipfile.ZipFile(path) as archive:
+                try:
+                    raw = archive.read(ZIP_MEMBER)
+                except KeyError:
+                    raise CorruptCheckpointError(
+                        f"{path} is a Keras archive without keras-ckpt training state."
+                    ) from None
+            h5 = h5py.File(io.BytesIO(raw), "r")
+        else:
+            h5 = h5py.File(path, "r")
+    except CorruptCheckpointError:
+        raise
+    except (OSError, zipfile.BadZipFile, zlib.error, ValueError) as e:
+        raise CorruptCheckpointError(f"{path} cannot be opened as a checkpoint: {e}") from None
+    with h5:
+        group = h5.get(GROUP)
+        if not isinstance(group, h5py.Group) or group.attrs.get("format") != FORMAT:
+            raise CorruptCheckpointError(f"{path} holds no keras-ckpt training state.")
+        yield group
+
+
+def _parse_meta(path: str, group: h5py.Group) -> dict:
+    version = int(group.attrs.get("format_version", -1))
+    if version > FORMAT_VERSION or version < 1:
+        raise CorruptCheckpointError(
+            f"{path} has keras-ckpt format version {version}; this keras-ckpt reads "
+            f"version {FORMAT_VERSION} and older. Upgrade keras-ckpt to read it."
+        )
+    text = group.attrs.get("meta")
+    if isinstance(text, bytes):
+        text = text.decode()
+    if not isinstance(text, str) or zlib.crc32(text.encode()) != int(
+            group.attrs.get("meta_crc32", -1)):
+        raise CorruptCheckpointError(f"{path}: the metadata fails its checksum.")
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CorruptCheckpointError(f"{path}: the metadata is not valid JSON ({e}).") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("arrays"), dict):
+        raise CorruptCheckpointError(f"{path}: the metadata lacks the array index.")
+    return meta
+
+
+def read_meta(path: str) -> dict[str, Any]:
+    """Reads a checkpoint's metadata only (cheap: no array is read).
+
+    Raises:
+        CorruptCheckpointError: not a readable keras-ckpt checkpoint.
+    """
+    with _open_group(path) as group:
+        return _parse_meta(path, group)
+
+
+def read(path: str, verify: bool = True) -> Snapshot:
+    """Reads a whole checkpoint, checking every array against its declared shape, dtype and CRC.
+
+    Raises:
+        CorruptCheckpointError: partial, damaged, foreign or from a newer format.
+    """
+    with _open_group(path) as group:
+        meta = _parse_meta(path, group)
+        data = group.get("arrays")
+        arrays: dict[str, np.ndarray] = {}
+        for name, entry in meta.pop("arrays").items():
+            dataset = data.get(str(entry.get("dataset"))) if data is not None else None
+            if not isinstance(dataset, h5py.Dataset):
+                raise CorruptCheckpointError(f"{path}: array {name!r} is missing.")
+            declared = np.dtype(entry["dtype"])
+            if declared.kind not in _ALLOWED_KINDS or dataset.dtype != declared:
+                raise CorruptCheckpointError(
+                    f"{path}: array {name!r} has dtype {dataset.dtype}, declared {declared}."
+                )
+            if list(dataset.shape) != list(entry["shape"]):
+                raise CorruptCheckpointError(
+                    f"{path}: array {name!r} has shape {dataset.shape}, declared "
+                    f"{tuple(entry['shape'])}."
+                )
+            if dataset.size and dataset.id.get_storage_size() < dataset.nbytes and (
+                    dataset.compression is None):
+                raise CorruptCheckpointError(f"{path}: array {name!r} is truncated.")
+            try:
+                array = dataset[()]
+            except (OSError, ValueError) as e:
+                raise CorruptCheckpointError(f"{path}: array {name!r} cannot be read: {e}.") \
+                    from None
+            array = np.asarray(array)
+            if verify and _crc(array) != entry["crc32"]:
+                raise CorruptCheckpointError(f"{path}: array {name!r} fails its checksum.")
+            arrays[name] = array
+    return Snapshot(arrays=arrays, meta=meta)
