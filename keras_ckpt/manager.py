@@ -50,7 +50,7 @@ class CheckpointInfo:
     monitor_value: float | None = None
     loss: float | None = None
     written_at: float = 0.0
-    kind: str = "regular"
+    kind: str = "regular"  # "regular", "last", or "foreign" for files we did not write
     size: int = 0
     error: str | None = None
 
@@ -108,8 +108,8 @@ def list_checkpoints(directory: str | os.PathLike, include_invalid: bool = False
 
     Reads metadata only. Temporary files of writes in progress are never
     listed. Files that are not keras-ckpt checkpoints, or whose metadata cannot
-    be read, are left out unless `include_invalid`, where they come with
-    `error` set.
+    be read, are left out unless `include_invalid`, where they come first,
+    with `error` set.
 
     Args:
         directory: the checkpoint directory.
@@ -127,6 +127,9 @@ def list_checkpoints(directory: str | os.PathLike, include_invalid: bool = False
         size = os.path.getsize(path)
         try:
             infos.append(info_from_meta(path, storage.read_meta(path), size))
+        except storage.ForeignFileError as e:
+            if include_invalid:
+                infos.append(CheckpointInfo(path=path, size=size, error=str(e), kind="foreign"))
         except storage.CorruptCheckpointError as e:
             if include_invalid:
                 infos.append(CheckpointInfo(path=path, size=size, error=str(e)))
@@ -138,18 +141,25 @@ def latest_checkpoint(directory: str | os.PathLike, *, verify: bool = True
     """Finds and reads the newest valid, finite checkpoint in `directory`.
 
     Checkpoints are tried newest first; one that fails verification is
-    skipped with a warning that names it (and left on disk).
+    skipped with a warning that names it, and so is every damaged file in the
+    directory. Nothing is deleted. Files keras-ckpt did not write are ignored.
 
     Returns:
         `(info, snapshot)`, or None when the directory holds no valid checkpoint.
     """
-    for info in reversed(list_checkpoints(directory)):
+    infos = list_checkpoints(directory, include_invalid=True)
+    for info in infos:
+        if info.error is not None and info.kind != "foreign":
+            warnings.warn(f"Skipping a damaged checkpoint (left on disk): {info.error}",
+                          stacklevel=2)
+    for info in reversed([c for c in infos if c.error is None]):
         if not info.finite:
             continue
         try:
             return info, storage.read(info.path, verify=verify)
         except storage.CorruptCheckpointError as e:
-            warnings.warn(f"Skipping a checkpoint that fails verification: {e}", stacklevel=2)
+            warnings.warn(f"Skipping a checkpoint that fails verification (left on disk): {e}",
+                          stacklevel=2)
     return None
 
 

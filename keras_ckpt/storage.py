@@ -30,7 +30,8 @@ import numpy as np
 
 from keras_ckpt.state import Snapshot
 
-__all__ = ["CorruptCheckpointError", "write", "read", "read_meta", "is_temporary",
+__all__ = ["CorruptCheckpointError", "ForeignFileError", "write", "read", "read_meta",
+           "is_temporary",
            "FORMAT", "FORMAT_VERSION", "EXTENSIONS"]
 
 FORMAT = "keras-ckpt"
@@ -44,6 +45,10 @@ _ALLOWED_KINDS = "biuf"  # bool, int, uint, float: nothing that could hold objec
 
 class CorruptCheckpointError(ValueError):
     """A file is not a valid keras-ckpt checkpoint (partial, damaged or foreign)."""
+
+
+class ForeignFileError(CorruptCheckpointError):
+    """A readable file that keras-ckpt did not write (e.g. a plain Keras checkpoint)."""
 
 
 def extension(path: str) -> str:
@@ -62,6 +67,18 @@ def is_temporary(name: str) -> bool:
 def _crc(array: np.ndarray) -> int:
     data = np.ascontiguousarray(array)
     return zlib.crc32(memoryview(data).cast("B")) if data.size else 0
+
+
+def _keras_part_crcs(h5: h5py.File) -> dict[str, int]:
+    """CRC-32 of every dataset Keras wrote (everything outside our group)."""
+    crcs: dict[str, int] = {}
+
+    def visit(name: str, obj: Any) -> None:
+        if isinstance(obj, h5py.Dataset) and not name.startswith(GROUP + "/"):
+            crcs[name] = _crc(np.asarray(obj[()]))
+
+    h5.visititems(visit)
+    return crcs
 
 
 def _write_group(h5: h5py.File, snapshot: Snapshot, meta: dict) -> None:
@@ -126,7 +143,8 @@ def write(path: str, snapshot: Snapshot, *, keras_writer: Callable[[str], None] 
             with h5py.File(tmp, "a" if keras_writer is not None else "w") as h5:
                 if GROUP in h5:
                     del h5[GROUP]
-                _write_group(h5, snapshot, meta or {})
+                keras_part = {"keras_part_crc32": _keras_part_crcs(h5)} if keras_writer else {}
+                _write_group(h5, snapshot, {**(meta or {}), **keras_part})
         if fsync:
             _fsync_path(tmp)
         size = os.path.getsize(tmp)
@@ -141,14 +159,17 @@ def write(path: str, snapshot: Snapshot, *, keras_writer: Callable[[str], None] 
 
 
 @contextlib.contextmanager
-def _open_group(path: str):
+def _open_group(path: str, verify: bool = False):
     try:
         if path.endswith(".keras"):
             with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip() if verify else None
+                if bad is not None:
+                    raise CorruptCheckpointError(f"{path}: archive member {bad} fails its CRC.")
                 try:
                     raw = archive.read(ZIP_MEMBER)
                 except KeyError:
-                    raise CorruptCheckpointError(
+                    raise ForeignFileError(
                         f"{path} is a Keras archive without keras-ckpt training state."
                     ) from None
             h5 = h5py.File(io.BytesIO(raw), "r")
@@ -161,8 +182,21 @@ def _open_group(path: str):
     with h5:
         group = h5.get(GROUP)
         if not isinstance(group, h5py.Group) or group.attrs.get("format") != FORMAT:
-            raise CorruptCheckpointError(f"{path} holds no keras-ckpt training state.")
+            raise ForeignFileError(f"{path} holds no keras-ckpt training state.")
         yield group
+
+
+def _verify_keras_part(path: str, group: h5py.Group, meta: dict) -> None:
+    expected = meta.get("keras_part_crc32")
+    if not expected:
+        return
+    try:
+        actual = _keras_part_crcs(group.file)
+    except (OSError, ValueError) as e:
+        raise CorruptCheckpointError(f"{path}: Keras's part cannot be read: {e}.") from None
+    for name, crc in expected.items():
+        if actual.get(name) != crc:
+            raise CorruptCheckpointError(f"{path}: Keras's dataset {name!r} fails its checksum.")
 
 
 def _parse_meta(path: str, group: h5py.Group) -> dict:
@@ -203,8 +237,10 @@ def read(path: str, verify: bool = True) -> Snapshot:
     Raises:
         CorruptCheckpointError: partial, damaged, foreign or from a newer format.
     """
-    with _open_group(path) as group:
+    with _open_group(path, verify=verify) as group:
         meta = _parse_meta(path, group)
+        if verify:
+            _verify_keras_part(path, group, meta)
         data = group.get("arrays")
         arrays: dict[str, np.ndarray] = {}
         for name, entry in meta.pop("arrays").items():

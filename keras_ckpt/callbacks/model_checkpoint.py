@@ -167,7 +167,9 @@ class ModelCheckpoint(StatefulCallback):
         self.resumed_from: manager.CheckpointInfo | None = None
         # Batch-level work only when asked for, so that Keras keeps its
         # asynchronous batch dispatch on the backends that have it.
-        if save_freq != "epoch" or save_interval is not None:
+        self._batch_level = save_freq != "epoch" or save_interval is not None
+        self._metric_fields = [f for f in self._fields if f not in ("epoch", "batch")]
+        if self._batch_level or self._metric_fields:
             self.on_train_batch_end = self._on_train_batch_end
         self._reset_progress()
 
@@ -203,6 +205,7 @@ class ModelCheckpoint(StatefulCallback):
         self._epoch_start_step = 0
         self._last_save_step = 0
         self._last_save_time = 0.0
+        self._fields_unchecked = bool(self._metric_fields)
         self._skip_until = -1  # batch ends below this step are replays of trained steps
         self._resume_step = 0  # steps already trained in the epoch being resumed
         self._pending_epochs: list[int] | None = None
@@ -235,7 +238,7 @@ class ModelCheckpoint(StatefulCallback):
         self._epoch = epoch
         self._epoch_start_step = self._global_step() - self._resume_step
         self._resume_step = 0
-        if self.save_freq != "epoch" or self.save_interval is not None:
+        if self._batch_level:
             # A save inside this epoch must let a resume replay the epoch's
             # data order: keep the RNG and data-helper states of its start.
             self._epoch_rng = state_lib.capture_rng()
@@ -248,7 +251,9 @@ class ModelCheckpoint(StatefulCallback):
             self._pending_epochs = None
 
     def _on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        if batch < self._skip_until:
+        if self._fields_unchecked:
+            self._check_fields(logs or {})
+        if not self._batch_level or batch < self._skip_until:
             return
         if self.save_freq != "epoch":
             # Count steps, not hook calls: with steps_per_execution=N, Keras
@@ -423,6 +428,17 @@ class ModelCheckpoint(StatefulCallback):
             raise PermissionError(
                 f"ModelCheckpoint cannot write to {self.directory!r} ({e.strerror}); choose a "
                 "writable directory in `filepath`.") from None
+
+    def _check_fields(self, logs: dict) -> None:
+        """After the first step: every placeholder must be a key the logs will have."""
+        self._fields_unchecked = False
+        known = set(logs) | {f"val_{k}" for k in logs}
+        unknown = [f for f in self._metric_fields if f not in known]
+        if unknown:
+            available = ", ".join(["epoch", "batch"] + sorted(known))
+            raise ValueError(
+                f"ModelCheckpoint: filepath {self.filepath!r} has the placeholder "
+                f"{{{unknown[0]}}}, which is not a key of the logs; available: {available}.")
 
     def _clean_temporaries(self) -> None:
         try:

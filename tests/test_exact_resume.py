@@ -1,0 +1,56 @@
+"""The bar: a fit killed with SIGKILL and started again ends bitwise equal to an uninterrupted one.
+
+Model with Dropout and BatchNormalization, Adam with a learning-rate schedule,
+`keras.utils.set_random_seed` and op determinism; each run is a real process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+SCRIPT = os.path.join(os.path.dirname(__file__), "resume_script.py")
+
+
+def run(directory, out, *args, expect_kill=False):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONHASHSEED": "0"}
+    proc = subprocess.run([sys.executable, SCRIPT, str(directory), str(out), *args],
+                          capture_output=True, text=True, env=env, timeout=300)
+    if expect_kill:
+        assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    else:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def load(path):
+    with np.load(path) as data:
+        arrays = {k: data[k] for k in data.files if k != "history"}
+        history = json.loads(data["history"].tobytes())
+    return arrays, history
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args, kill", [
+    (["--data", "numpy"], ["--kill-epoch", "1"]),
+    (["--data", "tfdata"], ["--kill-epoch", "2"]),
+    (["--data", "numpy", "--save-freq", "2"], ["--kill-step", "9"]),
+    (["--data", "numpy", "--save-freq", "4", "--spe", "2"], ["--kill-step", "11"]),
+], ids=["numpy-shuffle-epoch", "tfdata-epochshuffle", "mid-epoch", "mid-epoch-spe2"])
+def test_killed_and_resumed_run_is_bitwise_equal(tmp_path, args, kill):
+    run(tmp_path / "straight", tmp_path / "straight.npz", *args)
+    run(tmp_path / "killed", tmp_path / "killed.npz", *args, *kill, expect_kill=True)
+    assert not (tmp_path / "killed.npz").exists()
+    run(tmp_path / "killed", tmp_path / "killed.npz", *args)
+    straight, history_a = load(tmp_path / "straight.npz")
+    resumed, history_b = load(tmp_path / "killed.npz")
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        np.testing.assert_array_equal(straight[name], resumed[name], err_msg=name)
+    assert history_a == history_b
+    assert history_b["epoch"] == [0, 1, 2, 3]
