@@ -1,7 +1,15 @@
-"""keras-ckpt: Keras 3 callbacks that make long training safe to interrupt and exact to resume."""
+"""keras-ckpt: Keras 3 callbacks that make long training safe to interrupt and exact to resume.
 
-from keras_ckpt import data
-from keras_ckpt.callbacks import ModelCheckpoint
+The callbacks (and `keras_ckpt.data`) are imported on first use, so that
+tools that only read checkpoints (`python -m keras_ckpt inspect`) do not load
+a Keras backend.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from keras_ckpt.manager import (
     CheckpointInfo,
     best_checkpoint,
@@ -15,6 +23,8 @@ from keras_ckpt.state import StateMismatchError
 from keras_ckpt.storage import CorruptCheckpointError
 
 __version__ = "0.1.0"
+
+_LAZY = {"ModelCheckpoint": "keras_ckpt.callbacks", "data": "keras_ckpt.data"}
 
 __all__ = [
     "ModelCheckpoint",
@@ -34,3 +44,12 @@ __all__ = [
     "CorruptCheckpointError",
     "__version__",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'keras_ckpt' has no attribute {name!r}")
+    module = importlib.import_module(_LAZY[name])
+    value = module if name == "data" else getattr(module, name)
+    globals()[name] = value
+    return value

@@ -1,5 +1,8 @@
+import os
 import sys
 
-from keras_ckpt.cli import main
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from keras_ckpt.cli import main  # noqa: E402
 
 sys.exit(main())

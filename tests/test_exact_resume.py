@@ -15,13 +15,11 @@ import sys
 import numpy as np
 import pytest
 
-SCRIPT = os.path.join(os.path.dirname(__file__), "resume_script.py")
-
 
 def run(directory, out, *args, expect_kill=False):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONHASHSEED": "0"}
-    proc = subprocess.run([sys.executable, SCRIPT, str(directory), str(out), *args],
-                          capture_output=True, text=True, env=env, timeout=300)
+    command = [sys.executable, "-m", "keras_ckpt.demo_train", str(directory), str(out), *args]
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     if expect_kill:
         assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     else:

@@ -1,9 +1,14 @@
-"""A training run the exact-resume tests start, kill with SIGKILL, and start again.
+"""A small deterministic training run that the demo and the tests kill and resume.
 
-Usage: python resume_script.py DIR OUT.npz [--kill-epoch K | --kill-step S]
+Usage: python -m keras_ckpt.demo_train DIR OUT.npz [--kill-epoch K | --kill-step S]
        [--data numpy|numpy_noshuffle|tfdata|tfdata_plain] [--save-freq N] [--spe N]
        [--epochs E]
-Writes every model and optimizer variable and the history to OUT.npz at the end.
+
+Trains a model with Dropout and BatchNormalization, Adam with a learning-rate
+schedule, seeded and with op determinism, with `ModelCheckpoint(resume=True)`
+writing into DIR. `--kill-epoch K` SIGKILLs the process right after epoch K
+(0-based), `--kill-step S` after global step S. At the end, every model and
+optimizer variable and the history are written to OUT.npz.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import keras_ckpt  # noqa: E402
+
+__all__ = ["main"]
 
 
 class Kill(keras.callbacks.Callback):
@@ -41,8 +48,9 @@ class Kill(keras.callbacks.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
+def main(argv: list[str] | None = None) -> None:
+    """Runs the training; see the module docstring."""
+    p = argparse.ArgumentParser(prog="python -m keras_ckpt.demo_train")
     p.add_argument("directory")
     p.add_argument("out")
     p.add_argument("--kill-epoch", type=int)
@@ -51,7 +59,7 @@ def main() -> None:
     p.add_argument("--save-freq", default="epoch")
     p.add_argument("--spe", type=int, default=1)
     p.add_argument("--epochs", type=int, default=4)
-    a = p.parse_args()
+    a = p.parse_args(argv)
 
     keras.utils.set_random_seed(7)
     tf.config.experimental.enable_op_determinism()

@@ -1,0 +1,55 @@
+"""`python -m keras_ckpt inspect DIR`: a table of the checkpoints in a directory."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+
+from keras_ckpt.manager import list_checkpoints
+
+__all__ = ["run_inspect", "describe"]
+
+
+def describe(directory: str) -> list[dict]:
+    """One dict per file: the `CheckpointInfo` fields plus `valid`, `latest` and `best`."""
+    infos = list_checkpoints(directory, include_invalid=True)
+    valid = [c for c in infos if c.valid]
+    latest = valid[-1].path if valid else None
+    rows = []
+    for c in infos:
+        row = dataclasses.asdict(c)
+        row["valid"] = c.valid
+        row["latest"] = c.path == latest
+        rows.append(row)
+    return rows
+
+
+def _fmt(c: dict) -> list[str]:
+    written = (datetime.datetime.fromtimestamp(c["written_at"]).strftime("%Y-%m-%d %H:%M:%S")
+               if c["written_at"] else "-")
+    value = "-" if c["monitor_value"] is None else f"{c['monitor']}={c['monitor_value']:.5g}"
+    status = "valid" if c["valid"] else ("foreign" if c["kind"] == "foreign" else "corrupt")
+    return [os.path.basename(c["path"]), "-" if c["epoch"] is None else str(c["epoch"] + 1),
+            "-" if c["step"] is None else str(c["step"]), value, f"{c['size'] / 1024:.0f} KiB",
+            written, status + (" latest" if c["latest"] else "")]
+
+
+def run_inspect(directory: str, as_json: bool = False) -> int:
+    """Prints the table (or JSON); returns 1 if the directory does not exist."""
+    if not os.path.isdir(directory):
+        print(f"No such directory: {directory}")
+        return 1
+    rows = describe(directory)
+    if as_json:
+        print(json.dumps(rows, indent=2, allow_nan=False, default=str))
+        return 0
+    table = [["file", "epoch", "step", "monitored", "size", "written", "status"]]
+    table += [_fmt(r) for r in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    for r in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)))
+    return 0
+
+

@@ -1,0 +1,67 @@
+"""README's commands, the demo, `inspect`, and the public API's shape."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import keras_ckpt
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def readme_commands():
+    text = open(os.path.join(ROOT, "README.md")).read()
+    return re.findall(r"```bash\n(.+?)\n```", text)
+
+
+def test_readme_gives_two_set_up_commands_and_ci_runs_the_test_one():
+    commands = readme_commands()
+    assert len(commands) == 2
+    demo, tests = commands
+    assert "keras_ckpt demo" in demo and "pytest" in tests
+    ci = open(os.path.join(ROOT, ".ci", "run")).read()
+    assert tests in ci.splitlines()
+
+
+def test_demo_resumes_bitwise(tmp_path):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    proc = subprocess.run([sys.executable, "-m", "keras_ckpt", "demo", "--out", str(tmp_path),
+                           "--epochs", "4"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+    assert "killed by SIGKILL" in proc.stdout
+    assert "bitwise equal to the uninterrupted one" in proc.stdout
+
+
+def test_inspect_labels_valid_partial_and_corrupt(tmp_path, capsys):
+    from conftest import make_data, make_model
+
+    model = make_model()
+    x, y = make_data(32)
+    model.fit(x, y, epochs=2, batch_size=8, verbose=0,
+              callbacks=[keras_ckpt.ModelCheckpoint(str(tmp_path / "e{epoch}.keras"))])
+    (tmp_path / ".e3.keras.tmp-1-ab.keras").write_bytes(b"partial")  # a write in progress
+    broken = bytearray((tmp_path / "e1.keras").read_bytes())
+    broken[-2000] ^= 0xFF
+    (tmp_path / "e1.keras").write_bytes(bytes(broken))
+    from keras_ckpt.cli import main
+
+    assert main(["inspect", str(tmp_path), "--json"]) == 0
+    rows = {os.path.basename(r["path"]): r for r in json.loads(capsys.readouterr().out)}
+    assert set(rows) == {"e1.keras", "e2.keras"}  # the partial write is not a checkpoint
+    assert not rows["e1.keras"]["valid"] and "CRC" in rows["e1.keras"]["error"]
+    assert rows["e2.keras"]["valid"] and rows["e2.keras"]["latest"]
+    assert main(["inspect", str(tmp_path)]) == 0
+    table = capsys.readouterr().out
+    assert re.search(r"e1\.keras .* corrupt", table) and re.search(r"e2\.keras .* valid latest",
+                                                                   table)
+
+
+def test_public_api():
+    for name in keras_ckpt.__all__:
+        assert getattr(keras_ckpt, name) is not None
+    assert keras_ckpt.ModelCheckpoint.__doc__.splitlines()[0].strip()
+    assert "Example" in keras_ckpt.ModelCheckpoint.__doc__
