@@ -27,6 +27,8 @@ from keras_ckpt.validation import check_number
 
 __all__ = ["EpochShuffle"]
 
+_GRAPH_SEED = 20_261_122
+
 
 class EpochShuffle:
     """A `tf.data` shuffle that reshuffles every epoch and resumes exactly.
@@ -72,6 +74,10 @@ class EpochShuffle:
 
         @tf.autograph.experimental.do_not_convert
         def one_epoch(_):
+            # A graph-level seed of our own, for this function's graph only: the
+            # order then depends on `seed` and the epoch alone, and TensorFlow's
+            # seed helper never compares a tensor seed with a zero global seed.
+            tf.compat.v1.set_random_seed(_GRAPH_SEED)
             seed = tf.reshape(tf.numpy_function(self._next_seed, [], tf.int64, stateful=True), [])
             return dataset.shuffle(self.buffer_size, seed=seed, reshuffle_each_iteration=False)
 

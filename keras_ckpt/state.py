@@ -59,6 +59,12 @@ def _normalise(path: str) -> str:
     return re.sub(r"_\d+(?=[_/]|$)", "", path)
 
 
+def _comparable(group: str, path: str) -> str:
+    # An optimizer's variables take the scope of whoever built it (a wrapping
+    # LossScaleOptimizer, a rebuild); their own names identify them.
+    return _normalise(path.rsplit("/", 1)[-1] if group == "optimizer" else path)
+
+
 def _variables(model: Any) -> dict[str, list]:
     optimizer = getattr(model, "optimizer", None)
     return {
@@ -202,7 +208,8 @@ def check_compatible(meta: Mapping[str, Any], model: Any, *, weights_only: bool 
 
 def _compare(group: str, saved: list[dict], now: list[dict]) -> None:
     for i, (a, b) in enumerate(zip(saved, now, strict=False)):
-        if (_normalise(a["path"]) != _normalise(b["path"]) or a["shape"] != b["shape"]
+        if (_comparable(group, a["path"]) != _comparable(group, b["path"])
+                or a["shape"] != b["shape"]
                 or a["dtype"] != b["dtype"]):
             raise StateMismatchError(
                 f"The checkpoint does not fit this model: {group} variable {i} is "

@@ -345,3 +345,15 @@ def test_get_config_reports_the_arguments():
     config = cb.get_config()
     assert config["save_freq"] == 3 and config["resume"] is True
     assert config["monitor"] == "val_loss" and config["save_best_only"] is False
+
+
+def test_legacy_h5_full_model_is_readable_by_keras_and_resumable(tmp_path):
+    path = str(tmp_path / "m{epoch}.h5")
+    model = make_model()
+    fit(model, [keras_ckpt.ModelCheckpoint(path)], epochs=2)
+    loaded = keras.saving.load_model(tmp_path / "m2.h5", compile=False)
+    for a, b in zip(model.weights, loaded.weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    resumed = make_model()
+    fit(resumed, [keras_ckpt.ModelCheckpoint(path, resume=True)], epochs=2)
+    assert_same_state(model, resumed)

@@ -30,6 +30,11 @@ class StatefulCallback(keras.callbacks.Callback):
     `ModelCheckpoint` that resumes calls `restore_state`; a subclass's
     `on_train_begin` must then keep what was restored (see
     `restored_this_fit`) instead of resetting it.
+
+    End-of-epoch work goes in `epoch_end(epoch, logs)`, not `on_epoch_end`: a
+    `ModelCheckpoint` runs it ("settles" the epoch) before it captures the
+    state, wherever this callback stands in the list, and Keras's own call
+    afterwards does nothing. So the saved state always includes the epoch.
     """
 
     state_key: str = ""
@@ -45,6 +50,21 @@ class StatefulCallback(keras.callbacks.Callback):
 
     def on_train_begin(self, logs: dict | None = None) -> None:
         registry.seal(self.model)
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self.settle_epoch_end(epoch, logs)
+
+    def settle_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        """Runs `epoch_end` for `epoch` unless it already ran in this fit."""
+        key = (registry.current_fit(self.model), epoch)
+        settled = getattr(self, "_settled", None)
+        if settled is not None and settled[0] is key[0] and settled[1] == epoch:
+            return
+        self._settled = key
+        self.epoch_end(epoch, logs if logs is not None else {})
+
+    def epoch_end(self, epoch: int, logs: dict) -> None:
+        """This callback's end-of-epoch work (override; runs once an epoch)."""
 
     def restore_state(self, state: dict) -> None:
         """Applies a saved state and remembers that this fit resumed it."""

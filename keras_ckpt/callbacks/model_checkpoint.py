@@ -269,7 +269,15 @@ class ModelCheckpoint(StatefulCallback):
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         self._skip_until = -1
         if self.save_freq == "epoch":
+            self._settle_siblings(epoch, logs)
             self._save(logs or {}, steps_in_epoch=None)
+
+    def _settle_siblings(self, epoch: int, logs: dict | None) -> None:
+        # The other keras-ckpt callbacks in this fit finish the epoch first,
+        # so the checkpoint holds their state after it, whatever the order.
+        for obj in registry.objects_for(self.model).values():
+            if isinstance(obj, StatefulCallback) and not isinstance(obj, ModelCheckpoint):
+                obj.settle_epoch_end(epoch, logs)
 
     def on_train_end(self, logs: dict | None = None) -> None:
         model = self.model
