@@ -24,10 +24,12 @@ from keras_ckpt.storage import CorruptCheckpointError
 
 __version__ = "0.1.0"
 
-_LAZY = {"ModelCheckpoint": "keras_ckpt.callbacks", "data": "keras_ckpt.data"}
+_LAZY = {"ModelCheckpoint": "keras_ckpt.callbacks", "EarlyStopping": "keras_ckpt.callbacks",
+         "data": "keras_ckpt.data"}
 
 __all__ = [
     "ModelCheckpoint",
+    "EarlyStopping",
     "data",
     "Monitor",
     "Decision",

@@ -2,13 +2,15 @@
 
 Usage: python -m keras_ckpt.demo_train DIR OUT.npz [--kill-epoch K | --kill-step S]
        [--data numpy|numpy_noshuffle|tfdata|tfdata_plain] [--save-freq N] [--spe N]
-       [--epochs E]
+       [--epochs E] [--early-stopping PATIENCE] [--best-on-disk]
 
 Trains a model with Dropout and BatchNormalization, Adam with a learning-rate
 schedule, seeded and with op determinism, with `ModelCheckpoint(resume=True)`
 writing into DIR. `--kill-epoch K` SIGKILLs the process right after epoch K
-(0-based), `--kill-step S` after global step S. At the end, every model and
-optimizer variable and the history are written to OUT.npz.
+(0-based), `--kill-step S` after global step S. `--early-stopping P` adds
+`EarlyStopping(patience=P, restore_best_weights=True)` (`--best-on-disk` keeps
+its best weights in DIR). At the end, every model and optimizer variable, the
+history and the early-stopping outcome are written to OUT.npz.
 """
 
 from __future__ import annotations
@@ -59,6 +61,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--save-freq", default="epoch")
     p.add_argument("--spe", type=int, default=1)
     p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--early-stopping", type=int)
+    p.add_argument("--best-on-disk", action="store_true")
     a = p.parse_args(argv)
 
     keras.utils.set_random_seed(7)
@@ -84,6 +88,13 @@ def main(argv: list[str] | None = None) -> None:
         os.path.join(a.directory, "ckpt-{epoch:02d}-{batch}.keras" if save_freq != "epoch"
                      else "ckpt-{epoch:02d}.keras"),
         save_freq=save_freq, resume=True)]
+    stop = None
+    if a.early_stopping is not None:
+        stop = keras_ckpt.EarlyStopping(
+            patience=a.early_stopping, restore_best_weights=True, min_delta=0.05,
+            best_weights_path=os.path.join(a.directory, "best.weights.h5") if a.best_on_disk
+            else None)
+        callbacks.append(stop)
     if a.kill_epoch is not None or a.kill_step is not None:
         callbacks.append(Kill(a.kill_epoch, a.kill_step))
 
@@ -104,8 +115,11 @@ def main(argv: list[str] | None = None) -> None:
 
     arrays = {f"model/{i}": v.numpy() for i, v in enumerate(model.variables)}
     arrays.update({f"optimizer/{i}": v.numpy() for i, v in enumerate(model.optimizer.variables)})
-    arrays["history"] = np.frombuffer(json.dumps(
-        {"epoch": history.epoch, "history": history.history}).encode(), dtype=np.uint8)
+    outcome = {"epoch": history.epoch, "history": history.history}
+    if stop is not None:
+        outcome.update(stopped_epoch=stop.stopped_epoch, best_epoch=stop.best_epoch,
+                       stop_reason=stop.stop_reason)
+    arrays["history"] = np.frombuffer(json.dumps(outcome).encode(), dtype=np.uint8)
     np.savez(a.out, **arrays)
 
 

@@ -122,7 +122,8 @@ def capture(model: Any, states: Mapping[str, Mapping[str, Any]] | None = None,
         rng: a global RNG state from `capture_rng()`; by default, taken now.
 
     Returns:
-        A `Snapshot` whose arrays are copies, unaffected by later training.
+        A `Snapshot`; its variable arrays are copies, unaffected by later
+        training; arrays from `states` are taken as they are.
     """
     arrays: dict[str, np.ndarray] = {}
     variables_meta: dict[str, list] = {}
@@ -136,7 +137,9 @@ def capture(model: Any, states: Mapping[str, Mapping[str, Any]] | None = None,
         json_part = {}
         for name, value in state.items():
             if isinstance(value, np.ndarray):
-                arrays[f"objects/{key}/{name}"] = np.array(value, copy=True)
+                # Not copied: an object hands over arrays it leaves alone
+                # until the write is done (best weights stay one copy).
+                arrays[f"objects/{key}/{name}"] = value
             else:
                 json_part[name] = value
         object_meta[key] = {"json": json_part,

@@ -85,7 +85,10 @@ def _write_group(h5: h5py.File, snapshot: Snapshot, meta: dict) -> None:
     group = h5.require_group(GROUP)
     arrays_meta = {}
     data = group.create_group("arrays")
-    for i, (name, array) in enumerate(snapshot.arrays.items()):
+    for i, (name, value) in enumerate(snapshot.arrays.items()):
+        # One array at a time: a value may be a variable, read only here, so
+        # the peak host memory is one variable, not the whole state.
+        array = np.asarray(value)
         dataset = f"a{i:05d}"
         data.create_dataset(dataset, data=array)
         arrays_meta[name] = {"dataset": dataset, "shape": list(array.shape),

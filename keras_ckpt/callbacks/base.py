@@ -66,6 +66,10 @@ class StatefulCallback(keras.callbacks.Callback):
     def epoch_end(self, epoch: int, logs: dict) -> None:
         """This callback's end-of-epoch work (override; runs once an epoch)."""
 
+    def finished(self) -> str | None:
+        """Why a resumed run must not train further (e.g. it already stopped), or None."""
+        return None
+
     def restore_state(self, state: dict) -> None:
         """Applies a saved state and remembers that this fit resumed it."""
         self.set_state(state)

@@ -211,6 +211,7 @@ class ModelCheckpoint(StatefulCallback):
         self._pending_epochs: list[int] | None = None
         self._epoch_rng = None
         self._epoch_data_states: dict = {}
+        self._skipper: tuple | None = None
 
     # ------------------------------------------------------------ hooks
     def on_train_begin(self, logs: dict | None = None) -> None:
@@ -281,6 +282,11 @@ class ModelCheckpoint(StatefulCallback):
 
     def on_train_end(self, logs: dict | None = None) -> None:
         model = self.model
+        if self._skipper is not None:
+            skip, original = self._skipper
+            if model.train_function is skip:  # not wrapped further by someone else
+                model.train_function = original
+            self._skipper = None
         if model in _initial_epoch_set:
             model._initial_epoch = None
             _initial_epoch_set.discard(model)
@@ -503,8 +509,16 @@ class ModelCheckpoint(StatefulCallback):
             raise NotImplementedError(
                 f"Resuming inside an epoch is supported on the TensorFlow backend; this is "
                 f"{keras.backend.backend()}. Use save_freq='epoch' there.")
-        state_lib.apply(snapshot, model, registry.objects_for(model), metrics=False)
+        objects = registry.objects_for(model)
+        state_lib.apply(snapshot, model, objects, metrics=False)
         self.resumed_from = info
+        finished = [obj.finished() for obj in objects.values()
+                    if isinstance(obj, StatefulCallback) and obj.finished()]
+        epochs = (self.params or {}).get("epochs")
+        if finished and epochs is not None:
+            print_msg(f"ModelCheckpoint: resumed from {info.path}. " + " ".join(finished))
+            step = 0
+            epoch = max(epoch, epochs)
         saved = progress.get("history", {})
         history = _history_of(model)
         if history is not None:
@@ -515,27 +529,27 @@ class ModelCheckpoint(StatefulCallback):
         if step:
             self._skip_until = step
             self._resume_step = step
-            _skip_steps(model, step // spe, snapshot)
+            self._skipper = _skip_steps(model, step // spe, snapshot)
         model._initial_epoch = epoch
         _initial_epoch_set.add(model)
         self._last_save_step = info.global_step
-        if self.verbose > 0:
+        if self.verbose > 0 and not finished:
             where = f"epoch {epoch + 1}" + (f", step {step + 1}" if step else "")
             print_msg(f"ModelCheckpoint: resumed from {info.path}; continuing at {where}.")
-        epochs = (self.params or {}).get("epochs")
-        if epochs is not None and epoch >= epochs:
+        if epochs is not None and epoch >= epochs and not finished:
             print_msg(f"ModelCheckpoint: the checkpoint already completed all {epochs} "
                       "epochs; nothing left to train.")
 
 
-def _skip_steps(model: Any, calls: int, snapshot: state_lib.Snapshot) -> None:
+def _skip_steps(model: Any, calls: int, snapshot: state_lib.Snapshot) -> tuple:
     """Makes the next `calls` train-function calls consume their batches without training.
 
     The resumed epoch then sees exactly the batches the interrupted run had not
     trained on yet, in the same order. At the first call (after Keras has reset
     the metrics for the epoch) the compiled metrics are built from that batch
     if need be and get the interrupted epoch's running state back, so the
-    epoch ends with the same logs.
+    epoch ends with the same logs. Afterwards it passes calls through (others
+    may have wrapped it meanwhile). Returns `(wrapper, original)`.
     """
     original = model.train_function
     spe = int(getattr(model, "steps_per_execution", 1) or 1)
@@ -553,11 +567,10 @@ def _skip_steps(model: Any, calls: int, snapshot: state_lib.Snapshot) -> None:
                 if compiled is not None and not compiled.built:
                     model._symbolic_build(data_batch=batch)
                 state_lib.apply_metrics(snapshot, model)
-        if remaining[0] == 0:
-            model.train_function = original
         return model.get_metrics_result()
 
     model.train_function = skip
+    return skip, original
 
 
 def _pid_alive(pid: int) -> bool:
