@@ -25,11 +25,14 @@ from keras_ckpt.storage import CorruptCheckpointError
 __version__ = "0.1.0"
 
 _LAZY = {"ModelCheckpoint": "keras_ckpt.callbacks", "EarlyStopping": "keras_ckpt.callbacks",
+         "TerminateOnNaN": "keras_ckpt.callbacks", "NaNEvent": "keras_ckpt.callbacks",
          "data": "keras_ckpt.data"}
 
 __all__ = [
     "ModelCheckpoint",
     "EarlyStopping",
+    "TerminateOnNaN",
+    "NaNEvent",
     "data",
     "Monitor",
     "Decision",

@@ -70,6 +70,13 @@ class StatefulCallback(keras.callbacks.Callback):
         """Why a resumed run must not train further (e.g. it already stopped), or None."""
         return None
 
+    def blocks_saving(self) -> str | None:
+        """Why the model's current state must not be checkpointed (e.g. it is not finite)."""
+        return None
+
+    def on_abort(self, reason: str) -> None:
+        """A sibling is about to end `fit` with an exception (e.g. TerminateOnNaN's raise)."""
+
     def restore_state(self, state: dict) -> None:
         """Applies a saved state and remembers that this fit resumed it."""
         self.set_state(state)

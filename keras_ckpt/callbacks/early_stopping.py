@@ -344,6 +344,11 @@ class EarlyStopping(StatefulCallback):
             signal.signal(signal.SIGINT, self._previous_sigint)
             self._previous_sigint = None
 
+    def on_abort(self, reason: str) -> None:
+        """With `restore_on_interrupt`, restores the best weights before `fit` raises."""
+        if self.restore_on_interrupt:
+            self._restore_on_error()
+
     def _restore_on_error(self) -> None:
         self._remove_interrupt_guards()
         if self.verbose > 0:

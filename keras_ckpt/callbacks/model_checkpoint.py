@@ -319,12 +319,25 @@ class ModelCheckpoint(StatefulCallback):
         value = None if value is None else float(value)
         where = f"Epoch {epoch + 1}" + (f", step {steps_in_epoch}" if steps_in_epoch else "")
         self._last_save_time = self._clock()
-        if any(v is not None and not math.isfinite(v) for v in (loss, value)):
+        if steps_in_epoch is not None:
+            # Siblings with batch-level work (TerminateOnNaN) check this step first.
+            for obj in registry.objects_for(self.model).values():
+                settle = getattr(obj, "settle_batch_end", None)
+                if settle is not None:
+                    settle(steps_in_epoch - 1, logs)
+        bad = {k: v for k, v in logs.items() if _non_finite(v)}
+        if bad:
+            shown = ", ".join(f"{k}={v}" for k, v in bad.items())
             warnings.warn(
-                f"ModelCheckpoint: not saving at {where}: the state is not finite "
-                f"(loss={loss}, {self.monitor}={value}). The previous checkpoints stay as "
-                "they are.", stacklevel=2)
+                f"ModelCheckpoint: not saving at {where}: the state is not finite ({shown}). "
+                "The previous checkpoints stay as they are.", stacklevel=2)
             return
+        for obj in registry.objects_for(self.model).values():
+            reason = obj.blocks_saving() if isinstance(obj, StatefulCallback) else None
+            if reason:
+                if self.verbose > 0:
+                    print_msg(f"\n{where}: not saving: {reason}")
+                return
         global_step = self._global_step()
         self._last_save_step = global_step
         filepath = self._file_path(logs, steps_in_epoch)
@@ -571,6 +584,13 @@ def _skip_steps(model: Any, calls: int, snapshot: state_lib.Snapshot) -> tuple:
 
     model.train_function = skip
     return skip, original
+
+
+def _non_finite(value: Any) -> bool:
+    try:
+        return not math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
 
 
 def _pid_alive(pid: int) -> bool:

@@ -1,0 +1,317 @@
+"""`TerminateOnNaN`: catch non-finite training, keep the last good state, optionally roll back."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import keras
+
+from keras_ckpt import manager, registry
+from keras_ckpt import state as state_lib
+from keras_ckpt.callbacks.base import StatefulCallback, print_msg
+from keras_ckpt.callbacks.model_checkpoint import ModelCheckpoint
+from keras_ckpt.jsonsafe import decode_float, encode_float
+from keras_ckpt.validation import check_bool, check_choice, check_number
+
+__all__ = ["TerminateOnNaN", "NaNEvent"]
+
+ACTIONS = ("stop", "raise", "rollback")
+ROLLBACK_SOURCES = ("memory", "checkpoint")
+
+
+@dataclasses.dataclass
+class NaNEvent:
+    """One detection: where, what, and what was done.
+
+    Attributes:
+        epoch: 0-based epoch.
+        step: step within the epoch (1-based count of steps done), or None at
+            epoch end.
+        key: the log key (`loss`, `val_loss`, ...) or the variable path.
+        value: the offending value (None for a variable).
+        action: `"stop"`, `"raise"`, `"rollback"`, or `"stop"` after the
+            retries ran out.
+    """
+
+    epoch: int
+    step: int | None
+    key: str
+    value: float | None
+    action: str
+
+    def describe(self) -> str:
+        """A one-line description for messages."""
+        where = f"epoch {self.epoch + 1}" + (f", step {self.step}" if self.step else " (end)")
+        what = f"{self.key} = {self.value}" if self.value is not None else f"{self.key} has NaN/Inf"
+        return f"{where}: {what}"
+
+
+class TerminateOnNaN(StatefulCallback):
+    """Stops (or raises, or rolls back) when training produces NaN or Inf.
+
+    A drop-in for `keras.callbacks.TerminateOnNaN`: with defaults it stops
+    training gracefully at the first non-finite value, and `raise_error=True`
+    raises instead. Beyond Keras:
+
+    - it checks every numeric value in the logs (loss, per-output losses,
+      metrics) after each training step, and the validation values at epoch
+      end; `check_weights` also checks that every model variable is finite;
+    - while the state is not finite, a keras-ckpt `ModelCheckpoint` in the same
+      fit writes nothing: the newest and the best checkpoints stay the last
+      finite state, and nothing saved is deleted;
+    - `action="rollback"` restores the last finite state (an in-memory
+      snapshot taken every `snapshot_every` steps and at each epoch end, or the
+      newest valid checkpoint), optionally scales the learning rate by
+      `lr_factor`, and continues; after `max_retries` rollbacks it stops;
+    - every event (epoch, step, key, action) is printed, kept in `events`,
+      and written into each checkpoint's metadata.
+
+    Per step it only reads the logs Keras already converted to Python
+    numbers: no device sync (except the opt-in weight check and snapshots).
+
+    Args:
+        raise_error: Keras's switch: raise a RuntimeError instead of stopping.
+        action: `"stop"`, `"raise"` or `"rollback"`; by default from
+            `raise_error`.
+        check_weights: None, `"epoch"` (check every variable at epoch end) or
+            an integer N (every N steps).
+        rollback_from: `"memory"` or `"checkpoint"` (the newest valid
+            checkpoint of a keras-ckpt ModelCheckpoint in the same fit).
+        snapshot_every: with `rollback_from="memory"`, also snapshot every
+            this many steps (a snapshot is always taken at train begin and at
+            each finite epoch end). A snapshot is only known to be finite: a
+            run already diverging (huge but finite weights) may be snapshotted
+            and rolled back to; frequent snapshots make that likelier.
+        lr_factor: after a rollback, multiply the learning rate by this
+            (0 < lr_factor <= 1); needs a float learning rate, not a schedule.
+        max_retries: rollbacks allowed before stopping.
+        verbose: 0 or 1.
+
+    Example:
+    ```python
+    guard = keras_ckpt.TerminateOnNaN(action="rollback", lr_factor=0.5, max_retries=3,
+                                      snapshot_every=100)
+    model.fit(x, y, epochs=50, callbacks=[
+        keras_ckpt.ModelCheckpoint("ckpt/{epoch}.keras", resume=True), guard])
+    print(guard.events)
+    ```
+    """
+
+    def __init__(
+        self,
+        raise_error: bool = False,
+        *,
+        action: str | None = None,
+        check_weights: str | int | None = None,
+        rollback_from: str = "memory",
+        snapshot_every: int | None = None,
+        lr_factor: float | None = None,
+        max_retries: int = 3,
+        verbose: int = 1,
+    ) -> None:
+        super().__init__()
+        check_bool("raise_error", raise_error)
+        if action is None:
+            action = "raise" if raise_error else "stop"
+        check_choice("action", action, ACTIONS)
+        if raise_error and action != "raise":
+            raise ValueError(f"`raise_error=True` contradicts action={action!r}; pass one.")
+        if check_weights is not None and check_weights != "epoch":
+            if isinstance(check_weights, str):
+                raise ValueError(f"`check_weights` must be None, 'epoch' or a positive integer; "
+                                 f"got {check_weights!r}.")
+            check_number("check_weights", check_weights, minimum=1, integer=True)
+        check_choice("rollback_from", rollback_from, ROLLBACK_SOURCES)
+        check_number("snapshot_every", snapshot_every, allow_none=True, minimum=1, integer=True)
+        check_number("lr_factor", lr_factor, allow_none=True, minimum=0, exclusive=True)
+        if lr_factor is not None and lr_factor > 1:
+            raise ValueError(f"`lr_factor` must be in (0, 1]; got {lr_factor!r}.")
+        check_number("max_retries", max_retries, minimum=0, integer=True)
+        check_number("verbose", verbose, minimum=0, integer=True)
+        if action != "rollback" and (snapshot_every is not None or lr_factor is not None):
+            raise ValueError("`snapshot_every` and `lr_factor` apply to action='rollback'.")
+        self.raise_error = action == "raise"
+        self.action = action
+        self.check_weights = check_weights
+        self.rollback_from = rollback_from
+        self.snapshot_every = snapshot_every
+        self.lr_factor = lr_factor
+        self.max_retries = int(max_retries)
+        self.verbose = verbose
+        # The check reads Python numbers and sets a flag: safe where Keras
+        # dispatches batch hooks on a thread pool. A rollback writes
+        # variables, so it runs synchronously.
+        self.async_safe = action != "rollback" and check_weights is None
+        self.events: list[NaNEvent] = []
+        self.retries = 0
+        self._tainted: NaNEvent | None = None
+        self._snapshot: state_lib.Snapshot | None = None
+        self._snapshot_epoch = -1
+        self._scale_since_snapshot = 1.0
+        self._epoch = 0
+        self._steps = 0
+        self._settled_batch: tuple | None = None
+
+    # ------------------------------------------------------------ state
+    def get_state(self) -> dict:
+        """The events so far and the retries used."""
+        return {"events": [{**dataclasses.asdict(e), "value": encode_float(e.value)}
+                           for e in self.events],
+                "retries": self.retries}
+
+    def set_state(self, state: dict) -> None:
+        """Restores `get_state()`'s output."""
+        self.events = [NaNEvent(**{**e, "value": decode_float(e.get("value"))})
+                       for e in state.get("events", [])]
+        self.retries = int(state.get("retries", 0))
+
+    def get_config(self) -> dict:
+        """The constructor arguments."""
+        return {"raise_error": self.raise_error, "action": self.action,
+                "check_weights": self.check_weights, "rollback_from": self.rollback_from,
+                "snapshot_every": self.snapshot_every, "lr_factor": self.lr_factor,
+                "max_retries": self.max_retries, "verbose": self.verbose}
+
+    def blocks_saving(self) -> str | None:
+        """Vetoes checkpoints while the model's state is not finite."""
+        if self._tainted is None:
+            return None
+        return f"the state is not finite since {self._tainted.describe()}"
+
+    # ------------------------------------------------------------ hooks
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        super().on_train_begin(logs)
+        if not self.restored_this_fit():
+            self.events, self.retries = [], 0
+        self._tainted = None
+        if self.lr_factor is not None and not isinstance(
+                getattr(self.model.optimizer, "_learning_rate", None), keras.Variable):
+            raise ValueError("TerminateOnNaN: `lr_factor` needs the optimizer's learning rate "
+                             "to be a float (a variable), not a schedule.")
+        if self.action == "rollback" and self.rollback_from == "memory":
+            self._take_snapshot()
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        self.settle_batch_end(batch, logs)
+
+    def settle_batch_end(self, batch: int, logs: dict | None) -> None:
+        """Checks step `batch` once (ModelCheckpoint calls it before a batch save)."""
+        key = (self._epoch, batch)
+        if self._settled_batch == key:
+            return
+        self._settled_batch = key
+        step = batch + 1
+        event = _first_non_finite(logs, self._epoch, step)
+        if event is None and isinstance(self.check_weights, int) and step % self.check_weights == 0:
+            event = self._check_variables(step)
+        if event is not None:
+            self._handle(event)
+        elif (self.snapshot_every and step % self.snapshot_every == 0
+              and self.action == "rollback" and self.rollback_from == "memory"):
+            self._take_snapshot()
+
+    def epoch_end(self, epoch: int, logs: dict) -> None:
+        event = _first_non_finite(logs, epoch, None)
+        if event is None and self.check_weights is not None:
+            event = self._check_variables(None)
+        if event is not None:
+            self._handle(event)
+        elif self.action == "rollback" and self.rollback_from == "memory":
+            self._take_snapshot()
+
+    # ------------------------------------------------------------ actions
+    def _check_variables(self, step: int | None) -> NaNEvent | None:
+        for v in self.model.variables:
+            if not keras.ops.convert_to_numpy(keras.ops.all(keras.ops.isfinite(v))):
+                return NaNEvent(self._epoch, step, v.path, None, "")
+        return None
+
+    def _handle(self, event: NaNEvent) -> None:
+        if self._tainted is not None:
+            return  # already stopping because of an earlier event
+        event.action, note = self.action, ""
+        if self.action == "rollback" and self.retries >= self.max_retries:
+            event.action = "stop"
+            note = f" (after {self.retries} rollbacks)"
+        self.events.append(event)
+        self._tainted = event
+        if event.action == "raise":
+            message = (f"TerminateOnNaN: non-finite value at {event.describe()}. "
+                       "Training stopped; the checkpoints keep the last finite state.")
+            for obj in registry.objects_for(self.model).values():
+                if isinstance(obj, StatefulCallback) and obj is not self:
+                    obj.on_abort(message)
+            raise RuntimeError(message)
+        if event.action == "rollback":
+            self._rollback(event)
+            return
+        if self.verbose > 0:
+            print_msg(f"\nTerminateOnNaN: non-finite value at {event.describe()}; "
+                      f"stopping training{note}.")
+        self.model.stop_training = True
+
+    def _take_snapshot(self) -> None:
+        optimizer = self.model.optimizer
+        if not optimizer.built:  # as its first step would; so the snapshot has its slots
+            optimizer.build(self.model.trainable_variables)
+        self._snapshot = state_lib.capture(self.model)
+        self._snapshot_epoch = self._epoch
+        self._scale_since_snapshot = 1.0
+
+    def _rollback(self, event: NaNEvent) -> None:
+        self.retries += 1
+        source = self._restore_finite_state()
+        if source is None:
+            event.action = "stop"
+            print_msg(f"\nTerminateOnNaN: non-finite value at {event.describe()} and no finite "
+                      "state to roll back to; stopping training.")
+            self.model.stop_training = True
+            return
+        if self.lr_factor is not None:
+            self._scale_since_snapshot *= self.lr_factor
+            lr = self.model.optimizer._learning_rate
+            lr.assign(lr.numpy() * self._scale_since_snapshot)
+        self._tainted = None
+        if self.verbose > 0:
+            lr_note = (f", learning rate now {float(self.model.optimizer.learning_rate):.3g}"
+                       if self.lr_factor is not None else "")
+            print_msg(f"\nTerminateOnNaN: non-finite value at {event.describe()}; rolled back "
+                      f"to {source}{lr_note} (retry {self.retries} of {self.max_retries}).")
+
+    def _restore_finite_state(self) -> str | None:
+        model = self.model
+        if self.rollback_from == "memory":
+            if self._snapshot is None:
+                return None
+            state_lib.apply(self._snapshot, model, metrics=False, rng=False)
+            if not (self._snapshot_epoch == self._epoch
+                    and state_lib.apply_metrics(self._snapshot, model)):
+                model.reset_metrics()
+            return f"the snapshot of epoch {self._snapshot_epoch + 1}"
+        for obj in registry.objects_for(model).values():
+            if not isinstance(obj, ModelCheckpoint):
+                continue
+            found = manager.latest_checkpoint(obj.directory)
+            if found is not None:
+                info, snapshot = found
+                state_lib.apply(snapshot, model, metrics=False, rng=False)
+                model.reset_metrics()
+                self._scale_since_snapshot = 1.0
+                return info.path
+        return None
+
+
+def _first_non_finite(logs: dict | None, epoch: int, step: int | None) -> NaNEvent | None:
+    for key, value in (logs or {}).items():
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            continue
+        if not math.isfinite(number):
+            return NaNEvent(epoch, step, key, number, "")
+    return None
+
