@@ -26,6 +26,7 @@ __version__ = "0.1.0"
 
 _LAZY = {"ModelCheckpoint": "keras_ckpt.callbacks", "EarlyStopping": "keras_ckpt.callbacks",
          "TerminateOnNaN": "keras_ckpt.callbacks", "NaNEvent": "keras_ckpt.callbacks",
+         "BudgetStop": "keras_ckpt.callbacks", "BudgetExhaustedError": "keras_ckpt.callbacks",
          "data": "keras_ckpt.data"}
 
 __all__ = [
@@ -33,6 +34,8 @@ __all__ = [
     "EarlyStopping",
     "TerminateOnNaN",
     "NaNEvent",
+    "BudgetStop",
+    "BudgetExhaustedError",
     "data",
     "Monitor",
     "Decision",

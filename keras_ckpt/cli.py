@@ -1,11 +1,11 @@
-"""Command line: `python -m keras_ckpt demo | inspect DIR`."""
+"""Command line: `python -m keras_ckpt demo | inspect DIR | budget LEDGER`."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-__all__ = ["main"]
+__all__ = ["main", "run_budget"]
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -22,7 +22,62 @@ def _build_parser() -> argparse.ArgumentParser:
     inspect = commands.add_parser("inspect", help="list the checkpoints in a directory")
     inspect.add_argument("directory", help="a checkpoint directory")
     inspect.add_argument("--json", action="store_true", help="print JSON for scripts")
+    budget = commands.add_parser(
+        "budget", help="today's use of a BudgetStop ledger, what remains, the sessions")
+    budget.add_argument("ledger", help="the ledger file BudgetStop writes")
+    budget.add_argument("--json", action="store_true", help="print JSON for scripts")
+    budget.add_argument("--now", type=float, default=None,
+                        help="report as of this POSIX time (default: now)")
     return parser
+
+
+def run_budget(path: str, as_json: bool = False, now: float | None = None) -> int:
+    """Prints a ledger's report; returns 1 if it does not exist, 2 if it cannot be read."""
+    import datetime
+    import json
+    import os
+    import time
+
+    from keras_ckpt.ledger import DayClock, Ledger, LedgerError
+
+    if not os.path.isfile(path):
+        print(f"No such ledger: {path}")
+        return 1
+    now = time.time() if now is None else now
+    try:
+        config = Ledger(path, DayClock()).config()
+        days = DayClock(config.get("timezone", "UTC"), config.get("reset_hour", 0))
+        report = Ledger(path, days).summary(now)
+    except LedgerError as e:
+        print(e)
+        return 2
+    if as_json:
+        print(json.dumps(report, indent=2, allow_nan=False))
+        return 0
+
+    def span(seconds: float | None) -> str:
+        if seconds is None:
+            return "-"
+        if seconds < 120:
+            return f"{seconds:.1f}s"
+        minutes = int(round(seconds / 60))
+        return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m"
+
+    budget = report["daily_seconds"]
+    line = f"{report['today']} ({report['timezone']}): used {span(report['used_seconds'])}"
+    if budget is not None:
+        line += f" of {span(budget)}, {span(report['remaining_seconds'])} left"
+    if report["daily_cost"] is not None:
+        line += f"; spent {report['used_cost']:.2f} of {report['daily_cost']:.2f}"
+    print(f"Ledger {path}\n{line}; next window opens {report['next_window']}")
+    print("\nsessions (start, end, time, cost, stop reason, checkpoint):")
+    for s in report["sessions"]:
+        start = datetime.datetime.fromtimestamp(s["start"], days.tz).strftime("%Y-%m-%d %H:%M")
+        end = ("running or killed" if s["end"] is None else
+               datetime.datetime.fromtimestamp(s["end"], days.tz).strftime("%H:%M"))
+        print(f"  {start}  {end:<17}  {span(s['seconds']):>7}  {s['cost']:8.2f}  "
+              f"{s['stop_reason'] or '-':<22}  {s['checkpoint'] or '-'}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         from keras_ckpt.inspect import run_inspect
 
         return run_inspect(args.directory, as_json=args.json)
+    if args.command == "budget":
+        return run_budget(args.ledger, as_json=args.json, now=args.now)
     return 2
 
 

@@ -3,13 +3,15 @@
 Usage: python -m keras_ckpt.demo_train DIR OUT.npz [--kill-epoch K | --kill-step S]
        [--data numpy|numpy_noshuffle|tfdata|tfdata_plain] [--save-freq N] [--spe N]
        [--epochs E] [--early-stopping PATIENCE] [--best-on-disk]
+       [--daily-budget SECONDS --ledger PATH [--sync-interval S]]
 
 Trains a model with Dropout and BatchNormalization, Adam with a learning-rate
 schedule, seeded and with op determinism, with `ModelCheckpoint(resume=True)`
 writing into DIR. `--kill-epoch K` SIGKILLs the process right after epoch K
 (0-based), `--kill-step S` after global step S. `--early-stopping P` adds
 `EarlyStopping(patience=P, restore_best_weights=True)` (`--best-on-disk` keeps
-its best weights in DIR). At the end, every model and optimizer variable, the
+its best weights in DIR). `--daily-budget` adds a `BudgetStop` charging the
+ledger at PATH (real time). At the end, every model and optimizer variable, the
 history and the early-stopping outcome are written to OUT.npz.
 """
 
@@ -63,6 +65,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--early-stopping", type=int)
     p.add_argument("--best-on-disk", action="store_true")
+    p.add_argument("--daily-budget", type=float)
+    p.add_argument("--ledger")
+    p.add_argument("--sync-interval", type=float, default=0.5)
     a = p.parse_args(argv)
 
     keras.utils.set_random_seed(7)
@@ -95,6 +100,11 @@ def main(argv: list[str] | None = None) -> None:
             best_weights_path=os.path.join(a.directory, "best.weights.h5") if a.best_on_disk
             else None)
         callbacks.append(stop)
+    budget = None
+    if a.daily_budget is not None:
+        budget = keras_ckpt.BudgetStop(daily_budget=a.daily_budget, ledger=a.ledger,
+                                       sync_interval=a.sync_interval, verbose=0)
+        callbacks.append(budget)
     if a.kill_epoch is not None or a.kill_step is not None:
         callbacks.append(Kill(a.kill_epoch, a.kill_step))
 
@@ -116,6 +126,8 @@ def main(argv: list[str] | None = None) -> None:
     arrays = {f"model/{i}": v.numpy() for i, v in enumerate(model.variables)}
     arrays.update({f"optimizer/{i}": v.numpy() for i, v in enumerate(model.optimizer.variables)})
     outcome = {"epoch": history.epoch, "history": history.history}
+    if budget is not None:
+        outcome.update(budget_stop_reason=budget.stop_reason, budget_session=budget.session)
     if stop is not None:
         outcome.update(stopped_epoch=stop.stopped_epoch, best_epoch=stop.best_epoch,
                        stop_reason=stop.stop_reason)

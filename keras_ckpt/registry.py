@@ -16,13 +16,20 @@ from __future__ import annotations
 import weakref
 from typing import Any
 
-__all__ = ["attach", "seal", "objects_for", "current_fit", "track_data", "untrack_data"]
+__all__ = ["attach", "seal", "objects_for", "current_fit", "start_at_epoch",
+           "forget_start_epoch", "set_replay", "replay_until", "track_data", "untrack_data"]
 
 
 class _Generation:
     def __init__(self) -> None:
         self.sealed = False
         self.members: list[weakref.ref] = []
+        self.initial_epoch: int | None = None  # set by us for this fit
+        self.replay_until = -1  # batch ends below this, in the resumed epoch, are replays
+
+
+# Models whose `_initial_epoch` we set, and in which fit: the next fit must not inherit it.
+_initial_epoch_by: dict[int, tuple[weakref.ref, _Generation]] = {}
 
 
 _by_model: dict[int, tuple[weakref.ref, _Generation]] = {}
@@ -53,10 +60,52 @@ def attach(model: Any, obj: Any) -> None:
 
 
 def seal(model: Any) -> None:
-    """Marks the set attached so far as the current fit's."""
+    """Marks the set attached so far as the current fit's; forgets a start epoch set in another."""
     generation = _generation(model, create=False)
     if generation is not None:
         generation.sealed = True
+    entry = _initial_epoch_by.get(id(model))
+    if entry is not None and entry[0]() is model and entry[1] is not generation:
+        forget_start_epoch(model)
+
+
+def set_replay(model: Any, until: int) -> None:
+    """Marks batch indices below `until` of the current epoch as replays of trained steps.
+
+    A mid-epoch resume consumes the batches the interrupted run had trained on
+    without training; Keras still calls the batch hooks for them. -1 ends it.
+    """
+    _generation(model, create=True).replay_until = until
+
+
+def replay_until(model: Any) -> int:
+    """Batch indices below this are replays (see `set_replay`); -1 when none."""
+    generation = _generation(model, create=False)
+    return -1 if generation is None else generation.replay_until
+
+
+def start_at_epoch(model: Any, epoch: int) -> int:
+    """Makes the current fit start at `epoch` or later (the largest request wins).
+
+    Keras's `fit` reads `model._initial_epoch` after `on_train_begin`; several
+    keras-ckpt callbacks may ask (a resume, a spent budget), in any order.
+    Returns the epoch the fit will start at.
+    """
+    generation = _generation(model, create=True)
+    if generation.initial_epoch is not None:
+        epoch = max(epoch, generation.initial_epoch)
+    generation.initial_epoch = epoch
+    model._initial_epoch = epoch
+    _initial_epoch_by[id(model)] = (weakref.ref(model), generation)
+    return epoch
+
+
+def forget_start_epoch(model: Any) -> None:
+    """Undoes `start_at_epoch`, so that the next fit starts where its caller says."""
+    entry = _initial_epoch_by.pop(id(model), None)
+    if entry is not None and entry[0]() is model:
+        model._initial_epoch = None
+        entry[1].initial_epoch = None
 
 
 def current_fit(model: Any) -> object | None:

@@ -152,19 +152,36 @@ def test_rollback_gives_up_after_max_retries():
 
 def test_four_callbacks_agree_nothing_non_finite_is_saved_restored_or_resumed(tmp_path):
     path = str(tmp_path / "e{epoch}-{batch}.keras")
-    model = make_model()
     x, y = make_data(16, seed=1)
-    stop = keras_ckpt.EarlyStopping(monitor="val_loss", patience=5, restore_best_weights=True)
-    callbacks = [keras_ckpt.ModelCheckpoint(path, save_freq=2), stop, keras_ckpt.TerminateOnNaN()]
-    with pytest.warns(UserWarning):
-        fit(model, Poisoned(at=12), callbacks, epochs=4, validation_data=(x, y))
+    clock = [1_800_000_000.0]
+
+    def callbacks(**resume):
+        class Tick(keras.callbacks.Callback):
+            def on_train_batch_end(self, batch, logs=None):
+                clock[0] += 1.0
+
+        return [Tick(), keras_ckpt.ModelCheckpoint(path, save_freq=2, **resume),
+                keras_ckpt.EarlyStopping(monitor="val_loss", patience=5,
+                                         restore_best_weights=True),
+                keras_ckpt.BudgetStop(max_duration=17.5, clock=lambda: clock[0], verbose=0,
+                                      ledger=str(tmp_path / "ledger.json")),
+                keras_ckpt.TerminateOnNaN()]
+
+    model = make_model()
+    first = callbacks()
+    with pytest.warns(UserWarning, match="not finite"):
+        fit(model, Poisoned(at=12), first, epochs=4, validation_data=(x, y))
+    assert first[-1].events[0].step == 6 and first[3].stop_reason is None
     assert all(np.isfinite(v.numpy()).all() for v in model.weights)  # best weights restored
     assert all(c.finite for c in keras_ckpt.list_checkpoints(tmp_path))
     resumed = make_model()
-    stop2 = keras_ckpt.EarlyStopping(monitor="val_loss", patience=5, restore_best_weights=True)
-    fit(resumed, Poisoned(), [keras_ckpt.ModelCheckpoint(path, save_freq=2, resume=True), stop2,
-                              keras_ckpt.TerminateOnNaN()], epochs=4, validation_data=(x, y))
+    second = callbacks(resume=True)
+    fit(resumed, Poisoned(), second, epochs=4, validation_data=(x, y))
+    assert second[1].resumed_from.global_step == 10
+    assert second[3].stop_reason == "max-duration"  # then the budget stops it, saved
     assert all(np.isfinite(v.numpy()).all() for v in resumed.variables)
+    infos = keras_ckpt.list_checkpoints(tmp_path)
+    assert all(c.finite for c in infos) and infos[-1].path == second[3].checkpoint
 
 
 def test_defaults_and_hooks():

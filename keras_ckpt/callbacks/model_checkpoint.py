@@ -7,7 +7,6 @@ import math
 import os
 import time
 import warnings
-import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -21,10 +20,6 @@ from keras_ckpt.monitor import Monitor
 from keras_ckpt.validation import check_number
 
 __all__ = ["ModelCheckpoint"]
-
-# Models whose `_initial_epoch` we set, so that the next fit does not inherit it.
-_initial_epoch_set: weakref.WeakSet = weakref.WeakSet()
-
 
 def _history_of(model: Any) -> Any:
     history = getattr(model, "history", None)
@@ -163,6 +158,7 @@ class ModelCheckpoint(StatefulCallback):
         self.directory = os.path.dirname(os.path.abspath(self.filepath))
         self._name_pattern = manager.template_regex(self.filepath)
         self.best_path: str | None = None
+        self.last_save_seconds: float | None = None
         self.last_saved_path: str | None = None
         self.resumed_from: manager.CheckpointInfo | None = None
         # Batch-level work only when asked for, so that Keras keeps its
@@ -206,20 +202,17 @@ class ModelCheckpoint(StatefulCallback):
         self._last_save_step = 0
         self._last_save_time = 0.0
         self._fields_unchecked = bool(self._metric_fields)
-        self._skip_until = -1  # batch ends below this step are replays of trained steps
         self._resume_step = 0  # steps already trained in the epoch being resumed
         self._pending_epochs: list[int] | None = None
         self._epoch_rng = None
         self._epoch_data_states: dict = {}
         self._skipper: tuple | None = None
+        self._stop_saved_at: int | None = None
 
     # ------------------------------------------------------------ hooks
     def on_train_begin(self, logs: dict | None = None) -> None:
         super().on_train_begin(logs)
         model = self.model
-        if model in _initial_epoch_set:
-            model._initial_epoch = None
-            _initial_epoch_set.discard(model)
         self._reset_progress()
         if self.save_best_only or any(
                 getattr(p, "monitor", "") is None for p in self.retention):
@@ -239,13 +232,13 @@ class ModelCheckpoint(StatefulCallback):
         self._epoch = epoch
         self._epoch_start_step = self._global_step() - self._resume_step
         self._resume_step = 0
-        if self._batch_level:
-            # A save inside this epoch must let a resume replay the epoch's
-            # data order: keep the RNG and data-helper states of its start.
-            self._epoch_rng = state_lib.capture_rng()
-            self._epoch_data_states = state_lib.object_states(
-                {k: o for k, o in registry.objects_for(self.model).items()
-                 if k.startswith("data:")})
+        self._stop_saved_at = None
+        # A save inside this epoch (periodic, or a sibling's stop) must let a
+        # resume replay the epoch's data order: keep the RNG and data-helper
+        # states of its start.
+        self._epoch_rng = state_lib.capture_rng()
+        self._epoch_data_states = state_lib.object_states(
+            {k: o for k, o in registry.objects_for(self.model).items() if k.startswith("data:")})
         history = _history_of(self.model)
         if self._pending_epochs is not None and history is not None:
             history.epoch[:0] = self._pending_epochs
@@ -254,7 +247,7 @@ class ModelCheckpoint(StatefulCallback):
     def _on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         if self._fields_unchecked:
             self._check_fields(logs or {})
-        if not self._batch_level or batch < self._skip_until:
+        if not self._batch_level or batch < registry.replay_until(self.model):
             return
         if self.save_freq != "epoch":
             # Count steps, not hook calls: with steps_per_execution=N, Keras
@@ -268,10 +261,28 @@ class ModelCheckpoint(StatefulCallback):
             self._save(logs or {}, steps_in_epoch=batch + 1)
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        self._skip_until = -1
+        registry.set_replay(self.model, -1)
+        steps = (self.params or {}).get("steps")
+        if self._stop_saved_at is not None and (steps is None or self._stop_saved_at < steps):
+            return  # the epoch was cut short: the stop's mid-epoch checkpoint is the newest
         if self.save_freq == "epoch":
             self._settle_siblings(epoch, logs)
             self._save(logs or {}, steps_in_epoch=None)
+
+    def save_now(self, logs: dict | None, steps_in_epoch: int) -> str | None:
+        """Writes a checkpoint at this step (a sibling is stopping training here).
+
+        Args:
+            logs: the step's logs.
+            steps_in_epoch: steps done in the current epoch.
+
+        Returns:
+            The path written, or None if nothing could be saved (non-finite).
+        """
+        written = self._save(logs or {}, steps_in_epoch=steps_in_epoch, force=True)
+        if written is not None:
+            self._stop_saved_at = steps_in_epoch
+        return written
 
     def _settle_siblings(self, epoch: int, logs: dict | None) -> None:
         # The other keras-ckpt callbacks in this fit finish the epoch first,
@@ -287,9 +298,7 @@ class ModelCheckpoint(StatefulCallback):
             if model.train_function is skip:  # not wrapped further by someone else
                 model.train_function = original
             self._skipper = None
-        if model in _initial_epoch_set:
-            model._initial_epoch = None
-            _initial_epoch_set.discard(model)
+        registry.forget_start_epoch(model)
 
     # ------------------------------------------------------------ saving
     def _global_step(self) -> int:
@@ -311,7 +320,12 @@ class ModelCheckpoint(StatefulCallback):
                 f"{self.filepath!r}; available: {', '.join(sorted(values))}."
             ) from None
 
-    def _save(self, logs: dict, steps_in_epoch: int | None) -> None:
+    def _save(self, logs: dict, steps_in_epoch: int | None, force: bool = False) -> str | None:
+        """Saves if the rules say so; returns the path written (regular or `last`), or None.
+
+        `force` (a sibling's stop): save regardless of `save_best_only`, into
+        the `last` file when the regular one is reserved for the best.
+        """
         epoch = self._epoch
         loss = logs.get("loss")
         loss = None if loss is None else float(loss)
@@ -331,18 +345,19 @@ class ModelCheckpoint(StatefulCallback):
             warnings.warn(
                 f"ModelCheckpoint: not saving at {where}: the state is not finite ({shown}). "
                 "The previous checkpoints stay as they are.", stacklevel=2)
-            return
+            return None
         for obj in registry.objects_for(self.model).values():
             reason = obj.blocks_saving() if isinstance(obj, StatefulCallback) else None
             if reason:
                 if self.verbose > 0:
                     print_msg(f"\n{where}: not saving: {reason}")
-                return
+                return None
         global_step = self._global_step()
         self._last_save_step = global_step
         filepath = self._file_path(logs, steps_in_epoch)
-        save_regular = True
-        if self.save_best_only:
+        save_regular = not (force and self.save_best_only)
+        write_last = self.save_last or not save_regular
+        if self.save_best_only and not force:
             current = self._monitor.get_value(logs)
             if current is not None:
                 previous = self._monitor.best
@@ -358,8 +373,8 @@ class ModelCheckpoint(StatefulCallback):
                                   f"{self._monitor.best:.5f}")
         elif self.verbose > 0:
             print_msg(f"\n{where}: saving model to {filepath}")
-        if not save_regular and not self.save_last:
-            return
+        if not save_regular and not write_last:
+            return None
         progress = {
             "epoch": epoch,
             "step": steps_in_epoch if steps_in_epoch is not None else (
@@ -381,17 +396,22 @@ class ModelCheckpoint(StatefulCallback):
             "keras_version": keras.__version__, "backend": keras.backend.backend(),
         }
         os.makedirs(os.path.dirname(os.path.abspath(filepath)), exist_ok=True)
+        written = None
+        started = time.monotonic()
         if save_regular:
             self._write(filepath, snapshot, {**meta, "kind": "regular"})
-            self.last_saved_path = filepath
+            written = self.last_saved_path = filepath
             if self.save_best_only:
                 self.best_path = filepath
             if self.verbose > 0:
                 print_msg(f"\n{where}: finished saving model to {filepath}")
-        if self.save_last:
-            self._write_last(filepath if save_regular else None, snapshot, meta)
+        if write_last:
+            last = self._write_last(filepath if save_regular else None, snapshot, meta)
+            written = written or last
+        self.last_save_seconds = time.monotonic() - started
         if self.retention:
             self._apply_retention()
+        return written
 
     def _keras_writer(self) -> Callable[[str], None]:
         if self.save_weights_only:
@@ -408,7 +428,7 @@ class ModelCheckpoint(StatefulCallback):
     def _last_path(self) -> str:
         return os.path.join(self.directory, "last" + storage.extension(self.filepath))
 
-    def _write_last(self, regular: str | None, snapshot: state_lib.Snapshot, meta: dict) -> None:
+    def _write_last(self, regular: str | None, snapshot: state_lib.Snapshot, meta: dict) -> str:
         last = self._last_path()
         if regular is not None:
             # The newest regular file is the same state: link it into place.
@@ -418,11 +438,12 @@ class ModelCheckpoint(StatefulCallback):
                     os.remove(tmp)
                 os.link(regular, tmp)
                 os.replace(tmp, last)
-                return
+                return last
             except OSError:
                 if os.path.exists(tmp):
                     os.remove(tmp)
         self._write(last, snapshot, {**meta, "kind": "last"})
+        return last
 
     def _history_for(self, epoch: int, logs: dict, epoch_complete: bool) -> dict:
         history = _history_of(self.model)
@@ -540,11 +561,10 @@ class ModelCheckpoint(StatefulCallback):
                 history.history[k] = [decode_float(x) for x in v]
             self._pending_epochs = list(saved.get("epoch", []))
         if step:
-            self._skip_until = step
+            registry.set_replay(model, step)
             self._resume_step = step
             self._skipper = _skip_steps(model, step // spe, snapshot)
-        model._initial_epoch = epoch
-        _initial_epoch_set.add(model)
+        registry.start_at_epoch(model, epoch)
         self._last_save_step = info.global_step
         if self.verbose > 0 and not finished:
             where = f"epoch {epoch + 1}" + (f", step {step + 1}" if step else "")

@@ -204,6 +204,8 @@ class TerminateOnNaN(StatefulCallback):
         if self._settled_batch == key:
             return
         self._settled_batch = key
+        if batch < registry.replay_until(self.model):
+            return  # a replay of a step trained before the resume
         step = batch + 1
         event = _first_non_finite(logs, self._epoch, step)
         if event is None and isinstance(self.check_weights, int) and step % self.check_weights == 0:

@@ -1,0 +1,360 @@
+"""`BudgetStop`: stop cleanly, checkpoint written, before a time or cost limit is passed."""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import time
+from collections.abc import Callable
+
+from keras_ckpt import registry
+from keras_ckpt.callbacks.base import StatefulCallback, print_msg
+from keras_ckpt.callbacks.model_checkpoint import ModelCheckpoint
+from keras_ckpt.ledger import DayClock, Ledger, default_ledger_path
+from keras_ckpt.validation import check_bool, check_number
+
+__all__ = ["BudgetStop", "BudgetExhaustedError"]
+
+STOP_REASONS = ("max-duration", "run-cost-limit", "daily-budget", "daily-cost-limit",
+                "budget-spent-at-start")
+
+
+class BudgetExhaustedError(RuntimeError):
+    """Raised at train begin when the budget is already spent and `raise_if_exhausted=True`."""
+
+
+def _seconds(name: str, value: float | datetime.timedelta | None) -> float | None:
+    if isinstance(value, datetime.timedelta):
+        value = value.total_seconds()
+    check_number(name, value, allow_none=True, minimum=0, exclusive=True)
+    return None if value is None else float(value)
+
+
+class BudgetStop(StatefulCallback):
+    """Stops training before a wall-clock or cost limit is passed, with a checkpoint written.
+
+    Limits, in any combination; the first reached stops training:
+
+    - `max_duration`: wall-clock time of this run;
+    - `daily_budget`: training time per budget day, across runs and
+      processes, days being calendar days in `timezone` starting at
+      `reset_hour`;
+    - `daily_cost_limit` / `run_cost_limit`: money, at `price_per_hour` per
+      device times `devices`.
+
+    Usage is kept in a ledger file shared by every run that names it: charged
+    as training goes (paid ahead one `sync_interval` at a time, under a lock),
+    so that a crash loses at most one interval, two processes never both
+    spend the same budget, and resuming an older checkpoint never refunds
+    time. Each run is recorded (start, end, seconds, cost, stop reason, the
+    checkpoint left behind); `python -m keras_ckpt budget LEDGER` prints it.
+
+    From running estimates of the step, validation and checkpoint-save
+    durations, it stops at the last step whose projected end, the final save
+    included, still fits: the limit is passed by at most one step (one
+    execution with `steps_per_execution`). On stop it sets
+    `model.stop_training`, has the keras-ckpt `ModelCheckpoint` of the same fit
+    write a checkpoint at that step (resumable mid-epoch), says what happened,
+    and keeps the reason in `stop_reason`. Starting with the budget spent,
+    no step is trained and `fit` returns (or raises, with
+    `raise_if_exhausted`).
+
+    Per step it reads a clock and compares: no logs, no device sync, and it is
+    safe for Keras's asynchronous batch dispatch.
+
+    Args:
+        max_duration: seconds or a `timedelta` for this run.
+        daily_budget: seconds or a `timedelta` of training per budget day.
+        timezone: IANA time zone of the budget day, e.g. `"Europe/Berlin"`.
+        reset_hour: local hour (0-23) at which a budget day begins.
+        price_per_hour: price of one device-hour (for cost limits).
+        devices: devices this run uses (cost = hours x price x devices).
+        daily_cost_limit: money per budget day.
+        run_cost_limit: money for this run.
+        ledger: the ledger file; default `$KERAS_CKPT_LEDGER` or
+            `~/.keras_ckpt/budget_ledger.json`.
+        sync_interval: seconds between ledger updates (the most a crash can
+            leave uncharged... or charged in advance).
+        raise_if_exhausted: raise `BudgetExhaustedError` when the budget is
+            already spent at train begin, instead of returning.
+        clock: a zero-argument function returning POSIX seconds (default
+            `time.time`); tests pass a fake one.
+        verbose: 0 or 1.
+
+    Example:
+    ```python
+    budget = keras_ckpt.BudgetStop(daily_budget=datetime.timedelta(hours=1),
+                                   timezone="Europe/Berlin")
+    model.fit(x, y, epochs=1000, callbacks=[
+        keras_ckpt.ModelCheckpoint("ckpt/{epoch:04d}.keras", resume=True), budget])
+    # Run the same script every day: one hour a day, continuing where it stopped.
+    ```
+    """
+
+    def __init__(
+        self,
+        max_duration: float | datetime.timedelta | None = None,
+        daily_budget: float | datetime.timedelta | None = None,
+        *,
+        timezone: str = "UTC",
+        reset_hour: int = 0,
+        price_per_hour: float | None = None,
+        devices: int = 1,
+        daily_cost_limit: float | None = None,
+        run_cost_limit: float | None = None,
+        ledger: str | os.PathLike | None = None,
+        sync_interval: float = 60.0,
+        raise_if_exhausted: bool = False,
+        clock: Callable[[], float] | None = None,
+        verbose: int = 1,
+    ) -> None:
+        super().__init__()
+        self.max_duration = _seconds("max_duration", max_duration)
+        self.daily_budget = _seconds("daily_budget", daily_budget)
+        check_number("price_per_hour", price_per_hour, allow_none=True, minimum=0,
+                     exclusive=True)
+        check_number("devices", devices, minimum=1, integer=True)
+        check_number("daily_cost_limit", daily_cost_limit, allow_none=True, minimum=0,
+                     exclusive=True)
+        check_number("run_cost_limit", run_cost_limit, allow_none=True, minimum=0,
+                     exclusive=True)
+        check_number("sync_interval", sync_interval, minimum=0, exclusive=True)
+        check_bool("raise_if_exhausted", raise_if_exhausted)
+        check_number("verbose", verbose, minimum=0, integer=True)
+        if (daily_cost_limit is not None or run_cost_limit is not None) and price_per_hour is None:
+            raise ValueError("A cost limit needs `price_per_hour` (the price of one device-hour).")
+        if all(v is None for v in (self.max_duration, self.daily_budget, daily_cost_limit,
+                                   run_cost_limit)):
+            raise ValueError("BudgetStop needs a limit: `max_duration`, `daily_budget`, "
+                             "`daily_cost_limit` or `run_cost_limit`.")
+        if clock is not None and not callable(clock):
+            raise TypeError(f"`clock` must be a function returning POSIX seconds; got {clock!r}.")
+        self.days = DayClock(timezone, reset_hour)  # validates both
+        self.timezone, self.reset_hour = timezone, reset_hour
+        self.price_per_hour, self.devices = price_per_hour, int(devices)
+        self.daily_cost_limit, self.run_cost_limit = daily_cost_limit, run_cost_limit
+        self.ledger_path = os.fspath(ledger) if ledger is not None else default_ledger_path()
+        self.sync_interval = float(sync_interval)
+        self.raise_if_exhausted = raise_if_exhausted
+        self.verbose = verbose
+        self._clock = clock or time.time
+        self.async_safe = True
+        self.stop_reason: str | None = None
+        self.stopped_at: tuple[int, int | None] | None = None
+        self.checkpoint: str | None = None
+        self.session: dict | None = None
+
+    # ------------------------------------------------------------ config
+    @property
+    def _price_per_second(self) -> float:
+        return (self.price_per_hour or 0.0) * self.devices / 3600.0
+
+    def get_config(self) -> dict:
+        """The constructor arguments (the clock excepted)."""
+        return {"max_duration": self.max_duration, "daily_budget": self.daily_budget,
+                "timezone": self.timezone, "reset_hour": self.reset_hour,
+                "price_per_hour": self.price_per_hour, "devices": self.devices,
+                "daily_cost_limit": self.daily_cost_limit, "run_cost_limit": self.run_cost_limit,
+                "ledger": self.ledger_path, "sync_interval": self.sync_interval,
+                "raise_if_exhausted": self.raise_if_exhausted, "verbose": self.verbose}
+
+    def get_state(self) -> dict:
+        """Nothing to resume: the budget lives in the ledger, never in a checkpoint."""
+        return {"stop_reason": self.stop_reason}
+
+    def set_state(self, state: dict) -> None:
+        """Ignores a saved state: time already spent is in the ledger."""
+
+    # ------------------------------------------------------------ hooks
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        super().on_train_begin(logs)
+        now = self._clock()
+        self.stop_reason, self.stopped_at, self.checkpoint = None, None, None
+        self._ledger = Ledger(self.ledger_path, self.days, self._price_per_second)
+        self._start = now
+        run_limit = min(v for v in (self.max_duration, self._cost_as_seconds(self.run_cost_limit),
+                                    math.inf) if v is not None)
+        self._run_deadline = now + run_limit
+        self._run_reason = ("max-duration" if self.max_duration is not None
+                            and self.max_duration <= run_limit else "run-cost-limit")
+        self._session = self._ledger.begin(now, {
+            "daily_seconds": self.daily_budget, "daily_cost": self.daily_cost_limit,
+            "timezone": self.timezone, "reset_hour": self.reset_hour,
+            "price_per_hour": self.price_per_hour, "devices": self.devices})
+        self._paid_until = now
+        self._deadline = math.inf  # known only once the ledger cannot give more
+        self._deadline_reason: str | None = None
+        # First estimates: what the previous run on this ledger measured.
+        timings = self._ledger.last_timings()
+        self._step_time = float(timings.get("step_seconds", 0.0))
+        self._val_time = float(timings.get("validation_seconds", 0.0))
+        self._epoch = 0
+        self._last_check = (now, None)
+        self._last_batch_time = now
+        self._sync(now)
+        if self._paid_until <= now or now + self._lead() > self._deadline:
+            self._exhausted_at_start(now)
+        else:
+            self._next_check = self._plan(now)
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._epoch = epoch
+        self._last_batch_time = self._clock()
+        self._last_check = (self._last_batch_time, None)
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        now = self._clock()
+        self._last_batch_time = now
+        if now >= self._next_check:
+            self._check(now, batch, logs)
+
+    def epoch_end(self, epoch: int, logs: dict) -> None:
+        if self.stop_reason is not None:
+            return
+        now = self._clock()
+        self._val_time = max(self._val_time, now - self._last_batch_time)
+        self._check(now, None, logs)
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        if getattr(self, "_session", None) is None:
+            return
+        now = self._clock()
+        if self.stop_reason is not None and self.checkpoint is None:
+            written = [c.last_saved_path for c in self._checkpoints() if c.last_saved_path]
+            self.checkpoint = written[0] if written else None
+        timings = {"step_seconds": self._step_time, "validation_seconds": self._val_time}
+        self.session = self._ledger.end(self._session, now, self.stop_reason, self.checkpoint,
+                                        timings)
+        self._session = None
+        if self.stop_reason is not None and self.stop_reason != "budget-spent-at-start":
+            print_msg(self._message(now, stopped=True))
+
+    # ------------------------------------------------------------ decisions
+    def _cost_as_seconds(self, cost: float | None) -> float | None:
+        if cost is None:
+            return None
+        return cost / self._price_per_second
+
+    def _save_time(self) -> float:
+        times = [cb.last_save_seconds for cb in self._checkpoints()
+                 if cb.last_save_seconds is not None]
+        if times:
+            return max(times)
+        if not self._checkpoints():
+            return 0.0
+        size = sum(math.prod(v.shape) * 4 for v in self.model.variables)
+        return 0.2 + 3 * size / 200e6  # weights and optimizer slots at 200 MB/s
+
+    def _checkpoints(self) -> list[ModelCheckpoint]:
+        return [o for o in registry.objects_for(self.model).values()
+                if isinstance(o, ModelCheckpoint)]
+
+    def _lead(self) -> float:
+        """Time needed after a step boundary: one more step, validation, the final save."""
+        return self._step_time + self._val_time + self._save_time()
+
+    def _sync(self, now: float) -> None:
+        want = min(now + self.sync_interval + self._lead(), self._run_deadline)
+        daily_cost = self.daily_cost_limit
+        self._paid_until = self._ledger.reserve(self._session, now, want, self.daily_budget,
+                                                daily_cost)
+        if self._paid_until < want - 1e-6:  # the daily budget is what limits now
+            self._deadline = self._paid_until
+            self._deadline_reason = self._daily_reason(self._paid_until)
+        elif want >= self._run_deadline:
+            self._deadline = self._run_deadline
+            self._deadline_reason = self._run_reason
+        else:
+            self._deadline = math.inf
+
+    def _daily_reason(self, at: float) -> str:
+        if self.daily_cost_limit is None:
+            return "daily-budget"
+        if self.daily_budget is None:
+            return "daily-cost-limit"
+        seconds, cost = self._ledger.used_on(self.days.day(at - 1e-6).isoformat())
+        return ("daily-cost-limit" if cost >= self.daily_cost_limit - 1e-9 and
+                self._cost_as_seconds(self.daily_cost_limit) < self.daily_budget
+                else "daily-budget")
+
+    def _plan(self, now: float) -> float:
+        """When to look again: before the reservation or the deadline is too close."""
+        lead = self._lead()
+        return min(self._paid_until, self._deadline) - lead
+
+    def _check(self, now: float, batch: int | None, logs: dict | None) -> None:
+        if batch is not None and batch < registry.replay_until(self.model):
+            # A resume replaying the batches it had trained on: nothing to decide
+            # (and replays are no measure of a step's time).
+            self._last_check = (now, batch)
+            return
+        previous, previous_batch = self._last_check
+        if batch is not None and previous_batch is not None and batch > previous_batch:
+            self._step_time = (now - previous) / (batch - previous_batch)
+        elif batch is not None and self._step_time == 0.0:
+            self._step_time = (now - previous) / (batch + 1)
+        self._last_check = (now, batch)
+        if now + self._lead() > self._paid_until and self._deadline == math.inf:
+            self._sync(now)
+        if now + self._lead() > self._deadline:
+            self._stop(now, batch, logs)
+            return
+        self._next_check = self._plan(now)
+
+    def _stop(self, now: float, batch: int | None, logs: dict | None) -> None:
+        self.stop_reason = self._deadline_reason or "daily-budget"
+        self.stopped_at = (self._epoch, None if batch is None else batch + 1)
+        self.model.stop_training = True
+        self._next_check = math.inf
+        if batch is not None:
+            for checkpoint in self._checkpoints():
+                written = checkpoint.save_now(logs, steps_in_epoch=batch + 1)
+                self.checkpoint = written or self.checkpoint
+        # At an epoch end a ModelCheckpoint saves after us (it settles us
+        # first); on_train_end reads which file it wrote.
+
+    def _exhausted_at_start(self, now: float) -> None:
+        self.stop_reason = "budget-spent-at-start"
+        self._next_check = math.inf
+        message = self._message(now, stopped=False)
+        if self.raise_if_exhausted:
+            self._ledger.end(self._session, now, self.stop_reason, None)
+            self._session = None
+            raise BudgetExhaustedError(message)
+        print_msg(message)
+        epochs = (self.params or {}).get("epochs")
+        if epochs is not None:
+            registry.start_at_epoch(self.model, epochs)
+
+    def _message(self, now: float, stopped: bool) -> str:
+        day = self.days.day(now - 1e-6)
+        seconds, cost = self._ledger.used_on(day.isoformat())
+        parts = []
+        if self.daily_budget is not None:
+            parts.append(f"used {_fmt(seconds)} of {_fmt(self.daily_budget)} for {day} "
+                         f"({self.timezone})")
+        if self.daily_cost_limit is not None:
+            parts.append(f"spent {cost:.2f} of {self.daily_cost_limit:.2f} for {day}")
+        if self.max_duration is not None or self.run_cost_limit is not None:
+            parts.append(f"this run used {_fmt(now - self._start)}")
+        head = "BudgetStop: " + "; ".join(parts)
+        if not stopped:
+            return (f"{head}. The budget is spent: no step was trained. The next window "
+                    f"opens {self.days.format(self.days.next_start(now))}.")
+        epoch, step = self.stopped_at
+        where = f"after epoch {epoch + 1}" + (f", step {step}" if step else "")
+        saved = f"; checkpoint {self.checkpoint}" if self.checkpoint else \
+            "; no keras-ckpt ModelCheckpoint in this fit, so no checkpoint was written"
+        window = ""
+        if self.stop_reason in ("daily-budget", "daily-cost-limit"):
+            window = f"; next window opens {self.days.format(self.days.next_start(now))}"
+        return f"{head}; stopped {where} ({self.stop_reason}){saved}{window}."
+
+
+def _fmt(seconds: float) -> str:
+    minutes = int(round(seconds / 60))
+    if seconds < 120:
+        return f"{seconds:.1f}s"
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m"
+

@@ -1,0 +1,300 @@
+"""The budget ledger: training time and cost per day, shared by runs, crash-safe and locked.
+
+The ledger is one JSON file. Every change happens under an exclusive lock
+(`flock` on `LEDGER.lock`, released by the kernel if the process dies), reads
+the file, changes it, and replaces it atomically (temporary file, fsync,
+rename). A run charges time in advance: at each sync it pays for the time
+used since its last sync and reserves the next interval, but never more than
+what is left. So two runs sharing a budget can never spend more than it
+between them, and a run killed mid-interval has been charged up to the end
+of the interval it was in. A run that ends cleanly gets the unused part of
+its last reservation back; resuming an older checkpoint never refunds
+anything, because the ledger lives outside the checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import fcntl
+import json
+import os
+import secrets
+import zoneinfo
+from collections.abc import Iterator
+from typing import Any
+
+__all__ = ["Ledger", "LedgerError", "DayClock", "default_ledger_path"]
+
+_VERSION = 1
+
+
+class LedgerError(ValueError):
+    """The ledger cannot be read or is not a keras-ckpt ledger; it is left untouched."""
+
+
+def default_ledger_path() -> str:
+    """`$KERAS_CKPT_LEDGER`, else `~/.keras_ckpt/budget_ledger.json`."""
+    return os.environ.get("KERAS_CKPT_LEDGER") or os.path.join(
+        os.path.expanduser("~"), ".keras_ckpt", "budget_ledger.json")
+
+
+class DayClock:
+    """Maps POSIX times to budget days: calendar days in `timezone`, starting at `reset_hour`.
+
+    Args:
+        timezone: an IANA time zone name, e.g. `"Europe/Berlin"`.
+        reset_hour: the local hour (0-23) at which a new budget day begins.
+
+    Raises:
+        ValueError: unknown time zone or reset hour out of range.
+    """
+
+    def __init__(self, timezone: str = "UTC", reset_hour: int = 0) -> None:
+        if not isinstance(timezone, str):
+            raise TypeError(f"`timezone` must be an IANA name such as 'Europe/Berlin'; got "
+                            f"{timezone!r}.")
+        try:
+            self.tz = zoneinfo.ZoneInfo(timezone)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"`timezone` {timezone!r} is not a known IANA time zone (for "
+                             "example 'UTC', 'Europe/Berlin', 'America/New_York').") from None
+        if isinstance(reset_hour, bool) or not isinstance(reset_hour, int) or not (
+                0 <= reset_hour <= 23):
+            raise ValueError(f"`reset_hour` must be an integer from 0 to 23; got {reset_hour!r}.")
+        self.timezone = timezone
+        self.reset_hour = reset_hour
+
+    def day(self, t: float) -> datetime.date:
+        """The budget day that POSIX time `t` falls in."""
+        local = datetime.datetime.fromtimestamp(t, self.tz)
+        return (local - datetime.timedelta(hours=self.reset_hour)).date()
+
+    def start(self, day: datetime.date) -> float:
+        """The POSIX time at which budget day `day` begins."""
+        local = datetime.datetime.combine(day, datetime.time(self.reset_hour), tzinfo=self.tz)
+        return local.timestamp()
+
+    def next_start(self, t: float) -> float:
+        """The POSIX time at which the budget day after the one `t` is in begins."""
+        return self.start(self.day(t) + datetime.timedelta(days=1))
+
+    def split(self, t0: float, t1: float) -> Iterator[tuple[str, float]]:
+        """Yields (day, seconds) for the parts of [t0, t1) in each budget day."""
+        while t0 < t1:
+            end = min(t1, self.next_start(t0))
+            yield self.day(t0).isoformat(), end - t0
+            t0 = end
+
+    def format(self, t: float) -> str:
+        """Local time of `t` as `YYYY-MM-DD HH:MM`."""
+        return datetime.datetime.fromtimestamp(t, self.tz).strftime("%Y-%m-%d %H:%M")
+
+
+@dataclasses.dataclass
+class Session:
+    """One run's record in the ledger (times are POSIX seconds)."""
+
+    id: str
+    start: float
+    paid_until: float
+    end: float | None = None
+    seconds: float = 0.0
+    cost: float = 0.0
+    stop_reason: str | None = None
+    checkpoint: str | None = None
+
+
+class Ledger:
+    """A budget ledger file.
+
+    Args:
+        path: the JSON file (created on first write, with its directory).
+        day_clock: how times map to budget days.
+        price_per_second: cost of one second of this run (price per hour x
+            devices / 3600), or 0.
+
+    Raises:
+        LedgerError: the file exists but is not a readable keras-ckpt ledger.
+
+    Example:
+    >>> import tempfile, os
+    >>> ledger = Ledger(os.path.join(tempfile.mkdtemp(), "l.json"), DayClock("UTC"))
+    >>> ledger.used_on("2026-11-22")
+    (0.0, 0.0)
+    """
+
+    def __init__(self, path: str | os.PathLike, day_clock: DayClock,
+                 price_per_second: float = 0.0) -> None:
+        self.path = os.fspath(path)
+        self.days = day_clock
+        self.price_per_second = float(price_per_second)
+        self._read()  # fail early on a corrupt ledger
+
+    # ------------------------------------------------------------ file
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[dict]:
+        directory = os.path.dirname(os.path.abspath(self.path))
+        try:
+            os.makedirs(directory, exist_ok=True)
+            lock = open(self.path + ".lock", "a")
+        except OSError as e:
+            raise LedgerError(f"Cannot open the budget ledger {self.path!r}: {e}.") from None
+        with lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            data = self._read()
+            yield data
+            self._write(data)
+
+    def _read(self) -> dict:
+        try:
+            with open(self.path) as f:
+                text = f.read()
+        except FileNotFoundError:
+            return {"format": "keras-ckpt-ledger", "version": _VERSION, "days": {},
+                    "sessions": [], "config": {}}
+        except OSError as e:
+            raise LedgerError(f"Cannot read the budget ledger {self.path!r}: {e}.") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise LedgerError(
+                f"The budget ledger {self.path!r} is not valid JSON ({e}). It was left as it is: "
+                "repair or move it; keras-ckpt never resets a ledger by itself.") from None
+        if not isinstance(data, dict) or data.get("format") != "keras-ckpt-ledger":
+            raise LedgerError(f"{self.path!r} is not a keras-ckpt budget ledger; it was left "
+                              "as it is.")
+        if int(data.get("version", 0)) > _VERSION:
+            raise LedgerError(f"The budget ledger {self.path!r} has version {data['version']}; "
+                              f"this keras-ckpt reads version {_VERSION}. Upgrade keras-ckpt.")
+        return data
+
+    def _write(self, data: dict) -> None:
+        directory = os.path.dirname(os.path.abspath(self.path))
+        tmp = os.path.join(directory, f".{os.path.basename(self.path)}.tmp-{secrets.token_hex(4)}")
+        try:
+            with open(tmp, "w") as f:
+                json.dump(data, f, indent=1, allow_nan=False)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
+
+    # ------------------------------------------------------------ queries
+    def used_on(self, day: str) -> tuple[float, float]:
+        """(seconds, cost) charged to budget day `day` (ISO date), by all runs."""
+        entry = self._read()["days"].get(day, {})
+        return float(entry.get("seconds", 0.0)), float(entry.get("cost", 0.0))
+
+    def last_timings(self) -> dict:
+        """The timings the most recent finished session recorded (or {})."""
+        for record in reversed(self._read()["sessions"]):
+            if record.get("end") is not None and "step_seconds" in record:
+                return {k: record[k] for k in ("step_seconds", "validation_seconds")
+                        if k in record}
+        return {}
+
+    def sessions(self) -> list[dict]:
+        """Every session record, oldest first."""
+        return list(self._read()["sessions"])
+
+    def config(self) -> dict:
+        """The budget configuration the last run wrote (for `python -m keras_ckpt budget`)."""
+        return dict(self._read().get("config", {}))
+
+    # ------------------------------------------------------------ charges
+    def _charge(self, data: dict, t0: float, t1: float) -> None:
+        for day, seconds in self.days.split(t0, t1):
+            entry = data["days"].setdefault(day, {"seconds": 0.0, "cost": 0.0})
+            entry["seconds"] = entry["seconds"] + seconds
+            entry["cost"] = entry["cost"] + seconds * self.price_per_second
+
+    def _find(self, data: dict, session_id: str) -> dict:
+        for record in data["sessions"]:
+            if record["id"] == session_id:
+                return record
+        raise LedgerError(f"Session {session_id} is not in the ledger {self.path!r}.")
+
+    def begin(self, now: float, config: dict) -> str:
+        """Opens a session at `now`; returns its id."""
+        session_id = f"{int(now)}-{os.getpid()}-{secrets.token_hex(3)}"
+        with self._locked() as data:
+            data["config"] = config
+            data["sessions"].append(dataclasses.asdict(Session(session_id, now, now)))
+        return session_id
+
+    def reserve(self, session_id: str, now: float, want_until: float,
+                daily_seconds: float | None, daily_cost: float | None) -> float:
+        """Pays for this session up to at most `want_until`; returns the time paid up to.
+
+        Under the lock: the time since the session's last payment is charged
+        (it has been spent), then more is reserved, limited by what is left of
+        each day's budget (time and cost) among all runs.
+        """
+        with self._locked() as data:
+            record = self._find(data, session_id)
+            paid = max(record["paid_until"], record["start"])
+            if now > paid:  # spent beyond what was reserved (a late check): charge it
+                self._charge(data, paid, now)
+                paid = now
+            until = paid
+            while until < want_until:
+                day = self.days.day(until)
+                entry = data["days"].get(day.isoformat(), {"seconds": 0.0, "cost": 0.0})
+                room = want_until - until
+                if daily_seconds is not None:
+                    room = min(room, daily_seconds - entry["seconds"])
+                if daily_cost is not None and self.price_per_second > 0:
+                    room = min(room, (daily_cost - entry["cost"]) / self.price_per_second)
+                room = min(room, self.days.next_start(until) - until)
+                if room <= 1e-9:
+                    break
+                self._charge(data, until, until + room)
+                until += room
+            record["paid_until"] = until
+            record["seconds"] = until - record["start"]
+            record["cost"] = record["seconds"] * self.price_per_second
+            return until
+
+    def end(self, session_id: str, now: float, stop_reason: str | None,
+            checkpoint: str | None, timings: dict | None = None) -> dict:
+        """Closes the session: charges up to `now`, refunds the unused reservation.
+
+        `timings` (e.g. the measured step time) are kept with the session, for
+        the next run's first estimate.
+        """
+        with self._locked() as data:
+            record = self._find(data, session_id)
+            paid = record["paid_until"]
+            if now > paid:
+                self._charge(data, paid, now)
+            elif now < paid:  # clean end: the unused reservation goes back
+                for day, seconds in self.days.split(now, paid):
+                    entry = data["days"][day]
+                    entry["seconds"] = max(0.0, entry["seconds"] - seconds)
+                    entry["cost"] = max(0.0, entry["cost"] - seconds * self.price_per_second)
+            record.update(end=now, paid_until=now, seconds=now - record["start"],
+                          cost=(now - record["start"]) * self.price_per_second,
+                          stop_reason=stop_reason, checkpoint=checkpoint, **(timings or {}))
+            return dict(record)
+
+    def summary(self, now: float) -> dict[str, Any]:
+        """Today's use, what remains, when the next window opens, and the sessions."""
+        data = self._read()
+        config = data.get("config", {})
+        today = self.days.day(now).isoformat()
+        entry = data["days"].get(today, {"seconds": 0.0, "cost": 0.0})
+        budget = config.get("daily_seconds")
+        return {
+            "ledger": self.path, "timezone": self.days.timezone,
+            "reset_hour": self.days.reset_hour, "today": today,
+            "used_seconds": entry["seconds"], "used_cost": entry["cost"],
+            "daily_seconds": budget, "daily_cost": config.get("daily_cost"),
+            "remaining_seconds": None if budget is None else max(0.0, budget - entry["seconds"]),
+            "next_window": self.days.format(self.days.next_start(now)),
+            "days": data["days"], "sessions": data["sessions"],
+        }
