@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["encode_float", "decode_float", "to_json_value", "from_json_value"]
+__all__ = ["encode_float", "decode_float", "to_json_value"]
 
 _NON_FINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
 
@@ -64,16 +64,3 @@ def to_json_value(value: Any) -> Any:
         f"Cannot store a value of type {type(value).__name__} as JSON; "
         "use numbers, strings, booleans, None, lists and dicts."
     )
-
-
-def from_json_value(value: Any, float_keys: frozenset[str] = frozenset()) -> Any:
-    """Decodes the float strings that `to_json_value` wrote under `float_keys` (recursively)."""
-    if isinstance(value, dict):
-        return {
-            k: (decode_float(v) if k in float_keys and not isinstance(v, (dict, list))
-                else from_json_value(v, float_keys))
-            for k, v in value.items()
-        }
-    if isinstance(value, list):
-        return [from_json_value(v, float_keys) for v in value]
-    return value

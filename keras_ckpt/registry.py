@@ -17,7 +17,7 @@ import weakref
 from typing import Any
 
 __all__ = ["attach", "seal", "objects_for", "current_fit", "start_at_epoch",
-           "forget_start_epoch", "set_replay", "replay_until", "track_data", "untrack_data"]
+           "forget_start_epoch", "set_replay", "replay_until", "track_data"]
 
 
 class _Generation:
@@ -142,10 +142,3 @@ def objects_for(model: Any) -> dict[str, Any]:
 def track_data(name: str, obj: Any) -> None:
     """Tracks a data helper under `name`; a newer helper of the same name replaces it."""
     _data[name] = weakref.ref(obj)
-
-
-def untrack_data(name: str, obj: Any) -> None:
-    """Stops tracking `obj` under `name` (if it is the one tracked)."""
-    ref = _data.get(name)
-    if ref is not None and ref() is obj:
-        del _data[name]

@@ -16,8 +16,6 @@ from keras_ckpt.validation import check_bool, check_number
 
 __all__ = ["BudgetStop", "BudgetExhaustedError"]
 
-STOP_REASONS = ("max-duration", "run-cost-limit", "daily-budget", "daily-cost-limit",
-                "budget-spent-at-start")
 
 
 class BudgetExhaustedError(RuntimeError):
@@ -81,6 +79,14 @@ class BudgetStop(StatefulCallback):
         clock: a zero-argument function returning POSIX seconds (default
             `time.time`); tests pass a fake one.
         verbose: 0 or 1.
+
+    Attributes:
+        stop_reason: None, or why training stopped: `"max-duration"`,
+            `"run-cost-limit"`, `"daily-budget"`, `"daily-cost-limit"` or
+            `"budget-spent-at-start"` (also in the ledger's session record).
+        stopped_at: `(epoch, step)` of the stop (step None at an epoch end).
+        checkpoint: the checkpoint written at the stop.
+        session: this run's ledger record, after `fit`.
 
     Example:
     ```python

@@ -20,7 +20,6 @@ from keras_ckpt.validation import check_bool, check_number
 
 __all__ = ["EarlyStopping"]
 
-STOP_REASONS = ("patience", "non-finite", "threshold", "divergence")
 
 
 class EarlyStopping(StatefulCallback):
@@ -70,6 +69,11 @@ class EarlyStopping(StatefulCallback):
             crash-safely, one variable at a time) instead of host memory, for
             models too big to copy. By default they are kept in host memory
             and saved inside each checkpoint.
+
+    Attributes:
+        stop_reason: None, or `"patience"`, `"non-finite"`, `"threshold"` or
+            `"divergence"`; `stopped_epoch` and `stop_message` say when and why.
+        best, best_epoch, wait: the comparator's view.
 
     Example:
     ```python
