@@ -213,3 +213,18 @@ def test_lr_factor_with_a_schedule_fails_at_train_begin():
     with pytest.raises(ValueError, match="not a schedule"):
         fit(model, Poisoned(), [guard])
     assert iterations(model) == 0
+
+
+def test_first_snapshot_is_the_resumed_state_whatever_the_order(tmp_path):
+    path = str(tmp_path / "e{epoch}.keras")
+    fit(make_model(), Poisoned(), [keras_ckpt.ModelCheckpoint(path)], epochs=2)
+    model = make_model(seed=9)
+    guard = keras_ckpt.TerminateOnNaN(action="rollback", verbose=0)
+    # The guard comes first: its on_train_begin runs before the resume restores the model.
+    # This fit's data starts counting at its first epoch: at=2 poisons its 2nd batch.
+    fit(model, Poisoned(at=2), [guard, keras_ckpt.ModelCheckpoint(path, resume=True)],
+        epochs=3)
+    assert guard.retries == 1 and guard.events[0].step == 2
+    # Rolled back to the resumed state (12 steps done), not to the fresh seed-9 model (0),
+    # then trained the epoch's last 4 steps.
+    assert int(model.optimizer.iterations.numpy()) == 12 + 4

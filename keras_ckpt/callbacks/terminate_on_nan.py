@@ -189,11 +189,14 @@ class TerminateOnNaN(StatefulCallback):
                 getattr(self.model.optimizer, "_learning_rate", None), keras.Variable):
             raise ValueError("TerminateOnNaN: `lr_factor` needs the optimizer's learning rate "
                              "to be a float (a variable), not a schedule.")
-        if self.action == "rollback" and self.rollback_from == "memory":
-            self._take_snapshot()
+        self._snapshot = None
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self._epoch = epoch
+        if self._snapshot is None and self.action == "rollback" and self.rollback_from == "memory":
+            # The first snapshot of a fit, taken once every on_train_begin has
+            # run: after a resume it holds the restored state, not a fresh one.
+            self._take_snapshot()
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         self.settle_batch_end(batch, logs)
