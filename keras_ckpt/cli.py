@@ -67,6 +67,8 @@ def run_budget(path: str, as_json: bool = False, now: float | None = None) -> in
     line = f"{report['today']} ({report['timezone']}): used {span(report['used_seconds'])}"
     if budget is not None:
         line += f" of {span(budget)}, {span(report['remaining_seconds'])} left"
+    if report["overrun_seconds"]:
+        line += f" (+{span(report['overrun_seconds'])} overrun: steps slower than projected)"
     if report["daily_cost"] is not None:
         line += f"; spent {report['used_cost']:.2f} of {report['daily_cost']:.2f}"
     print(f"Ledger {path}\n{line}; next window opens {report['next_window']}")

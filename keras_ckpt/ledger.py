@@ -7,9 +7,13 @@ rename). A run charges time in advance: at each sync it pays for the time
 used since its last sync and reserves the next interval, but never more than
 what is left. So two runs sharing a budget can never spend more than it
 between them, and a run killed mid-interval has been charged up to the end
-of the interval it was in. A run that ends cleanly gets the unused part of
-its last reservation back; resuming an older checkpoint never refunds
-anything, because the ledger lives outside the checkpoints.
+of the interval it was in. A step cannot be stopped halfway: time a run
+spends past what it had paid for (a step slower than projected) is charged
+while the day has budget left, and beyond that recorded as `overrun`, per
+session and per day, never hidden and never counted twice. A run that ends
+cleanly gets the unused part of its last reservation back; resuming an older
+checkpoint never refunds anything, because the ledger lives outside the
+checkpoints.
 """
 
 from __future__ import annotations
@@ -213,6 +217,23 @@ class Ledger:
             entry["seconds"] = entry["seconds"] + seconds
             entry["cost"] = entry["cost"] + seconds * self.price_per_second
 
+    def _charge_late(self, data: dict, record: dict, t0: float, t1: float,
+                     limits: tuple[float | None, float | None]) -> None:
+        """Charges time already spent, within each day's budget; the rest is overrun."""
+        daily_seconds, daily_cost = limits
+        for day, seconds in self.days.split(t0, t1):
+            entry = data["days"].setdefault(day, {"seconds": 0.0, "cost": 0.0})
+            room = seconds
+            if daily_seconds is not None:
+                room = min(room, max(0.0, daily_seconds - entry["seconds"]))
+            if daily_cost is not None and self.price_per_second > 0:
+                room = min(room, max(0.0, (daily_cost - entry["cost"]) / self.price_per_second))
+            entry["seconds"] += room
+            entry["cost"] += room * self.price_per_second
+            if seconds > room:
+                entry["overrun"] = entry.get("overrun", 0.0) + seconds - room
+                record["overrun"] = record.get("overrun", 0.0) + seconds - room
+
     def _find(self, data: dict, session_id: str) -> dict:
         for record in data["sessions"]:
             if record["id"] == session_id:
@@ -238,8 +259,8 @@ class Ledger:
         with self._locked() as data:
             record = self._find(data, session_id)
             paid = max(record["paid_until"], record["start"])
-            if now > paid:  # spent beyond what was reserved (a late check): charge it
-                self._charge(data, paid, now)
+            if now > paid:  # spent beyond what was reserved (a late check)
+                self._charge_late(data, record, paid, now, (daily_seconds, daily_cost))
                 paid = now
             until = paid
             while until < want_until:
@@ -256,29 +277,32 @@ class Ledger:
                 self._charge(data, until, until + room)
                 until += room
             record["paid_until"] = until
-            record["seconds"] = until - record["start"]
+            record["seconds"] = until - record["start"] - record.get("overrun", 0.0)
             record["cost"] = record["seconds"] * self.price_per_second
             return until
 
     def end(self, session_id: str, now: float, stop_reason: str | None,
-            checkpoint: str | None, timings: dict | None = None) -> dict:
+            checkpoint: str | None, timings: dict | None = None,
+            limits: tuple[float | None, float | None] = (None, None)) -> dict:
         """Closes the session: charges up to `now`, refunds the unused reservation.
 
         `timings` (e.g. the measured step time) are kept with the session, for
-        the next run's first estimate.
+        the next run's first estimate; `limits` are the daily (seconds, cost)
+        budgets that late time is charged within.
         """
         with self._locked() as data:
             record = self._find(data, session_id)
             paid = record["paid_until"]
             if now > paid:
-                self._charge(data, paid, now)
+                self._charge_late(data, record, paid, now, limits)
             elif now < paid:  # clean end: the unused reservation goes back
                 for day, seconds in self.days.split(now, paid):
                     entry = data["days"][day]
                     entry["seconds"] = max(0.0, entry["seconds"] - seconds)
                     entry["cost"] = max(0.0, entry["cost"] - seconds * self.price_per_second)
-            record.update(end=now, paid_until=now, seconds=now - record["start"],
-                          cost=(now - record["start"]) * self.price_per_second,
+            charged = now - record["start"] - record.get("overrun", 0.0)
+            record.update(end=now, paid_until=now, seconds=charged,
+                          cost=charged * self.price_per_second,
                           stop_reason=stop_reason, checkpoint=checkpoint, **(timings or {}))
             return dict(record)
 
@@ -293,6 +317,7 @@ class Ledger:
             "ledger": self.path, "timezone": self.days.timezone,
             "reset_hour": self.days.reset_hour, "today": today,
             "used_seconds": entry["seconds"], "used_cost": entry["cost"],
+            "overrun_seconds": entry.get("overrun", 0.0),
             "daily_seconds": budget, "daily_cost": config.get("daily_cost"),
             "remaining_seconds": None if budget is None else max(0.0, budget - entry["seconds"]),
             "next_window": self.days.format(self.days.next_start(now)),

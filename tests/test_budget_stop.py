@@ -228,6 +228,22 @@ def test_corrupt_ledger_is_reported_and_never_reset(tmp_path):
         model.fit(X, Y, epochs=1, verbose=0, callbacks=[budget])
 
 
+def test_time_past_the_reservation_is_charged_within_budget_then_overrun(tmp_path):
+    days = DayClock("UTC")
+    ledger = Ledger(tmp_path / "l.json", days)
+    t = at(2026, 11, 22, 9)
+    a = ledger.begin(t, {})
+    b = ledger.begin(t, {})
+    assert ledger.reserve(a, t, t + 50, 60, None) == t + 50
+    assert ledger.reserve(b, t, t + 50, 60, None) == t + 10  # only 10 s left for b
+    # b's step ran 25 s past its reservation: nothing left to charge it to.
+    record = ledger.end(b, t + 35, "daily-budget", None, limits=(60, None))
+    assert record["seconds"] == pytest.approx(10) and record["overrun"] == pytest.approx(25)
+    record = ledger.end(a, t + 40, None, None, limits=(60, None))  # a ends early: refund
+    assert record["seconds"] == pytest.approx(40)
+    assert ledger.used_on("2026-11-22")[0] == pytest.approx(50)
+
+
 def test_budget_cli(tmp_path, capsys):
     clock = FakeClock(at(2026, 11, 22, 9))
     run(tmp_path, clock, daily_budget=1800, checkpoint=False)
@@ -265,9 +281,13 @@ def test_two_processes_on_one_ledger_never_overspend(tmp_path):
     assert len(sessions) == 2 and all(s["stop_reason"] == "daily-budget" for s in sessions)
     total = sum(s["seconds"] for s in sessions)
     assert total <= budget + 1e-6
-    charged = sum(d["seconds"] for d in json.loads((tmp_path / "ledger.json").read_text())
-                  ["days"].values())
+    days = json.loads((tmp_path / "ledger.json").read_text())["days"].values()
+    charged = sum(d["seconds"] for d in days)
     assert charged <= budget + 1e-6 and charged == pytest.approx(total)
+    # A step slower than projected is not hidden: it is overrun, at most about a step each.
+    overrun = sum(s.get("overrun", 0.0) for s in sessions)
+    assert overrun == pytest.approx(sum(d.get("overrun", 0.0) for d in days))
+    assert overrun < 2.0
 
 
 @pytest.mark.slow

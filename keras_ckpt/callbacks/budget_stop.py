@@ -231,7 +231,7 @@ class BudgetStop(StatefulCallback):
             self.checkpoint = written[0] if written else None
         timings = {"step_seconds": self._step_time, "validation_seconds": self._val_time}
         self.session = self._ledger.end(self._session, now, self.stop_reason, self.checkpoint,
-                                        timings)
+                                        timings, (self.daily_budget, self.daily_cost_limit))
         self._session = None
         if self.stop_reason is not None and self.stop_reason != "budget-spent-at-start":
             print_msg(self._message(now, stopped=True))
