@@ -15,10 +15,10 @@ def _build_parser() -> argparse.ArgumentParser:
                     "exact to resume.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="train a tiny model with the callbacks and report")
+    demo = commands.add_parser(
+        "demo", help="kill, budget-stop and NaN-poison a small training job; prove it exact")
     demo.add_argument("--out", default="keras_ckpt_demo",
                       help="directory for the demo's checkpoints and report")
-    demo.add_argument("--epochs", type=int, default=6, help="epochs to train (default 6)")
     inspect = commands.add_parser("inspect", help="list the checkpoints in a directory")
     inspect.add_argument("directory", help="a checkpoint directory")
     inspect.add_argument("--json", action="store_true", help="print JSON for scripts")
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "demo":
         from keras_ckpt.demo import run_demo
 
-        return run_demo(out=args.out, epochs=args.epochs)
+        return run_demo(out=args.out)
     if args.command == "inspect":
         from keras_ckpt.inspect import run_inspect
 

@@ -1,9 +1,25 @@
-"""`python -m keras_ckpt demo`: kill a real training run, resume it, prove it is exact."""
+"""`python -m keras_ckpt demo`: one training job, killed, budgeted, poisoned, and still exact.
+
+The job trains a small model (Dropout, BatchNorm, Adam with a schedule) with
+all four callbacks: `ModelCheckpoint(resume=True)`, `EarlyStopping(patience=2,
+restore_best_weights=True)`, `BudgetStop` (30 minutes a day, on a simulated
+clock where a step takes 20 s) and `TerminateOnNaN(action="rollback")`. One
+batch of epoch 10 has NaN targets. The same script runs, in child processes:
+
+- once without interruption (the reference);
+- on day 1 at 08:00, SIGKILLed after step 14;
+- on day 1 at 13:00: it resumes, rolls back the NaN, and the budget stops it;
+- on days 2 and 3 at 08:00: it resumes, until early stopping ends the job.
+
+The report compares the final variables and history with the reference, bit
+for bit, and a PNG shows the training curve with every event marked.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,12 +27,22 @@ import time
 
 __all__ = ["run_demo"]
 
+STEPS_PER_EPOCH = 6
+SECONDS_PER_STEP = 20.0
+DAILY_BUDGET = 30 * 60.0
+DAY_1 = 1795330800.0  # 2026-11-22 08:00 Europe/Berlin
+COMMON = ["--data", "poison", "--poison", "9:2", "--rollback", "--early-stopping", "2",
+          "--min-delta", "0.02", "--epochs", "60", "--seconds-per-step", str(SECONDS_PER_STEP),
+          "--sync-interval", "60"]
 
-def _train(directory: str, out: str, *extra: str) -> subprocess.CompletedProcess:
+
+def _child(directory: str, out: str, ledger: str, budget: float, start: float,
+           *extra: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONHASHSEED": "0"}
-    return subprocess.run(
-        [sys.executable, "-m", "keras_ckpt.demo_train", directory, out, *extra],
-        capture_output=True, text=True, env=env)
+    command = [sys.executable, "-m", "keras_ckpt.demo_train", directory, out, *COMMON,
+               "--daily-budget", str(budget), "--ledger", ledger, "--clock-start", str(start),
+               *extra]
+    return subprocess.run(command, capture_output=True, text=True, env=env)
 
 
 def _load(path: str):
@@ -24,76 +50,162 @@ def _load(path: str):
 
     with np.load(path) as data:
         arrays = {k: data[k] for k in data.files if k != "history"}
-        history = json.loads(data["history"].tobytes())
-    return arrays, history
+        outcome = json.loads(data["history"].tobytes())
+    return arrays, outcome
 
 
-def run_demo(out: str = "keras_ckpt_demo", epochs: int = 6) -> int:
-    """Trains a small model three times in child processes and reports.
+def _where(epoch: int, step: int | None) -> str:
+    return f"epoch {epoch + 1}, step {step}" if step else f"the end of epoch {epoch + 1}"
 
-    1. uninterrupted, `epochs` epochs;
-    2. the same script, SIGKILLed in the middle of an epoch (after step 20);
-    3. the same script again: it resumes from the newest checkpoint.
 
-    The final model and optimizer variables and the history of runs 1 and 3
-    are compared bit for bit.
+def run_demo(out: str = "keras_ckpt_demo") -> int:
+    """Runs the story above in `out`; prints the report; writes `out/training.png`.
 
     Args:
-        out: directory for the checkpoints and results.
-        epochs: epochs per run (>= 4).
+        out: directory for checkpoints, ledgers, results and the plot.
 
     Returns:
-        0 when the resumed run equals the uninterrupted one, 1 otherwise.
+        0 when the job equals the uninterrupted reference bit for bit, else 1.
     """
     import numpy as np
 
     from keras_ckpt.manager import list_checkpoints
 
-    if epochs < 4:
-        raise ValueError(f"`epochs` must be >= 4 for the demo; got {epochs}.")
     out = os.path.abspath(out)
+    for name in ("reference", "job"):
+        shutil.rmtree(os.path.join(out, name), ignore_errors=True)
     os.makedirs(out, exist_ok=True)
-    straight, killed = os.path.join(out, "uninterrupted"), os.path.join(out, "interrupted")
-    for d in (straight, killed):
-        if os.path.isdir(d):
-            for name in os.listdir(d):
-                os.remove(os.path.join(d, name))
-    common = ["--epochs", str(epochs), "--save-freq", "4"]
-    start = time.monotonic()
-    print(f"keras-ckpt demo: {epochs} epochs of a small model (Dropout, BatchNorm, Adam with a "
-          "schedule),\nseeded and deterministic, checkpointing every 4 steps into " + out)
+    for name in ("reference.json", "job.json", "reference.npz", "job.npz"):
+        if os.path.exists(os.path.join(out, name)):
+            os.remove(os.path.join(out, name))
+    job, ledger = os.path.join(out, "job"), os.path.join(out, "job.json")
+    result = os.path.join(out, "job.npz")
+    started = time.monotonic()
+    print("keras-ckpt demo: one training job with ModelCheckpoint(resume=True), "
+          "EarlyStopping(restore_best_weights=True),\nBudgetStop(30 min a day; simulated "
+          "clock, 20 s a step) and TerminateOnNaN(action='rollback').\nOne batch of epoch 10 "
+          "has NaN targets. Each run below is the same script in a new process.\n")
 
-    print("\n1. Training without interruption ...")
-    proc = _train(straight, os.path.join(out, "uninterrupted.npz"), *common)
+    proc = _child(os.path.join(out, "reference"), os.path.join(out, "reference.npz"),
+                  os.path.join(out, "reference.json"), 1e9, DAY_1)
     if proc.returncode != 0:
-        print(proc.stderr[-2000:])
+        print(proc.stderr[-3000:])
         return 1
-    print("2. Training again, and killing the process (SIGKILL) after step 20 ...")
-    proc = _train(killed, os.path.join(out, "interrupted.npz"), *common, "--kill-step", "20")
-    status = "killed by SIGKILL" if proc.returncode == -signal.SIGKILL else f"rc={proc.returncode}"
-    saved = list_checkpoints(killed)
-    newest = saved[-1] if saved else None
-    print(f"   process {status}; {len(saved)} checkpoints on disk, the newest "
-          + (f"{os.path.basename(newest.path)} (epoch {newest.epoch + 1}, step {newest.step})"
-             if newest else "none"))
-    print("3. Running the same script again: it resumes from the newest checkpoint ...")
-    proc = _train(killed, os.path.join(out, "interrupted.npz"), *common)
-    if proc.returncode != 0:
-        print(proc.stderr[-2000:])
+    reference, ref = _load(os.path.join(out, "reference.npz"))
+    print(f"Reference, without interruption: {len(ref['epoch'])} epochs; early stopping at "
+          f"{_where(ref['stopped_epoch'], None)}, best epoch {ref['best_epoch'] + 1}; NaN at "
+          + ", ".join(_where(e["epoch"], e["step"]) for e in ref["nan_events"]) + " rolled back.")
+
+    events: dict = {"kill": [], "budget": [], "resume": [], "nan": [], "days": []}
+    schedule = [("day 1, 08:00", DAY_1, ["--kill-step", "14"]),
+                ("day 1, 13:00", DAY_1 + 5 * 3600, []),
+                ("day 2, 08:00", DAY_1 + 86400, []),
+                ("day 3, 08:00", DAY_1 + 2 * 86400, []),
+                ("day 4, 08:00", DAY_1 + 3 * 86400, [])]
+    outcome = None
+    for label, start, extra in schedule:
+        proc = _child(job, result, ledger, DAILY_BUDGET, start, *extra)
+        if extra:
+            saved = list_checkpoints(job)
+            newest = saved[-1] if saved else None
+            killed = proc.returncode == -signal.SIGKILL
+            print(f"{label}: run killed by {'SIGKILL' if killed else proc.returncode} after "
+                  f"step 14; newest checkpoint "
+                  + (f"{os.path.basename(newest.path)} (at {_where(newest.epoch, None)})"
+                     if newest else "none") + ".")
+            events["kill"].append(14 / STEPS_PER_EPOCH)
+            continue
+        if proc.returncode != 0:
+            print(proc.stderr[-3000:])
+            return 1
+        _, outcome = _load(result)
+        line = [f"{label}:"]
+        resumed = outcome["resumed_from"]
+        if resumed:
+            at = resumed["epoch"] + 1 if resumed["epoch_complete"] else resumed["epoch"]
+            step = 0 if resumed["epoch_complete"] else resumed["step"]
+            line.append(f"resumed from {os.path.basename(resumed['path'])}, continuing at "
+                        f"epoch {at + 1}, step {step + 1};")
+            events["resume"].append(at + step / STEPS_PER_EPOCH)
+        for e in outcome.get("nan_events", []):
+            if e["epoch"] not in [n[0] for n in events["nan"]]:
+                line.append(f"NaN loss at {_where(e['epoch'], e['step'])}, rolled back;")
+                events["nan"].append((e["epoch"], e["step"]))
+        reason = outcome.get("budget_stop_reason")
+        if reason == "budget-spent-at-start":
+            line.append("the day's budget was already spent: nothing trained.")
+        elif reason:
+            epoch, step = outcome["budget_stopped_at"]
+            line.append(f"budget spent (30m): stopped after {_where(epoch, step)}, checkpoint "
+                        f"{os.path.basename(outcome['budget_checkpoint'] or '-')}.")
+            events["budget"].append(epoch + (step or STEPS_PER_EPOCH) / STEPS_PER_EPOCH)
+        if outcome.get("stop_reason") == "patience":
+            line.append(f"early stopping at {_where(outcome['stopped_epoch'], None)}; the "
+                        f"weights of epoch {outcome['best_epoch'] + 1} (the best) restored.")
+            print(" ".join(line))
+            break
+        print(" ".join(line))
+    if outcome is None or outcome.get("stop_reason") != "patience":
+        print("The job did not finish within the schedule.")
         return 1
 
-    a, history_a = _load(os.path.join(out, "uninterrupted.npz"))
-    b, history_b = _load(os.path.join(out, "interrupted.npz"))
-    differing = [k for k in a if k not in b or not np.array_equal(a[k], b[k])]
-    same_history = history_a == history_b
-    print("\nResult")
-    print(f"   variables compared: {len(a)} (model and optimizer), differing: {len(differing)}")
-    print(f"   history identical: {same_history}")
-    final_a, final_b = (h["history"]["val_loss"][-1] for h in (history_a, history_b))
-    print(f"   final val_loss: uninterrupted {final_a!r}, resumed {final_b!r}")
-    ok = not differing and same_history
-    print("   => the resumed run is bitwise equal to the uninterrupted one." if ok
-          else "   => MISMATCH: " + ", ".join(differing[:5]))
-    print(f"\nCheckpoints: {killed}\nInspect them with: python -m keras_ckpt inspect {killed}")
-    print(f"Done in {time.monotonic() - start:.0f} s.")
+    job_arrays, _ = _load(result)
+    differing = [k for k in reference if not np.array_equal(reference[k], job_arrays.get(k))]
+    same_history = outcome["history"] == ref["history"] and outcome["epoch"] == ref["epoch"]
+    same_stop = (outcome["stopped_epoch"], outcome["best_epoch"]) == (
+        ref["stopped_epoch"], ref["best_epoch"])
+    ok = not differing and same_history and same_stop
+    print(f"\nProof: {len(reference)} model and optimizer variables compared with the reference, "
+          f"{len(differing)} differ; history identical: {same_history}; same stop and best "
+          f"epoch: {same_stop}.")
+    print("=> the interrupted, budgeted job is bitwise equal to the uninterrupted run." if ok
+          else "=> MISMATCH: " + ", ".join(differing[:5]))
+    png = os.path.join(out, "training.png")
+    _plot(png, outcome, events)
+    print(f"\nCheckpoints: {job}\n  python -m keras_ckpt inspect {job}\nBudget ledger: {ledger}\n"
+          f"  python -m keras_ckpt budget {ledger}\nPlot: {png}\n"
+          f"Done in {time.monotonic() - started:.0f} s.")
     return 0 if ok else 1
+
+
+def _plot(path: str, outcome: dict, events: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    history = outcome["history"]
+    epochs = [e + 1 for e in outcome["epoch"]]
+    fig, ax = plt.subplots(figsize=(9, 4.8), dpi=110)
+    ax.plot(epochs, history["loss"], label="loss", color="tab:blue")
+    ax.plot(epochs, history["val_loss"], label="val_loss", color="tab:orange")
+    top = max(max(history["loss"]), max(history["val_loss"]))
+    marks = [("kill", "SIGKILL", "black", "--"), ("budget", "daily budget spent", "tab:red", "-."),
+             ("resume", "resumed from a checkpoint", "tab:green", ":")]
+    for key, label, color, style in marks:
+        for i, x in enumerate(events[key]):
+            ax.axvline(x, color=color, linestyle=style, linewidth=1.6,
+                       label=label if i == 0 else None)
+    bounds = [0.0, *events["budget"], float(epochs[-1])]
+    for day, (left, right) in enumerate(zip(bounds, bounds[1:], strict=False), start=1):
+        ax.text((left + right) / 2, top * 1.15, f"day {day}", ha="center", fontsize=9)
+    for i, (epoch, step) in enumerate(events["nan"]):
+        ax.axvline(epoch + step / STEPS_PER_EPOCH, color="tab:purple", linewidth=2,
+                   label="NaN: rolled back" if i == 0 else None)
+    best = outcome["best_epoch"] + 1
+    ax.plot([best], [history["val_loss"][outcome["best_epoch"]]], marker="*", markersize=16,
+            color="gold", markeredgecolor="black", linestyle="none",
+            label=f"best epoch ({best}), restored")
+    stop = outcome["stopped_epoch"] + 1
+    ax.annotate(f"early stop\n(epoch {stop})", xy=(stop, history["val_loss"][-1]),
+                xytext=(stop - 7, top * 0.3), arrowprops={"arrowstyle": "->"})
+    ax.set_yscale("log")
+    ax.set_ylim(top=top * 1.6)
+    ax.set_xlabel("epoch (an event inside an epoch is placed at its step)")
+    ax.set_ylabel("mean squared error (log scale)")
+    ax.set_title("keras-ckpt demo: one job across a kill, three budget days and a NaN")
+    ax.legend(loc="lower left", fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

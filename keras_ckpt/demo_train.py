@@ -4,6 +4,7 @@ Usage: python -m keras_ckpt.demo_train DIR OUT.npz [--kill-epoch K | --kill-step
        [--data numpy|numpy_noshuffle|tfdata|tfdata_plain] [--save-freq N] [--spe N]
        [--epochs E] [--early-stopping PATIENCE] [--best-on-disk]
        [--daily-budget SECONDS --ledger PATH [--sync-interval S]]
+       [--clock-start POSIX --seconds-per-step S] [--poison EPOCH:INDEX] [--rollback]
 
 Trains a model with Dropout and BatchNormalization, Adam with a learning-rate
 schedule, seeded and with op determinism, with `ModelCheckpoint(resume=True)`
@@ -11,8 +12,12 @@ writing into DIR. `--kill-epoch K` SIGKILLs the process right after epoch K
 (0-based), `--kill-step S` after global step S. `--early-stopping P` adds
 `EarlyStopping(patience=P, restore_best_weights=True)` (`--best-on-disk` keeps
 its best weights in DIR). `--daily-budget` adds a `BudgetStop` charging the
-ledger at PATH (real time). At the end, every model and optimizer variable, the
-history and the early-stopping outcome are written to OUT.npz.
+ledger at PATH (real time, or with `--clock-start` a simulated clock that
+advances `--seconds-per-step` per trained step). `--data poison` feeds a
+resumable `PyDataset` whose batch INDEX of epoch EPOCH (`--poison`) has NaN
+targets; `--rollback` adds `TerminateOnNaN(action="rollback")`. At the end,
+every model and optimizer variable, the history and the callbacks' outcomes are
+written to OUT.npz.
 """
 
 from __future__ import annotations
@@ -32,6 +37,54 @@ import tensorflow as tf  # noqa: E402
 import keras_ckpt  # noqa: E402
 
 __all__ = ["main"]
+
+
+class Poisoned(keras.utils.PyDataset):
+    """Batches of 16 in order; one batch, at (epoch, index), has NaN targets.
+
+    Its epoch count is state that rides in the checkpoints (a tracked data
+    helper), so the poison lands on the same batch after a resume.
+    """
+
+    def __init__(self, x, y, poison=None):
+        super().__init__()
+        self.x, self.y, self.poison, self.epoch = x, y, poison, -1
+        keras_ckpt.registry.track_data("demo_poisoned", self)
+
+    def __len__(self):
+        return len(self.x) // 16
+
+    def __getitem__(self, i):
+        y = self.y[i * 16:(i + 1) * 16]
+        if self.poison == (self.epoch, i):
+            y = np.full_like(y, np.nan)
+        return self.x[i * 16:(i + 1) * 16], y
+
+    def on_epoch_begin(self):
+        self.epoch += 1
+
+    def get_state(self):
+        return {"epoch": self.epoch}
+
+    def set_state(self, state):
+        self.epoch = state["epoch"]
+
+
+class Tick(keras.callbacks.Callback):
+    """A simulated clock: each trained step (not a replayed one) takes `seconds`."""
+
+    def __init__(self, start, seconds):
+        super().__init__()
+        self.now, self.seconds, self.last = start, seconds, None
+
+    def __call__(self):
+        return self.now
+
+    def on_train_batch_end(self, batch, logs=None):
+        done = int(self.model.optimizer.iterations.numpy())
+        if done != self.last:
+            self.now += self.seconds
+            self.last = done
 
 
 class Kill(keras.callbacks.Callback):
@@ -65,9 +118,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--early-stopping", type=int)
     p.add_argument("--best-on-disk", action="store_true")
+    p.add_argument("--min-delta", type=float, default=0.05)
     p.add_argument("--daily-budget", type=float)
     p.add_argument("--ledger")
     p.add_argument("--sync-interval", type=float, default=0.5)
+    p.add_argument("--clock-start", type=float)
+    p.add_argument("--seconds-per-step", type=float, default=60.0)
+    p.add_argument("--poison")
+    p.add_argument("--rollback", action="store_true")
     a = p.parse_args(argv)
 
     keras.utils.set_random_seed(7)
@@ -93,18 +151,27 @@ def main(argv: list[str] | None = None) -> None:
         os.path.join(a.directory, "ckpt-{epoch:02d}-{batch}.keras" if save_freq != "epoch"
                      else "ckpt-{epoch:02d}.keras"),
         save_freq=save_freq, resume=True)]
+    clock = None
+    if a.clock_start is not None:
+        clock = Tick(a.clock_start, a.seconds_per_step)
+        callbacks.insert(0, clock)
     stop = None
     if a.early_stopping is not None:
         stop = keras_ckpt.EarlyStopping(
-            patience=a.early_stopping, restore_best_weights=True, min_delta=0.05,
+            patience=a.early_stopping, restore_best_weights=True, min_delta=a.min_delta,
             best_weights_path=os.path.join(a.directory, "best.weights.h5") if a.best_on_disk
             else None)
         callbacks.append(stop)
     budget = None
     if a.daily_budget is not None:
         budget = keras_ckpt.BudgetStop(daily_budget=a.daily_budget, ledger=a.ledger,
-                                       sync_interval=a.sync_interval, verbose=0)
+                                       sync_interval=a.sync_interval, verbose=0, clock=clock,
+                                       timezone="Europe/Berlin" if clock else "UTC")
         callbacks.append(budget)
+    guard = None
+    if a.rollback:
+        guard = keras_ckpt.TerminateOnNaN(action="rollback", verbose=0)
+        callbacks.append(guard)
     if a.kill_epoch is not None or a.kill_step is not None:
         callbacks.append(Kill(a.kill_epoch, a.kill_step))
 
@@ -120,6 +187,9 @@ def main(argv: list[str] | None = None) -> None:
         else:  # what users write today: reshuffles every epoch, state inside TF
             ds = ds.shuffle(96, seed=3)
         history = model.fit(ds.batch(16), **fit)
+    elif a.data == "poison":
+        poison = tuple(int(v) for v in a.poison.split(":")) if a.poison else None
+        history = model.fit(Poisoned(x, y, poison), shuffle=False, **fit)
     else:
         raise SystemExit(f"unknown --data {a.data}")
 
@@ -127,7 +197,14 @@ def main(argv: list[str] | None = None) -> None:
     arrays.update({f"optimizer/{i}": v.numpy() for i, v in enumerate(model.optimizer.variables)})
     outcome = {"epoch": history.epoch, "history": history.history}
     if budget is not None:
-        outcome.update(budget_stop_reason=budget.stop_reason, budget_session=budget.session)
+        outcome.update(budget_stop_reason=budget.stop_reason, budget_session=budget.session,
+                       budget_stopped_at=budget.stopped_at, budget_checkpoint=budget.checkpoint)
+    if guard is not None:
+        outcome.update(nan_events=[{**e.__dict__, "value": str(e.value)} for e in guard.events])
+    resumed = callbacks[1 if clock else 0].resumed_from
+    outcome.update(resumed_from=None if resumed is None else
+                   {"path": resumed.path, "epoch": resumed.epoch, "step": resumed.step,
+                    "epoch_complete": resumed.epoch_complete})
     if stop is not None:
         outcome.update(stopped_epoch=stop.stopped_epoch, best_epoch=stop.best_epoch,
                        stop_reason=stop.stop_reason)

@@ -8,20 +8,34 @@ import json
 import os
 
 from keras_ckpt.manager import list_checkpoints
+from keras_ckpt.monitor import infer_mode
 
 __all__ = ["run_inspect", "describe"]
 
 
 def describe(directory: str) -> list[dict]:
-    """One dict per file: the `CheckpointInfo` fields plus `valid`, `latest` and `best`."""
+    """One dict per file: the `CheckpointInfo` fields plus `valid`, `latest` and `best`.
+
+    `best` marks the checkpoint with the best finite monitored value, where the
+    monitor's direction can be told from its name (`*loss`: min; accuracy,
+    AUC and other Keras metrics: their direction).
+    """
     infos = list_checkpoints(directory, include_invalid=True)
-    valid = [c for c in infos if c.valid]
+    valid = [c for c in infos if c.valid and c.finite]
     latest = valid[-1].path if valid else None
+    best = None
+    scored = [c for c in valid if c.monitor_value is not None]
+    if scored:
+        mode = infer_mode(scored[-1].monitor)
+        if mode is not None:
+            same = [c for c in scored if c.monitor == scored[-1].monitor]
+            best = (min if mode == "min" else max)(same, key=lambda c: c.monitor_value).path
     rows = []
     for c in infos:
         row = dataclasses.asdict(c)
         row["valid"] = c.valid
         row["latest"] = c.path == latest
+        row["best"] = c.path == best
         rows.append(row)
     return rows
 
@@ -31,9 +45,10 @@ def _fmt(c: dict) -> list[str]:
                if c["written_at"] else "-")
     value = "-" if c["monitor_value"] is None else f"{c['monitor']}={c['monitor_value']:.5g}"
     status = "valid" if c["valid"] else ("foreign" if c["kind"] == "foreign" else "corrupt")
+    labels = [status] + [name for name in ("latest", "best") if c[name]]
     return [os.path.basename(c["path"]), "-" if c["epoch"] is None else str(c["epoch"] + 1),
             "-" if c["step"] is None else str(c["step"]), value, f"{c['size'] / 1024:.0f} KiB",
-            written, status + (" latest" if c["latest"] else "")]
+            written, " ".join(labels)]
 
 
 def run_inspect(directory: str, as_json: bool = False) -> int:

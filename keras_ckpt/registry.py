@@ -17,7 +17,8 @@ import weakref
 from typing import Any
 
 __all__ = ["attach", "seal", "objects_for", "current_fit", "start_at_epoch",
-           "forget_start_epoch", "set_replay", "replay_until", "track_data"]
+           "forget_start_epoch", "set_replay", "replay_until", "set_cut_short", "cut_short",
+           "track_data"]
 
 
 class _Generation:
@@ -26,6 +27,7 @@ class _Generation:
         self.members: list[weakref.ref] = []
         self.initial_epoch: int | None = None  # set by us for this fit
         self.replay_until = -1  # batch ends below this, in the resumed epoch, are replays
+        self.cut_short: int | None = None  # an epoch a stop ended before its last step
 
 
 # Models whose `_initial_epoch` we set, and in which fit: the next fit must not inherit it.
@@ -82,6 +84,17 @@ def replay_until(model: Any) -> int:
     """Batch indices below this are replays (see `set_replay`); -1 when none."""
     generation = _generation(model, create=False)
     return -1 if generation is None else generation.replay_until
+
+
+def set_cut_short(model: Any, epoch: int) -> None:
+    """Marks `epoch` as ended early by a stop (its end is not a real epoch end)."""
+    _generation(model, create=True).cut_short = epoch
+
+
+def cut_short(model: Any) -> int | None:
+    """The epoch a stop cut short in the current fit, or None."""
+    generation = _generation(model, create=False)
+    return None if generation is None else generation.cut_short
 
 
 def start_at_epoch(model: Any, epoch: int) -> int:

@@ -135,6 +135,23 @@ def test_stop_message_and_reason(tmp_path, capsys):
     assert budget.session["checkpoint"] == info.path
 
 
+def test_a_budget_stop_mid_epoch_is_not_an_epoch_end_for_early_stopping(tmp_path):
+    clock = FakeClock(at(2026, 11, 22, 9))
+    model = make_model(seed=0)
+    stop = keras_ckpt.EarlyStopping(monitor="loss", patience=0, min_delta=100.0)
+    budget = keras_ckpt.BudgetStop(max_duration=8 * 60 + 30, clock=clock, verbose=0,
+                                   ledger=str(tmp_path / "l"))
+    checkpoint = keras_ckpt.ModelCheckpoint(str(tmp_path / "c" / "e{epoch}.keras"))
+    model.fit(X, Y, batch_size=8, epochs=5, verbose=0,
+              callbacks=[Tick(clock), checkpoint, stop, budget])
+    assert budget.stopped_at == (1, 2)
+    # Epoch 2 was cut short by the budget: EarlyStopping did not judge it (it would have
+    # stopped: nothing beats min_delta=100), and no epoch-complete checkpoint claims it.
+    assert stop.stop_reason is None and stop.wait == 0
+    info = keras_ckpt.list_checkpoints(tmp_path / "c")[-1]
+    assert (info.epoch, info.step, info.epoch_complete) == (1, 2, False)
+
+
 def test_run_time_limit_with_validation_and_save_time_in_the_projection(tmp_path):
     clock = FakeClock(at(2026, 11, 22, 9))
 

@@ -29,11 +29,15 @@ def test_readme_gives_two_set_up_commands_and_ci_runs_the_test_one():
 
 def test_demo_resumes_bitwise(tmp_path):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    proc = subprocess.run([sys.executable, "-m", "keras_ckpt", "demo", "--out", str(tmp_path),
-                           "--epochs", "4"], capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "keras_ckpt", "demo", "--out", str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
-    assert "killed by SIGKILL" in proc.stdout
-    assert "bitwise equal to the uninterrupted one" in proc.stdout
+    out = proc.stdout
+    assert "killed by SIGKILL" in out and "rolled back" in out and "budget spent" in out
+    assert "early stopping at the end of epoch" in out
+    assert "bitwise equal to the uninterrupted run" in out
+    png = tmp_path / "training.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
 
 
 def test_inspect_labels_valid_partial_and_corrupt(tmp_path, capsys):
@@ -41,7 +45,7 @@ def test_inspect_labels_valid_partial_and_corrupt(tmp_path, capsys):
 
     model = make_model()
     x, y = make_data(32)
-    model.fit(x, y, epochs=2, batch_size=8, verbose=0,
+    model.fit(x, y, epochs=2, batch_size=8, verbose=0, validation_split=0.25,
               callbacks=[keras_ckpt.ModelCheckpoint(str(tmp_path / "e{epoch}.keras"))])
     (tmp_path / ".e3.keras.tmp-1-ab.keras").write_bytes(b"partial")  # a write in progress
     broken = bytearray((tmp_path / "e1.keras").read_bytes())
@@ -54,10 +58,11 @@ def test_inspect_labels_valid_partial_and_corrupt(tmp_path, capsys):
     assert set(rows) == {"e1.keras", "e2.keras"}  # the partial write is not a checkpoint
     assert not rows["e1.keras"]["valid"] and "CRC" in rows["e1.keras"]["error"]
     assert rows["e2.keras"]["valid"] and rows["e2.keras"]["latest"]
+    assert rows["e2.keras"]["best"]  # the only valid one: its val_loss is the best
     assert main(["inspect", str(tmp_path)]) == 0
     table = capsys.readouterr().out
-    assert re.search(r"e1\.keras .* corrupt", table) and re.search(r"e2\.keras .* valid latest",
-                                                                   table)
+    assert re.search(r"e1\.keras .* corrupt", table)
+    assert re.search(r"e2\.keras .* valid latest best", table)
 
 
 def test_public_api():

@@ -50,5 +50,7 @@ def test_killed_and_resumed_run_is_bitwise_equal(tmp_path, args, kill):
     assert straight.keys() == resumed.keys()
     for name in straight:
         np.testing.assert_array_equal(straight[name], resumed[name], err_msg=name)
+    assert history_a.pop("resumed_from") is None
+    assert history_b.pop("resumed_from") is not None  # the second run did resume
     assert history_a == history_b
     assert history_b["epoch"] == [0, 1, 2, 3]

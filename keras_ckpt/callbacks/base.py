@@ -61,6 +61,8 @@ class StatefulCallback(keras.callbacks.Callback):
         if settled is not None and settled[0] is key[0] and settled[1] == epoch:
             return
         self._settled = key
+        if registry.cut_short(self.model) == epoch:
+            return  # a stop ended it early: its logs describe part of an epoch
         self.epoch_end(epoch, logs if logs is not None else {})
 
     def epoch_end(self, epoch: int, logs: dict) -> None:

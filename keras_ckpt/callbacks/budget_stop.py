@@ -314,6 +314,9 @@ class BudgetStop(StatefulCallback):
         self.model.stop_training = True
         self._next_check = math.inf
         if batch is not None:
+            steps = (self.params or {}).get("steps")
+            if steps is None or batch + 1 < steps:
+                registry.set_cut_short(self.model, self._epoch)
             for checkpoint in self._checkpoints():
                 written = checkpoint.save_now(logs, steps_in_epoch=batch + 1)
                 self.checkpoint = written or self.checkpoint

@@ -207,7 +207,6 @@ class ModelCheckpoint(StatefulCallback):
         self._epoch_rng = None
         self._epoch_data_states: dict = {}
         self._skipper: tuple | None = None
-        self._stop_saved_at: int | None = None
 
     # ------------------------------------------------------------ hooks
     def on_train_begin(self, logs: dict | None = None) -> None:
@@ -232,7 +231,6 @@ class ModelCheckpoint(StatefulCallback):
         self._epoch = epoch
         self._epoch_start_step = self._global_step() - self._resume_step
         self._resume_step = 0
-        self._stop_saved_at = None
         # A save inside this epoch (periodic, or a sibling's stop) must let a
         # resume replay the epoch's data order: keep the RNG and data-helper
         # states of its start.
@@ -262,9 +260,8 @@ class ModelCheckpoint(StatefulCallback):
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         registry.set_replay(self.model, -1)
-        steps = (self.params or {}).get("steps")
-        if self._stop_saved_at is not None and (steps is None or self._stop_saved_at < steps):
-            return  # the epoch was cut short: the stop's mid-epoch checkpoint is the newest
+        if registry.cut_short(self.model) == epoch:
+            return  # a stop cut the epoch short: its mid-epoch checkpoint is the newest
         if self.save_freq == "epoch":
             self._settle_siblings(epoch, logs)
             self._save(logs or {}, steps_in_epoch=None)
@@ -279,10 +276,7 @@ class ModelCheckpoint(StatefulCallback):
         Returns:
             The path written, or None if nothing could be saved (non-finite).
         """
-        written = self._save(logs or {}, steps_in_epoch=steps_in_epoch, force=True)
-        if written is not None:
-            self._stop_saved_at = steps_in_epoch
-        return written
+        return self._save(logs or {}, steps_in_epoch=steps_in_epoch, force=True)
 
     def _settle_siblings(self, epoch: int, logs: dict | None) -> None:
         # The other keras-ckpt callbacks in this fit finish the epoch first,
