@@ -39,6 +39,7 @@ def run_budget(path: str, as_json: bool = False, now: float | None = None) -> in
     import time
 
     from keras_ckpt.ledger import DayClock, Ledger, LedgerError
+    from keras_ckpt.ledger import format_duration as span
 
     if not os.path.isfile(path):
         print(f"No such ledger: {path}")
@@ -54,14 +55,6 @@ def run_budget(path: str, as_json: bool = False, now: float | None = None) -> in
     if as_json:
         print(json.dumps(report, indent=2, allow_nan=False))
         return 0
-
-    def span(seconds: float | None) -> str:
-        if seconds is None:
-            return "-"
-        if seconds < 120:
-            return f"{seconds:.1f}s"
-        minutes = int(round(seconds / 60))
-        return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m"
 
     budget = report["daily_seconds"]
     line = f"{report['today']} ({report['timezone']}): used {span(report['used_seconds'])}"

@@ -29,13 +29,23 @@ import zoneinfo
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["Ledger", "LedgerError", "DayClock", "default_ledger_path"]
+__all__ = ["Ledger", "LedgerError", "DayClock", "default_ledger_path", "format_duration"]
 
 _VERSION = 1
 
 
 class LedgerError(ValueError):
     """The ledger cannot be read or is not a keras-ckpt ledger; it is left untouched."""
+
+
+def format_duration(seconds: float | None) -> str:
+    """`12.5s` under two minutes, else `45m` or `1h05m`; `-` for None."""
+    if seconds is None:
+        return "-"
+    if seconds < 120:
+        return f"{seconds:.1f}s"
+    minutes = int(round(seconds / 60))
+    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m"
 
 
 def default_ledger_path() -> str:

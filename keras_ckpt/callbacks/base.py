@@ -2,16 +2,31 @@
 
 from __future__ import annotations
 
+import math
+
 import keras
 
 from keras_ckpt import registry
 
-__all__ = ["StatefulCallback", "print_msg"]
+__all__ = ["StatefulCallback", "print_msg", "non_finite_logs"]
 
 try:  # Keras's own printing respects keras.config.disable_interactive_logging().
     from keras.src.utils.io_utils import print_msg as _keras_print_msg
 except ImportError:  # pragma: no cover
     _keras_print_msg = None
+
+
+def non_finite_logs(logs: dict | None) -> dict[str, float]:
+    """The numeric log values that are NaN or infinite, by key, in log order."""
+    bad = {}
+    for key, value in (logs or {}).items():
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            continue
+        if not math.isfinite(number):
+            bad[key] = number
+    return bad
 
 
 def print_msg(message: str) -> None:

@@ -12,6 +12,7 @@ from keras_ckpt import registry
 from keras_ckpt.callbacks.base import StatefulCallback, print_msg
 from keras_ckpt.callbacks.model_checkpoint import ModelCheckpoint
 from keras_ckpt.ledger import DayClock, Ledger, default_ledger_path
+from keras_ckpt.ledger import format_duration as _fmt
 from keras_ckpt.validation import check_bool, check_number
 
 __all__ = ["BudgetStop", "BudgetExhaustedError"]
@@ -178,6 +179,13 @@ class BudgetStop(StatefulCallback):
         now = self._clock()
         self.stop_reason, self.stopped_at, self.checkpoint = None, None, None
         self._ledger = Ledger(self.ledger_path, self.days, self._price_per_second)
+        # Fixed for the fit (the registry is sealed by now): checked again near the
+        # deadline at every step, so not recomputed there.
+        self._checkpoint_callbacks = [o for o in registry.objects_for(self.model).values()
+                                      if isinstance(o, ModelCheckpoint)]
+        size = sum(math.prod(v.shape) * 4 for v in self.model.variables)
+        # Before a first save is timed: weights and optimizer slots at 200 MB/s.
+        self._first_save_guess = (0.2 + 3 * size / 200e6) if self._checkpoint_callbacks else 0.0
         self._start = now
         run_limit = min(v for v in (self.max_duration, self._cost_as_seconds(self.run_cost_limit),
                                     math.inf) if v is not None)
@@ -243,18 +251,12 @@ class BudgetStop(StatefulCallback):
         return cost / self._price_per_second
 
     def _save_time(self) -> float:
-        times = [cb.last_save_seconds for cb in self._checkpoints()
+        times = [cb.last_save_seconds for cb in self._checkpoint_callbacks
                  if cb.last_save_seconds is not None]
-        if times:
-            return max(times)
-        if not self._checkpoints():
-            return 0.0
-        size = sum(math.prod(v.shape) * 4 for v in self.model.variables)
-        return 0.2 + 3 * size / 200e6  # weights and optimizer slots at 200 MB/s
+        return max(times) if times else self._first_save_guess
 
     def _checkpoints(self) -> list[ModelCheckpoint]:
-        return [o for o in registry.objects_for(self.model).values()
-                if isinstance(o, ModelCheckpoint)]
+        return self._checkpoint_callbacks
 
     def _lead(self) -> float:
         """Time needed after a step boundary: one more step, validation, the final save."""
@@ -360,10 +362,4 @@ class BudgetStop(StatefulCallback):
             window = f"; next window opens {self.days.format(self.days.next_start(now))}"
         return f"{head}; stopped {where} ({self.stop_reason}){saved}{window}."
 
-
-def _fmt(seconds: float) -> str:
-    minutes = int(round(seconds / 60))
-    if seconds < 120:
-        return f"{seconds:.1f}s"
-    return f"{minutes // 60}h{minutes % 60:02d}m" if minutes >= 60 else f"{minutes}m"
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import math
 import os
 import time
 import warnings
@@ -14,7 +13,7 @@ import keras
 
 from keras_ckpt import manager, registry, storage
 from keras_ckpt import state as state_lib
-from keras_ckpt.callbacks.base import StatefulCallback, print_msg
+from keras_ckpt.callbacks.base import StatefulCallback, non_finite_logs, print_msg
 from keras_ckpt.jsonsafe import decode_float, encode_float
 from keras_ckpt.monitor import Monitor
 from keras_ckpt.validation import check_number
@@ -333,7 +332,7 @@ class ModelCheckpoint(StatefulCallback):
                 settle = getattr(obj, "settle_batch_end", None)
                 if settle is not None:
                     settle(steps_in_epoch - 1, logs)
-        bad = {k: v for k, v in logs.items() if _non_finite(v)}
+        bad = non_finite_logs(logs)
         if bad:
             shown = ", ".join(f"{k}={v}" for k, v in bad.items())
             warnings.warn(
@@ -598,13 +597,6 @@ def _skip_steps(model: Any, calls: int, snapshot: state_lib.Snapshot) -> tuple:
 
     model.train_function = skip
     return skip, original
-
-
-def _non_finite(value: Any) -> bool:
-    try:
-        return not math.isfinite(float(value))
-    except (TypeError, ValueError):
-        return False
 
 
 def _pid_alive(pid: int) -> bool:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import keras
 
 from keras_ckpt import manager, registry
 from keras_ckpt import state as state_lib
-from keras_ckpt.callbacks.base import StatefulCallback, print_msg
+from keras_ckpt.callbacks.base import StatefulCallback, non_finite_logs, print_msg
 from keras_ckpt.callbacks.model_checkpoint import ModelCheckpoint
 from keras_ckpt.jsonsafe import decode_float, encode_float
 from keras_ckpt.validation import check_bool, check_choice, check_number
@@ -311,12 +310,7 @@ class TerminateOnNaN(StatefulCallback):
 
 
 def _first_non_finite(logs: dict | None, epoch: int, step: int | None) -> NaNEvent | None:
-    for key, value in (logs or {}).items():
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            continue
-        if not math.isfinite(number):
-            return NaNEvent(epoch, step, key, number, "")
+    for key, value in non_finite_logs(logs).items():
+        return NaNEvent(epoch, step, key, value, "")
     return None
 
