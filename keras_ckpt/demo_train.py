@@ -5,6 +5,7 @@ Usage: python -m keras_ckpt.demo_train DIR OUT.npz [--kill-epoch K | --kill-step
        [--epochs E] [--early-stopping PATIENCE] [--best-on-disk]
        [--daily-budget SECONDS --ledger PATH [--sync-interval S]]
        [--clock-start POSIX --seconds-per-step S] [--poison EPOCH:INDEX] [--rollback]
+       [--pause-at-step S] [--preemption exit|return]
 
 Trains a model with Dropout and BatchNormalization, Adam with a learning-rate
 schedule, seeded and with op determinism, with `ModelCheckpoint(resume=True)`
@@ -15,7 +16,11 @@ its best weights in DIR). `--daily-budget` adds a `BudgetStop` charging the
 ledger at PATH (real time, or with `--clock-start` a simulated clock that
 advances `--seconds-per-step` per trained step). `--data poison` feeds a
 resumable `PyDataset` whose batch INDEX of epoch EPOCH (`--poison`) has NaN
-targets; `--rollback` adds `TerminateOnNaN(action="rollback")`. At the end,
+targets; `--rollback` adds `TerminateOnNaN(action="rollback")`.
+`--pause-at-step S` prints `paused S` after global step S and waits for a line
+on stdin (a test sends a signal meanwhile); `--preemption` sets
+ModelCheckpoint's `preemption`, and the steps trained are printed at train end
+(`trained N`). At the end,
 every model and optimizer variable, the history and the callbacks' outcomes are
 written to OUT.npz.
 """
@@ -26,6 +31,7 @@ import argparse
 import json
 import os
 import signal
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -87,6 +93,22 @@ class Tick(keras.callbacks.Callback):
             self.last = done
 
 
+class Pause(keras.callbacks.Callback):
+    """After global step S, says so on stdout and waits for a line on stdin."""
+
+    def __init__(self, step):
+        super().__init__()
+        self.step = step
+
+    def on_train_batch_end(self, batch, logs=None):
+        if int(self.model.optimizer.iterations.numpy()) == self.step:
+            print(f"paused {self.step}", flush=True)
+            sys.stdin.readline()
+
+    def on_train_end(self, logs=None):
+        print(f"trained {int(self.model.optimizer.iterations.numpy())}", flush=True)
+
+
 class Kill(keras.callbacks.Callback):
     """SIGKILLs this process right after epoch K ends, or after global step S."""
 
@@ -126,6 +148,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seconds-per-step", type=float, default=60.0)
     p.add_argument("--poison")
     p.add_argument("--rollback", action="store_true")
+    p.add_argument("--pause-at-step", type=int)
+    p.add_argument("--preemption", default="auto")
     a = p.parse_args(argv)
 
     keras.utils.set_random_seed(7)
@@ -150,7 +174,10 @@ def main(argv: list[str] | None = None) -> None:
     callbacks = [keras_ckpt.ModelCheckpoint(
         os.path.join(a.directory, "ckpt-{epoch:02d}-{batch}.keras" if save_freq != "epoch"
                      else "ckpt-{epoch:02d}.keras"),
-        save_freq=save_freq, resume=True)]
+        save_freq=save_freq, resume=True,
+        preemption=None if a.preemption == "none" else a.preemption)]
+    if a.pause_at_step is not None:
+        callbacks.insert(0, Pause(a.pause_at_step))
     clock = None
     if a.clock_start is not None:
         clock = Tick(a.clock_start, a.seconds_per_step)
@@ -195,13 +222,15 @@ def main(argv: list[str] | None = None) -> None:
 
     arrays = {f"model/{i}": v.numpy() for i, v in enumerate(model.variables)}
     arrays.update({f"optimizer/{i}": v.numpy() for i, v in enumerate(model.optimizer.variables)})
-    outcome = {"epoch": history.epoch, "history": history.history}
+    checkpoint = next(c for c in callbacks if isinstance(c, keras_ckpt.ModelCheckpoint))
+    outcome = {"epoch": history.epoch, "history": history.history,
+               "preempted_by": checkpoint.preempted_by}
     if budget is not None:
         outcome.update(budget_stop_reason=budget.stop_reason, budget_session=budget.session,
                        budget_stopped_at=budget.stopped_at, budget_checkpoint=budget.checkpoint)
     if guard is not None:
         outcome.update(nan_events=[{**e.__dict__, "value": str(e.value)} for e in guard.events])
-    resumed = callbacks[1 if clock else 0].resumed_from
+    resumed = checkpoint.resumed_from
     outcome.update(resumed_from=None if resumed is None else
                    {"path": resumed.path, "epoch": resumed.epoch, "step": resumed.step,
                     "epoch_complete": resumed.epoch_complete})

@@ -92,12 +92,21 @@ def _rng_state() -> tuple[dict, dict[str, np.ndarray]]:
     return meta, {"rng/numpy_keys": np.array(keys, dtype=np.uint32)}
 
 
-def _set_rng_state(meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
-    py = meta["python"]
-    random.setstate((py["version"], tuple(py["internal"]), py["gauss"]))
-    nps = meta["numpy"]
-    np.random.set_state((nps["kind"], arrays["rng/numpy_keys"], nps["pos"],
-                         nps["has_gauss"], nps["cached"]))
+def _rng_tuples(meta: Any, arrays: Mapping[str, np.ndarray]) -> tuple[tuple, tuple]:
+    """The Python and NumPy RNG states a checkpoint holds (checked, not yet set)."""
+    try:
+        py = meta["python"]
+        python_state = (int(py["version"]), tuple(int(v) for v in py["internal"]),
+                        None if py["gauss"] is None else float(py["gauss"]))
+        nps = meta["numpy"]
+        keys = arrays["rng/numpy_keys"]
+        numpy_state = (str(nps["kind"]), keys, int(nps["pos"]), int(nps["has_gauss"]),
+                       float(nps["cached"]))
+        random.Random().setstate(python_state)
+        np.random.RandomState().set_state(numpy_state)
+    except (KeyError, TypeError, ValueError) as e:
+        raise StateMismatchError(f"The checkpoint's RNG state is malformed ({e!r}).") from None
+    return python_state, numpy_state
 
 
 def capture_rng() -> tuple[dict, dict[str, np.ndarray]]:
@@ -112,14 +121,18 @@ def object_states(objects: Mapping[str, Stateful]) -> dict[str, dict]:
 
 def capture(model: Any, states: Mapping[str, Mapping[str, Any]] | None = None,
             progress: Mapping[str, Any] | None = None,
-            rng: tuple[dict, dict[str, np.ndarray]] | None = None) -> Snapshot:
+            rng: tuple[dict, dict[str, np.ndarray]] | None = None,
+            metrics: list[np.ndarray] | None = None) -> Snapshot:
     """Captures the full training state of `model` into host memory.
 
     Args:
         model: a Keras model (its optimizer and compiled metrics come along).
-        objects: stateful objects by stable key (our callbacks, data helpers).
+        states: `get_state()` of stateful objects by stable key (our
+            callbacks, data helpers).
         progress: JSON-safe progress (epoch, step, history, ...).
         rng: a global RNG state from `capture_rng()`; by default, taken now.
+        metrics: values to store for the compiled metrics' variables instead
+            of their current ones (kept from before validation reset them).
 
     Returns:
         A `Snapshot`; its variable arrays are copies, unaffected by later
@@ -130,7 +143,10 @@ def capture(model: Any, states: Mapping[str, Mapping[str, Any]] | None = None,
     for group, variables in _variables(model).items():
         described = _describe(variables)
         for i, v in enumerate(variables):
-            arrays[f"{group}/{i:05d}"] = np.array(v.numpy(), copy=True)
+            if group == "metrics" and metrics is not None and len(metrics) == len(variables):
+                arrays[f"{group}/{i:05d}"] = metrics[i]
+            else:
+                arrays[f"{group}/{i:05d}"] = np.array(v.numpy(), copy=True)
         variables_meta[group] = described
     object_meta: dict[str, Any] = {}
     for key, state in (states or {}).items():
@@ -209,6 +225,48 @@ def check_compatible(meta: Mapping[str, Any], model: Any, *, weights_only: bool 
         _compare(group, meta["variables"][group], _describe(current[group]))
 
 
+def _check_structure(meta: Any) -> None:
+    """Checks the types of everything `apply` reads from a checkpoint's metadata."""
+
+    def bad(what: str) -> StateMismatchError:
+        return StateMismatchError(f"The checkpoint's metadata is malformed: {what}.")
+
+    if not isinstance(meta, Mapping):
+        raise bad("it is not a mapping")
+    variables = meta.get("variables")
+    if not isinstance(variables, Mapping):
+        raise bad("no variable list")
+    for group in GROUPS:
+        entries = variables.get(group)
+        if not isinstance(entries, list):
+            raise bad(f"no list of {group} variables")
+        for entry in entries:
+            if not (isinstance(entry, Mapping) and isinstance(entry.get("path"), str)
+                    and isinstance(entry.get("dtype"), str)
+                    and isinstance(entry.get("shape"), list)
+                    and all(isinstance(d, int) and d >= 0 for d in entry["shape"])):
+                raise bad(f"a {group} variable entry is {entry!r}")
+    objects = meta.get("objects", {})
+    if not isinstance(objects, Mapping) or not all(
+            isinstance(o, Mapping) and isinstance(o.get("json", {}), Mapping)
+            and isinstance(o.get("arrays", []), list)
+            and all(isinstance(n, str) for n in o.get("arrays", []))
+            for o in objects.values()):
+        raise bad("the callback states are not a mapping of states")
+
+
+def _check_arrays(snapshot: Snapshot) -> None:
+    """Every array the metadata refers to is present (checked before anything is assigned)."""
+    meta = snapshot.meta
+    needed = [f"{g}/{i:05d}" for g in GROUPS for i in range(len(meta["variables"][g]))]
+    for key, saved in meta.get("objects", {}).items():
+        needed += [f"objects/{key}/{n}" for n in saved.get("arrays", [])]
+    missing = [n for n in needed if n not in snapshot.arrays]
+    if missing:
+        raise StateMismatchError(
+            f"The checkpoint's metadata lists the array {missing[0]!r}, which it does not hold.")
+
+
 def _compare(group: str, saved: list[dict], now: list[dict]) -> None:
     for i, (a, b) in enumerate(zip(saved, now, strict=False)):
         if (_comparable(group, a["path"]) != _comparable(group, b["path"])
@@ -252,6 +310,9 @@ def apply(snapshot: Snapshot, model: Any, objects: Mapping[str, Stateful] | None
     """
     meta = snapshot.meta
     check_compatible(meta, model, weights_only=weights_only)
+    _check_arrays(snapshot)
+    rng_states = _rng_tuples(meta.get("rng"), snapshot.arrays) if rng and not weights_only \
+        else None
     if weights_only:
         _assign(list(model.variables), "model", snapshot.arrays)
         return
@@ -268,15 +329,16 @@ def apply(snapshot: Snapshot, model: Any, objects: Mapping[str, Stateful] | None
     if metrics:
         apply_metrics(snapshot, model)
     for key, obj in (objects or {}).items():
-        saved = meta["objects"].get(key)
+        saved = meta.get("objects", {}).get(key)
         if saved is None:
             continue
-        state = dict(saved["json"])
-        for name in saved["arrays"]:
+        state = dict(saved.get("json", {}))
+        for name in saved.get("arrays", []):
             state[name] = snapshot.arrays[f"objects/{key}/{name}"]
         (obj.restore_state if hasattr(obj, "restore_state") else obj.set_state)(state)
-    if rng:
-        _set_rng_state(meta["rng"], snapshot.arrays)
+    if rng_states is not None:
+        random.setstate(rng_states[0])
+        np.random.set_state(rng_states[1])
 
 
 def apply_metrics(snapshot: Snapshot, model: Any) -> bool:

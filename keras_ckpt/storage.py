@@ -19,6 +19,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import secrets
 import zipfile
 import zlib
@@ -41,6 +42,8 @@ ZIP_MEMBER = "keras_ckpt.h5"
 EXTENSIONS = (".weights.h5", ".keras", ".h5")
 _TMP_MARK = ".tmp-"
 _ALLOWED_KINDS = "biuf"  # bool, int, uint, float: nothing that could hold objects
+_DATASET_NAME = re.compile(r"a\d{5,}")
+_MAX_META_BYTES = 256 << 20
 
 
 class CorruptCheckpointError(ValueError):
@@ -75,10 +78,75 @@ def _keras_part_crcs(h5: h5py.File) -> dict[str, int]:
 
     def visit(name: str, obj: Any) -> None:
         if isinstance(obj, h5py.Dataset) and not name.startswith(GROUP + "/"):
+            _check_dataset_storage(h5.filename, name, obj)
             crcs[name] = _crc(np.asarray(obj[()]))
 
     h5.visititems(visit)
     return crcs
+
+
+def _check_dataset_storage(path: str, name: str, dataset: h5py.Dataset) -> None:
+    """Refuses a dataset whose data would come from outside this file."""
+    if dataset.external or dataset.is_virtual:
+        raise CorruptCheckpointError(
+            f"{path}: dataset {name!r} takes its data from another file; refusing to read it.")
+
+
+def _memory_limit() -> int:
+    """The largest array a checkpoint may declare: the machine's physical memory."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover
+        return 1 << 40
+
+
+class _Slice(io.RawIOBase):
+    """A read-only, seekable window [start, start + size) of an open binary file."""
+
+    def __init__(self, raw: Any, start: int, size: int) -> None:
+        super().__init__()
+        self._raw, self._start, self._size, self._pos = raw, start, size, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        n = max(0, min(len(buffer), self._size - self._pos))
+        if n == 0:
+            return 0
+        self._raw.seek(self._start + self._pos)
+        got = self._raw.readinto(memoryview(buffer)[:n])
+        self._pos += got
+        return got
+
+
+def _member_window(path: str, archive: zipfile.ZipFile) -> tuple[int, int] | None:
+    """(offset, size) of our stored member inside a `.keras` archive, or None if compressed."""
+    info = archive.getinfo(ZIP_MEMBER)
+    if info.file_size > _memory_limit():
+        raise CorruptCheckpointError(
+            f"{path}: the archive member {ZIP_MEMBER} declares {info.file_size} bytes, more than "
+            "this machine's memory; refusing to read it.")
+    if info.compress_type != zipfile.ZIP_STORED or info.file_size != info.compress_size:
+        return None
+    archive.fp.seek(info.header_offset)
+    header = archive.fp.read(30)
+    if len(header) != 30 or header[:4] != b"PK\x03\x04":
+        raise CorruptCheckpointError(f"{path}: the archive's local header is damaged.")
+    name_len = int.from_bytes(header[26:28], "little")
+    extra_len = int.from_bytes(header[28:30], "little")
+    return info.header_offset + 30 + name_len + extra_len, info.file_size
 
 
 def _write_group(h5: h5py.File, snapshot: Snapshot, meta: dict) -> None:
@@ -163,30 +231,43 @@ def write(path: str, snapshot: Snapshot, *, keras_writer: Callable[[str], None] 
 
 @contextlib.contextmanager
 def _open_group(path: str, verify: bool = False):
+    raw = None
     try:
         if path.endswith(".keras"):
             with zipfile.ZipFile(path) as archive:
                 bad = archive.testzip() if verify else None
                 if bad is not None:
                     raise CorruptCheckpointError(f"{path}: archive member {bad} fails its CRC.")
-                try:
-                    raw = archive.read(ZIP_MEMBER)
-                except KeyError:
+                if ZIP_MEMBER not in archive.namelist():
                     raise ForeignFileError(
-                        f"{path} is a Keras archive without keras-ckpt training state."
-                    ) from None
-            h5 = h5py.File(io.BytesIO(raw), "r")
+                        f"{path} is a Keras archive without keras-ckpt training state.")
+                window = _member_window(path, archive)
+                if window is None:
+                    source: Any = io.BytesIO(archive.read(ZIP_MEMBER))
+            if window is not None:
+                # Read our member in place: no copy of the state into memory.
+                raw = open(path, "rb")  # noqa: SIM115 - closed below
+                source = io.BufferedReader(_Slice(raw, *window), buffer_size=1 << 20)
+            h5 = h5py.File(source, "r")
         else:
             h5 = h5py.File(path, "r")
     except CorruptCheckpointError:
+        if raw is not None:
+            raw.close()
         raise
-    except (OSError, zipfile.BadZipFile, zlib.error, ValueError) as e:
+    except (OSError, zipfile.BadZipFile, zlib.error, ValueError, KeyError) as e:
+        if raw is not None:
+            raw.close()
         raise CorruptCheckpointError(f"{path} cannot be opened as a checkpoint: {e}") from None
-    with h5:
-        group = h5.get(GROUP)
-        if not isinstance(group, h5py.Group) or group.attrs.get("format") != FORMAT:
-            raise ForeignFileError(f"{path} holds no keras-ckpt training state.")
-        yield group
+    try:
+        with h5:
+            group = h5.get(GROUP)
+            if not isinstance(group, h5py.Group) or group.attrs.get("format") != FORMAT:
+                raise ForeignFileError(f"{path} holds no keras-ckpt training state.")
+            yield group
+    finally:
+        if raw is not None:
+            raw.close()
 
 
 def _verify_keras_part(path: str, group: h5py.Group, meta: dict) -> None:
@@ -209,6 +290,13 @@ def _parse_meta(path: str, group: h5py.Group) -> dict:
             f"{path} has keras-ckpt format version {version}; this keras-ckpt reads "
             f"version {FORMAT_VERSION} and older. Upgrade keras-ckpt to read it."
         )
+    try:
+        meta_size = group.attrs.get_id("meta").get_storage_size()
+    except (KeyError, OSError):
+        raise CorruptCheckpointError(f"{path}: the metadata is missing.") from None
+    if meta_size > _MAX_META_BYTES:
+        raise CorruptCheckpointError(
+            f"{path}: the metadata declares {meta_size} bytes (at most {_MAX_META_BYTES}).")
     text = group.attrs.get("meta")
     if isinstance(text, bytes):
         text = text.decode()
@@ -217,7 +305,7 @@ def _parse_meta(path: str, group: h5py.Group) -> dict:
         raise CorruptCheckpointError(f"{path}: the metadata fails its checksum.")
     try:
         meta = json.loads(text)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, RecursionError) as e:
         raise CorruptCheckpointError(f"{path}: the metadata is not valid JSON ({e}).") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("arrays"), dict):
         raise CorruptCheckpointError(f"{path}: the metadata lacks the array index.")
@@ -246,19 +334,39 @@ def read(path: str, verify: bool = True) -> Snapshot:
             _verify_keras_part(path, group, meta)
         data = group.get("arrays")
         arrays: dict[str, np.ndarray] = {}
+        limit, total = _memory_limit(), 0
         for name, entry in meta.pop("arrays").items():
-            dataset = data.get(str(entry.get("dataset"))) if data is not None else None
+            if not isinstance(entry, dict):
+                raise CorruptCheckpointError(f"{path}: array {name!r} has no index entry.")
+            dataset_name = str(entry.get("dataset"))
+            if not _DATASET_NAME.fullmatch(dataset_name):
+                raise CorruptCheckpointError(
+                    f"{path}: array {name!r} points at {dataset_name!r}, not at one of the "
+                    "checkpoint's own datasets; refusing it.")
+            link = data.get(dataset_name, getlink=True) if data is not None else None
+            dataset = data.get(dataset_name) if isinstance(link, h5py.HardLink) else None
             if not isinstance(dataset, h5py.Dataset):
                 raise CorruptCheckpointError(f"{path}: array {name!r} is missing.")
-            declared = np.dtype(entry["dtype"])
+            _check_dataset_storage(path, name, dataset)
+            try:
+                declared = np.dtype(entry["dtype"])
+                shape = [int(d) for d in entry["shape"]]
+            except (KeyError, TypeError, ValueError):
+                raise CorruptCheckpointError(
+                    f"{path}: array {name!r} has a malformed index entry.") from None
+            total += dataset.size * dataset.dtype.itemsize
+            if total > limit:
+                raise CorruptCheckpointError(
+                    f"{path}: the arrays declare more than {limit} bytes, this machine's "
+                    "memory; refusing to read them.")
             if declared.kind not in _ALLOWED_KINDS or dataset.dtype != declared:
                 raise CorruptCheckpointError(
                     f"{path}: array {name!r} has dtype {dataset.dtype}, declared {declared}."
                 )
-            if list(dataset.shape) != list(entry["shape"]):
+            if list(dataset.shape) != shape:
                 raise CorruptCheckpointError(
                     f"{path}: array {name!r} has shape {dataset.shape}, declared "
-                    f"{tuple(entry['shape'])}."
+                    f"{tuple(shape)}."
                 )
             if dataset.size and dataset.id.get_storage_size() < dataset.nbytes and (
                     dataset.compression is None):
@@ -269,7 +377,7 @@ def read(path: str, verify: bool = True) -> Snapshot:
                 raise CorruptCheckpointError(f"{path}: array {name!r} cannot be read: {e}.") \
                     from None
             array = np.asarray(array)
-            if verify and _crc(array) != entry["crc32"]:
+            if verify and _crc(array) != entry.get("crc32"):
                 raise CorruptCheckpointError(f"{path}: array {name!r} fails its checksum.")
             arrays[name] = array
     return Snapshot(arrays=arrays, meta=meta)

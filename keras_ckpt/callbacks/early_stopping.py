@@ -12,7 +12,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from keras_ckpt import storage
+from keras_ckpt import registry, storage
 from keras_ckpt.callbacks.base import StatefulCallback, print_msg
 from keras_ckpt.monitor import Monitor
 from keras_ckpt.state import Snapshot
@@ -326,7 +326,11 @@ class EarlyStopping(StatefulCallback):
         guard("train_function")
         guard("test_function")
         self._previous_sigint = None
-        if threading.current_thread() is threading.main_thread():
+        graceful = any(getattr(obj, "handles_signal", lambda _: False)(signal.SIGINT)
+                       for obj in registry.objects_for(model).values())
+        # With a ModelCheckpoint that turns SIGINT into a graceful stop, fit
+        # ends normally and on_train_end restores the best weights.
+        if not graceful and threading.current_thread() is threading.main_thread():
             previous = signal.getsignal(signal.SIGINT)
 
             def on_sigint(signum, frame):

@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
+import sys
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import keras
+import numpy as np
 
-from keras_ckpt import manager, registry, storage
+from keras_ckpt import dirlock, manager, registry, storage
 from keras_ckpt import state as state_lib
 from keras_ckpt.callbacks.base import StatefulCallback, non_finite_logs, print_msg
 from keras_ckpt.jsonsafe import decode_float, encode_float
 from keras_ckpt.monitor import Monitor
-from keras_ckpt.validation import check_number
+from keras_ckpt.preemption import SignalCatcher, exit_status, parse_signals
+from keras_ckpt.validation import check_bool, check_choice, check_number
 
 __all__ = ["ModelCheckpoint"]
 
@@ -71,6 +76,39 @@ class ModelCheckpoint(StatefulCallback):
         clock: a zero-argument function returning seconds, for
             `save_interval` (default `time.monotonic`).
         fsync: make each write durable before renaming it into place.
+        preemption: what a preemption signal (`preemption_signals`) during
+            `fit` does. `"exit"`: finish the current step, write a checkpoint,
+            stop, let every callback's `on_train_end` run, then exit with
+            status 128 + the signal number (143 for SIGTERM); `"return"`: the
+            same, but `fit` returns normally; None: signals are left alone
+            (Keras's behaviour). `"auto"` (default): `"exit"` with `resume`,
+            None without. A second signal while stopping acts at once.
+            Handlers are installed in the main thread only, and the previous
+            ones are put back when `fit` ends.
+        preemption_signals: the signals `preemption` handles, by name or
+            number (e.g. add `"SIGUSR1"` for SLURM's `--signal`).
+        save_on_exception: when an exception escapes a training or validation
+            step (a data error, an out-of-memory, a `KeyboardInterrupt`),
+            write a checkpoint of the last completed step before it
+            propagates. Exceptions raised by other callbacks are not seen.
+        on_save_error: `"warn"` (default): a failed write (disk full,
+            permission lost) warns loudly and training goes on; `"raise"`:
+            it raises. Either way the previous checkpoints stay intact and no
+            temporary file is left.
+        if_none_valid: with `resume=True`, what to do when the directory
+            holds checkpoint files but none is valid: `"raise"` (default) or
+            `"start_fresh"` (warn and train from scratch). A directory with no
+            checkpoint files always starts fresh.
+        lock: hold a lock on the checkpoint directory during `fit`, so that a
+            second process training into it gets a clear error
+            (`DirectoryInUseError`). A crashed process never leaves it held.
+
+    Raises:
+        ValueError, TypeError: an invalid argument (at construction).
+        DirectoryInUseError: at train begin, another process holds the
+            directory's lock.
+        CorruptCheckpointError: at train begin with `resume`, no valid
+            checkpoint among the directory's files (`if_none_valid="raise"`).
 
     Example:
     ```python
@@ -100,6 +138,12 @@ class ModelCheckpoint(StatefulCallback):
         save_last: bool = False,
         clock: Callable[[], float] | None = None,
         fsync: bool = True,
+        preemption: str | None = "auto",
+        preemption_signals: Sequence[str | int] = ("SIGTERM", "SIGINT"),
+        save_on_exception: bool = False,
+        on_save_error: str = "warn",
+        if_none_valid: str = "raise",
+        lock: bool = True,
     ) -> None:
         super().__init__()
         if not isinstance(filepath, (str, os.PathLike)):
@@ -139,6 +183,20 @@ class ModelCheckpoint(StatefulCallback):
                 )
         if clock is not None and not callable(clock):
             raise TypeError(f"`clock` must be a function returning seconds; got {clock!r}.")
+        if not isinstance(monitor, str) or not monitor:
+            raise TypeError(f"`monitor` must be a metric name such as 'val_loss'; got {monitor!r}.")
+        check_number("verbose", verbose, minimum=0, integer=True)
+        for name, value in (("save_best_only", save_best_only),
+                            ("save_weights_only", save_weights_only), ("save_last", save_last),
+                            ("fsync", fsync), ("save_on_exception", save_on_exception),
+                            ("lock", lock)):
+            check_bool(name, value)
+        check_choice("preemption", preemption, ("auto", "exit", "return", None))
+        signals = parse_signals("preemption_signals", preemption_signals)
+        check_choice("on_save_error", on_save_error, ("warn", "raise"))
+        check_choice("if_none_valid", if_none_valid, ("raise", "start_fresh"))
+        if preemption == "auto":
+            preemption = "exit" if resume else None
         self.monitor = monitor
         self.verbose = verbose
         self.save_best_only = bool(save_best_only)
@@ -152,6 +210,16 @@ class ModelCheckpoint(StatefulCallback):
         self.save_last = bool(save_last)
         self.fsync = bool(fsync)
         self._clock = clock or time.monotonic
+        self.preemption = preemption
+        self.preemption_signals = tuple(signal.Signals(n).name for n in signals)
+        self.save_on_exception = save_on_exception
+        self.on_save_error = on_save_error
+        self.if_none_valid = if_none_valid
+        self.lock = lock
+        self._catcher = SignalCatcher(signals, self._on_signal,
+                                      lambda _: self._abandon_fit()) if preemption else None
+        self.preempted_by: str | None = None
+        self.save_errors: list[str] = []
         self._monitor = Monitor(monitor, mode=mode, initial_value_threshold=initial_value_threshold,
                                 owner="ModelCheckpoint")
         self.directory = os.path.dirname(os.path.abspath(self.filepath))
@@ -164,8 +232,12 @@ class ModelCheckpoint(StatefulCallback):
         # asynchronous batch dispatch on the backends that have it.
         self._batch_level = save_freq != "epoch" or save_interval is not None
         self._metric_fields = [f for f in self._fields if f not in ("epoch", "batch")]
-        if self._batch_level or self._metric_fields:
+        if self._batch_level or self._metric_fields or self._catcher is not None:
             self.on_train_batch_end = self._on_train_batch_end
+        if self._catcher is not None or save_on_exception:
+            self.on_test_begin = self._on_test_begin
+        if self._catcher is not None:
+            self.on_test_batch_end = self._on_test_batch_end
         self._reset_progress()
 
     # ------------------------------------------------------------ state
@@ -193,6 +265,9 @@ class ModelCheckpoint(StatefulCallback):
             "initial_value_threshold": self.initial_value_threshold,
             "resume": self.resume, "save_interval": self.save_interval,
             "save_last": self.save_last, "fsync": self.fsync,
+            "preemption": self.preemption, "preemption_signals": list(self.preemption_signals),
+            "save_on_exception": self.save_on_exception, "on_save_error": self.on_save_error,
+            "if_none_valid": self.if_none_valid, "lock": self.lock,
         }
 
     def _reset_progress(self) -> None:
@@ -206,6 +281,16 @@ class ModelCheckpoint(StatefulCallback):
         self._epoch_rng = None
         self._epoch_data_states: dict = {}
         self._skipper: tuple | None = None
+        self._guards: list[tuple[str, Any, Any]] = []
+        self._epoch_counters: list[np.ndarray] | None = None
+        self._counter_step: list[np.ndarray] | None = None
+        self._trained_calls = 0
+        self._replay_calls = 0
+        self._last_logs: Any = None
+        self._train_metrics: list[np.ndarray] | None = None
+        self._saved_at: tuple[Any, int, str | None] | None = None
+        self._written: set[str] = set()
+        self._in_fit = False
 
     # ------------------------------------------------------------ hooks
     def on_train_begin(self, logs: dict | None = None) -> None:
@@ -221,12 +306,30 @@ class ModelCheckpoint(StatefulCallback):
                 if policy.mode is None:
                     policy.mode = self._monitor.direction
         self._check_filepath()
-        self._clean_temporaries()
-        if self.resume:
-            self._resume()
+        if self.lock:
+            dirlock.acquire(self.directory, self)
+        try:
+            self._clean_temporaries()
+            if self.resume:
+                self._resume()
+        except BaseException:
+            self._release()
+            raise
         self._last_save_time = self._clock()
+        self._in_fit = True
+        self.preempted_by = None
+        self._callback_list = _calling_callback_list()
+        if self.save_on_exception:
+            self._install_exception_guards()
+        if self._catcher is not None:
+            self._catcher.install()
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        if self._guards:
+            self._epoch_counters = self._read_counters()
+            self._trained_calls = 0
+            spe = int(getattr(self.model, "steps_per_execution", 1) or 1)
+            self._replay_calls = max(0, registry.replay_until(self.model)) // spe
         self._epoch = epoch
         self._epoch_start_step = self._global_step() - self._resume_step
         self._resume_step = 0
@@ -244,7 +347,14 @@ class ModelCheckpoint(StatefulCallback):
     def _on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         if self._fields_unchecked:
             self._check_fields(logs or {})
-        if not self._batch_level or batch < registry.replay_until(self.model):
+        if batch < registry.replay_until(self.model):
+            return
+        if self._catcher is not None:
+            self._last_logs = logs
+            if self._catcher.pending is not None and self.preempted_by is None:
+                self._preempt(logs or {}, steps_in_epoch=batch + 1)
+                return
+        if not self._batch_level:
             return
         if self.save_freq != "epoch":
             # Count steps, not hook calls: with steps_per_execution=N, Keras
@@ -259,11 +369,60 @@ class ModelCheckpoint(StatefulCallback):
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         registry.set_replay(self.model, -1)
+        self._train_metrics = None
         if registry.cut_short(self.model) == epoch:
             return  # a stop cut the epoch short: its mid-epoch checkpoint is the newest
-        if self.save_freq == "epoch":
+        pending = self._catcher is not None and self._catcher.pending is not None \
+            and self.preempted_by is None
+        if self.save_freq == "epoch" or pending:
             self._settle_siblings(epoch, logs)
-            self._save(logs or {}, steps_in_epoch=None)
+            self._save(logs or {}, steps_in_epoch=None, force=pending)
+        if pending:
+            self._stop_for_signal(f"after epoch {epoch + 1}")
+
+    # ------------------------------------------------------------ preemption
+    def handles_signal(self, signum: int) -> bool:
+        """Whether this callback turns `signum` into a graceful stop during `fit`."""
+        return self._catcher is not None and int(signum) in self._catcher.signals
+
+    def _on_signal(self, signum: int) -> None:
+        if self.verbose > 0:
+            print_msg(f"\nModelCheckpoint: {signal.Signals(signum).name} received; saving and "
+                      "stopping after the current step.")
+
+    def _on_test_begin(self, logs: dict | None = None) -> None:
+        # Validation resets the compiled metrics: keep the epoch's training
+        # values, for a checkpoint a signal may ask for during validation.
+        if self._in_fit:
+            self._train_metrics = [np.array(keras.ops.convert_to_numpy(v))
+                                   for v in self.model.metrics_variables]
+
+    def _on_test_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        if (self._in_fit and self._catcher.pending is not None and self.preempted_by is None
+                and self._train_metrics is not None):
+            # The epoch's steps are all done; stop validating and save them.
+            self.model.stop_evaluating = True
+            steps = self._global_step() - self._epoch_start_step
+            self._preempt(self._logs_dict(self._last_logs), steps_in_epoch=steps,
+                          metrics=self._train_metrics)
+
+    def _preempt(self, logs: dict, steps_in_epoch: int,
+                 metrics: list[np.ndarray] | None = None) -> None:
+        # The epoch is cut short even at its last step: the checkpoint holds
+        # it before validation, and a resume validates and ends it.
+        registry.set_cut_short(self.model, self._epoch)
+        self._save(logs, steps_in_epoch=steps_in_epoch, force=True, metrics=metrics)
+        self._stop_for_signal(f"at epoch {self._epoch + 1}, step {steps_in_epoch}")
+
+    def _stop_for_signal(self, where: str) -> None:
+        name = signal.Signals(self._catcher.pending).name
+        self.preempted_by = name
+        self.model.stop_training = True
+        saved = f"checkpoint {self.last_saved_path}" if self._saved_at else "nothing saved"
+        then = ("exiting with status "
+                f"{exit_status(self._catcher.pending)}" if self.preemption == "exit"
+                else "fit returns")
+        print_msg(f"\nModelCheckpoint: stopped by {name} {where}; {saved}; {then}.")
 
     def save_now(self, logs: dict | None, steps_in_epoch: int) -> str | None:
         """Writes a checkpoint at this step (a sibling is stopping training here).
@@ -286,12 +445,150 @@ class ModelCheckpoint(StatefulCallback):
 
     def on_train_end(self, logs: dict | None = None) -> None:
         model = self.model
+        self._remove_exception_guards()
         if self._skipper is not None:
             skip, original = self._skipper
             if model.train_function is skip:  # not wrapped further by someone else
                 model.train_function = original
             self._skipper = None
         registry.forget_start_epoch(model)
+        self._in_fit = False
+        if self._catcher is not None:
+            signum = self._catcher.pending
+            self._catcher.restore()
+            if signum is not None and self.preemption == "exit":
+                self._exit_after_callbacks(exit_status(signum), logs)
+        self._release()
+
+    def _abandon_fit(self) -> None:
+        """This callback is about to raise out of `fit`: undo what on_train_end would."""
+        self._remove_exception_guards()
+        if self._catcher is not None:
+            self._catcher.restore()
+        self._in_fit = False
+        self._release()
+
+    def _release(self) -> None:
+        if self.lock:
+            dirlock.release(self.directory, self)
+
+    def _exit_after_callbacks(self, status: int, logs: dict | None) -> None:
+        """Exits once every callback of this fit has run its `on_train_end`."""
+        callbacks = self._callback_list() if self._callback_list is not None else None
+        if callbacks is None or self not in callbacks.callbacks:
+            self._release()
+            raise SystemExit(status)
+        # Keras goes through its callback list by index: one appended now runs last.
+        callbacks.callbacks.append(_ExitAfterTrainEnd(status, callbacks, self._release))
+
+    # ------------------------------------------------------------ exceptions
+    def _install_exception_guards(self) -> None:
+        model = self.model
+
+        def guard(name: str) -> None:
+            inner = getattr(model, name, None)
+            if inner is None:
+                return
+
+            def guarded(*args, **kwargs):
+                try:
+                    result = inner(*args, **kwargs)
+                except BaseException as e:
+                    self._save_after_exception(e, training=name == "train_function")
+                    raise
+                if name == "train_function":
+                    self._last_logs = result
+                    self._count_call()
+                return result
+
+            setattr(model, name, guarded)
+            self._guards.append((name, inner, guarded))
+
+        if hasattr(model, "make_test_function"):
+            model.make_test_function()
+        guard("train_function")
+        guard("test_function")
+
+    def _remove_exception_guards(self) -> None:
+        for name, inner, guarded in reversed(self._guards):
+            if getattr(self.model, name, None) is guarded:
+                setattr(self.model, name, inner)
+        self._guards = []
+
+    # A step that fails inside its graph (a bad record: the data fetch fails)
+    # can still have run the parts that do not depend on the data: the
+    # optimizer's step counter and the seed generators advance, the weights
+    # do not. Those counters are read at each epoch's start and after its
+    # first trained step; a failure puts them back where the last completed
+    # step left them.
+    def _counters(self) -> list:
+        optimizer = getattr(self.model, "optimizer", None)
+        found = [v for v in self.model.variables if v.path.endswith("seed_generator_state")]
+        if optimizer is not None and getattr(optimizer, "built", False):
+            found.append(optimizer.iterations)
+        return found
+
+    def _read_counters(self) -> list[np.ndarray]:
+        return [np.array(keras.ops.convert_to_numpy(v)) for v in self._counters()]
+
+    def _count_call(self) -> None:
+        if self._replay_calls > 0:  # a resume consuming batches it had trained on
+            self._replay_calls -= 1
+            return
+        self._trained_calls += 1
+        if self._trained_calls == 1 and self._counter_step is None:
+            now, start = self._read_counters(), self._epoch_counters
+            if start is not None and len(now) == len(start):
+                self._counter_step = [a - b for a, b in zip(now, start, strict=True)]
+
+    def _repair_counters(self) -> None:
+        start = self._epoch_counters
+        counters = self._counters()
+        if start is None or len(start) != len(counters):
+            return
+        if self._trained_calls and self._counter_step is None:
+            return
+        steps = self._counter_step or [0 * a for a in start]
+        expected = [a + self._trained_calls * d for a, d in zip(start, steps, strict=True)]
+        for variable, value in zip(counters, expected, strict=True):
+            if not np.array_equal(keras.ops.convert_to_numpy(variable), value):
+                variable.assign(value)
+
+    def _save_after_exception(self, error: BaseException, training: bool) -> None:
+        if not self._in_fit:
+            return
+        try:
+            if training:
+                self._repair_counters()
+            steps = self._global_step() - self._epoch_start_step
+            spe = int(getattr(self.model, "steps_per_execution", 1) or 1)
+            where = f"epoch {self._epoch + 1}, step {steps}"
+            if steps % spe:
+                warnings.warn(
+                    f"ModelCheckpoint: {type(error).__name__} at {where}, inside an execution of "
+                    f"steps_per_execution={spe} steps; no checkpoint can be resumed from there. "
+                    "The previous checkpoints stay as they are.", stacklevel=3)
+                return
+            metrics = self._train_metrics if self._train_metrics is not None else None
+            print_msg(f"\nModelCheckpoint: {type(error).__name__} at {where}; saving the last "
+                      "completed step before it propagates.")
+            registry.set_cut_short(self.model, self._epoch)
+            self._save(self._logs_dict(self._last_logs), steps_in_epoch=steps, force=True,
+                       metrics=metrics)
+        except Exception as e:  # never hide the original error
+            warnings.warn(f"ModelCheckpoint: could not save after {type(error).__name__}: {e}",
+                          stacklevel=3)
+        finally:
+            self._abandon_fit()
+
+    @staticmethod
+    def _logs_dict(logs: Any) -> dict:
+        if not logs:
+            return {}
+        try:
+            return {k: float(keras.ops.convert_to_numpy(v)) for k, v in dict(logs).items()}
+        except (TypeError, ValueError):
+            return {}
 
     # ------------------------------------------------------------ saving
     def _global_step(self) -> int:
@@ -308,17 +605,24 @@ class ModelCheckpoint(StatefulCallback):
         try:
             return self.filepath.format(**values)
         except KeyError as e:
+            self._abandon_fit()
             raise KeyError(
                 f"ModelCheckpoint cannot fill the placeholder {e} of filepath="
                 f"{self.filepath!r}; available: {', '.join(sorted(values))}."
             ) from None
 
-    def _save(self, logs: dict, steps_in_epoch: int | None, force: bool = False) -> str | None:
+    def _save(self, logs: dict, steps_in_epoch: int | None, force: bool = False,
+              metrics: list[np.ndarray] | None = None) -> str | None:
         """Saves if the rules say so; returns the path written (regular or `last`), or None.
 
-        `force` (a sibling's stop): save regardless of `save_best_only`, into
-        the `last` file when the regular one is reserved for the best.
+        `force` (a stop: a sibling's, a signal's, an exception's): save
+        regardless of `save_best_only`, into the `last` file when the regular
+        one is reserved for the best; nothing new if this very step is saved.
+        `metrics`: the compiled metrics' values to store (see `capture`).
         """
+        if force and self._saved_at is not None and self._saved_at[:2] == (
+                registry.current_fit(self.model), self._global_step()):
+            return self._saved_at[2]
         epoch = self._epoch
         loss = logs.get("loss")
         loss = None if loss is None else float(loss)
@@ -382,7 +686,7 @@ class ModelCheckpoint(StatefulCallback):
         if steps_in_epoch is not None:
             rng = self._epoch_rng
             states.update(self._epoch_data_states)
-        snapshot = state_lib.capture(self.model, states, progress, rng)
+        snapshot = state_lib.capture(self.model, states, progress, rng, metrics=metrics)
         meta = {
             "monitor": self.monitor, "monitor_value": encode_float(value),
             "loss": encode_float(loss), "written_at": time.time(),
@@ -391,20 +695,36 @@ class ModelCheckpoint(StatefulCallback):
         os.makedirs(os.path.dirname(os.path.abspath(filepath)), exist_ok=True)
         written = None
         started = time.monotonic()
-        if save_regular:
-            self._write(filepath, snapshot, {**meta, "kind": "regular"})
-            written = self.last_saved_path = filepath
-            if self.save_best_only:
-                self.best_path = filepath
-            if self.verbose > 0:
-                print_msg(f"\n{where}: finished saving model to {filepath}")
-        if write_last:
-            last = self._write_last(filepath if save_regular else None, snapshot, meta)
-            written = written or last
+        try:
+            if save_regular:
+                self._write(filepath, snapshot, {**meta, "kind": "regular"})
+                written = self.last_saved_path = filepath
+                if self.save_best_only:
+                    self.best_path = filepath
+                if self.verbose > 0:
+                    print_msg(f"\n{where}: finished saving model to {filepath}")
+            if write_last:
+                last = self._write_last(filepath if save_regular else None, snapshot, meta)
+                written = written or last
+        except OSError as e:
+            self._save_failed(where, filepath, e)
+            return None
+        self._saved_at = (registry.current_fit(self.model), global_step, written)
         self.last_save_seconds = time.monotonic() - started
         if self.retention:
             self._apply_retention()
         return written
+
+    def _save_failed(self, where: str, filepath: str, error: Exception) -> None:
+        message = (f"ModelCheckpoint: saving at {where} to {filepath} FAILED: "
+                   f"{type(error).__name__}: {error}. The previous checkpoints are intact and "
+                   "no partial file was left.")
+        self.save_errors.append(message)
+        if self.on_save_error == "raise":
+            self._abandon_fit()
+            raise error
+        print_msg(f"\n{message} Training continues (on_save_error='warn').")
+        warnings.warn(message, stacklevel=3)
 
     def _keras_writer(self) -> Callable[[str], None]:
         if self.save_weights_only:
@@ -415,8 +735,15 @@ class ModelCheckpoint(StatefulCallback):
         if os.path.isdir(filepath):
             raise IsADirectoryError(
                 f"ModelCheckpoint: filepath {filepath!r} is a directory; give a file name.")
+        if filepath not in self._written and os.path.exists(filepath):
+            try:
+                storage.read_meta(filepath)
+            except storage.CorruptCheckpointError as e:
+                warnings.warn(f"ModelCheckpoint: replacing {filepath}, which is not a valid "
+                              f"keras-ckpt checkpoint ({e}).", stacklevel=3)
         storage.write(filepath, snapshot, keras_writer=self._keras_writer(), meta=meta,
                       fsync=self.fsync)
+        self._written.add(filepath)
 
     def _last_path(self) -> str:
         return os.path.join(self.directory, "last" + storage.extension(self.filepath))
@@ -477,6 +804,7 @@ class ModelCheckpoint(StatefulCallback):
         unknown = [f for f in self._metric_fields if f not in known]
         if unknown:
             available = ", ".join(["epoch", "batch"] + sorted(known))
+            self._abandon_fit()
             raise ValueError(
                 f"ModelCheckpoint: filepath {self.filepath!r} has the placeholder "
                 f"{{{unknown[0]}}}, which is not a key of the logs; available: {available}.")
@@ -493,10 +821,11 @@ class ModelCheckpoint(StatefulCallback):
                     continue
                 try:
                     os.remove(os.path.join(self.directory, name))
-                    if self.verbose > 0:
-                        print_msg(f"ModelCheckpoint: removed an unfinished write, {name}")
                 except OSError:
-                    pass
+                    continue
+                warnings.warn(f"ModelCheckpoint: removed {name} from {self.directory}: an "
+                              "unfinished write of a process that ended mid-save (never a "
+                              "checkpoint).", stacklevel=3)
 
     def _own_checkpoints(self) -> list[manager.CheckpointInfo]:
         return [c for c in manager.list_checkpoints(self.directory)
@@ -509,14 +838,35 @@ class ModelCheckpoint(StatefulCallback):
             print_msg(f"ModelCheckpoint: retention removed {len(deleted)} checkpoint(s)")
 
     # ------------------------------------------------------------ resume
+    def _no_valid_checkpoint(self) -> None:
+        files = [c for c in manager.list_checkpoints(self.directory, include_invalid=True)
+                 if c.kind != "foreign"]
+        if not files:
+            if self.verbose > 0:
+                print_msg(f"ModelCheckpoint: no checkpoint in {self.directory}; "
+                          "starting from scratch.")
+            return
+        names = "; ".join(f"{os.path.basename(c.path)}: "
+                          f"{c.error or 'its recorded loss or metric is not finite'}"
+                          for c in files)
+        if self.if_none_valid == "raise":
+            raise storage.CorruptCheckpointError(
+                f"ModelCheckpoint(resume=True): {self.directory} holds {len(files)} checkpoint "
+                f"file(s), and none can be resumed from ({names}). Nothing was deleted. Move "
+                "them away, or pass if_none_valid='start_fresh' to train from scratch.")
+        message = (f"ModelCheckpoint: none of the {len(files)} checkpoint file(s) in "
+                   f"{self.directory} can be resumed from ({names}); starting from scratch "
+                   "(if_none_valid='start_fresh'). They stay on disk until a save of the same "
+                   "name replaces them.")
+        print_msg(message)
+        warnings.warn(message, stacklevel=3)
+
     def _resume(self) -> None:
         model = self.model
         if self.resume is True:
             found = manager.latest_checkpoint(self.directory)
             if found is None:
-                if self.verbose > 0:
-                    print_msg(f"ModelCheckpoint: no checkpoint in {self.directory}; "
-                              "starting from scratch.")
+                self._no_valid_checkpoint()
                 return
             info, snapshot = found
         else:
@@ -597,6 +947,35 @@ def _skip_steps(model: Any, calls: int, snapshot: state_lib.Snapshot) -> tuple:
 
     model.train_function = skip
     return skip, original
+
+
+def _calling_callback_list() -> Any:
+    """A weak reference to the `CallbackList` running this `on_train_begin`, or None."""
+    frame = sys._getframe(2)  # CallbackList.on_train_begin -> our on_train_begin -> here
+    for _ in range(4):
+        if frame is None:
+            return None
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, keras.callbacks.CallbackList):
+            return weakref.ref(owner)
+        frame = frame.f_back
+    return None
+
+
+class _ExitAfterTrainEnd(keras.callbacks.Callback):
+    """Appended to a fit's callback list so that the exit happens after every `on_train_end`."""
+
+    def __init__(self, status: int, callbacks: Any, release: Callable[[], None]) -> None:
+        super().__init__()
+        self._status, self._callbacks, self._release = status, callbacks, release
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        self._callbacks.callbacks.remove(self)
+        end = getattr(self._callbacks, "_on_end", None)
+        if callable(end):
+            end()  # what Keras does after the last on_train_end (stops its thread pool)
+        self._release()
+        raise SystemExit(self._status)
 
 
 def _pid_alive(pid: int) -> bool:
