@@ -60,6 +60,9 @@ class KeepBest:
 
     def __init__(self, k: int, monitor: str | None = None, mode: str | None = None) -> None:
         check_number("k", k, minimum=1, integer=True)
+        if monitor is not None and (not isinstance(monitor, str) or not monitor):
+            raise TypeError(f"`monitor` must be a metric name such as 'val_loss', or None; "
+                            f"got {monitor!r}.")
         if mode is not None:
             check_choice("mode", mode, ("min", "max"))
         self.k, self.monitor, self.mode = int(k), monitor, mode

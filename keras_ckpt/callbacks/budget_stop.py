@@ -137,6 +137,8 @@ class BudgetStop(StatefulCallback):
                              "`daily_cost_limit` or `run_cost_limit`.")
         if clock is not None and not callable(clock):
             raise TypeError(f"`clock` must be a function returning POSIX seconds; got {clock!r}.")
+        if ledger is not None and not isinstance(ledger, (str, os.PathLike)):
+            raise TypeError(f"`ledger` must be a file path or None; got {ledger!r}.")
         self.days = DayClock(timezone, reset_hour)  # validates both
         self.timezone, self.reset_hour = timezone, reset_hour
         self.price_per_hour, self.devices = price_per_hour, int(devices)

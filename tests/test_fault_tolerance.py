@@ -1,0 +1,400 @@
+"""Faults and bad input: full disks, a directory in use, damaged and hostile files, bad args."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import h5py
+import keras
+import numpy as np
+import pytest
+from conftest import make_model
+
+import keras_ckpt
+from keras_ckpt import dirlock, manager, storage
+from keras_ckpt.state import StateMismatchError
+
+HERE = os.path.dirname(__file__)
+
+
+def fit(model, callbacks, epochs=2):
+    x = np.random.default_rng(0).normal(size=(32, 4)).astype("float32")
+    return model.fit(x, x[:, :1], batch_size=8, epochs=epochs, verbose=0, shuffle=False,
+                     callbacks=callbacks)
+
+
+# ------------------------------------------------------------------ failed writes
+def run_diskfull_child(tmp_path, policy):
+    """Runs the child on a 600 KiB tmpfs (in a user+mount namespace) where the machine allows."""
+    script = (f"set -e; mount -t tmpfs -o size=600k tmpfs {tmp_path}; "
+              f"{sys.executable} {HERE}/diskfull_child.py {tmp_path} {policy}")
+    unshare = shutil.which("unshare")
+    proc = None
+    if unshare:
+        proc = subprocess.run([unshare, "-rm", "sh", "-c", script], capture_output=True,
+                              text=True, timeout=300)
+        if "RESULT" not in proc.stdout and "mount" in proc.stderr + proc.stdout:
+            proc = None  # no mount namespaces here: fall back to a file-size limit
+    mechanism = "tmpfs"
+    if proc is None:
+        mechanism = "rlimit"
+        proc = subprocess.run([sys.executable, f"{HERE}/diskfull_child.py", str(tmp_path),
+                               policy, "--fsize-after-epoch", "100000"],
+                              capture_output=True, text=True, timeout=300)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, proc.stderr[-3000:]
+    return mechanism, json.loads(lines[-1][len("RESULT "):])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mechanism", ["filesystem", "rlimit"])
+def test_a_full_disk_warns_keeps_training_and_keeps_the_last_checkpoint(tmp_path, mechanism):
+    if mechanism == "filesystem":
+        used, result = run_diskfull_child(tmp_path, "warn")
+        errno = "No space left" if used == "tmpfs" else "File too large"
+    else:
+        proc = subprocess.run([sys.executable, f"{HERE}/diskfull_child.py", str(tmp_path),
+                               "warn", "--fsize-after-epoch", "100000"],
+                              capture_output=True, text=True, timeout=300)
+        result = json.loads(proc.stdout.split("RESULT ", 1)[1])
+        errno = "File too large"
+    assert result["raised"] is None and result["epochs_trained"] == 6
+    assert len(result["save_errors"]) >= 4 and errno in result["save_errors"][-1]
+    assert result["warnings"] == result["save_errors"]  # each one also a Python warning
+    assert result["files"] == ["ckpt-01.keras"]  # no temporary junk, no lock file left
+    assert result["valid"] == [["ckpt-01.keras", 0]]  # read and verified after the failures
+
+
+@pytest.mark.slow
+def test_a_full_disk_with_on_save_error_raise_stops_with_the_error(tmp_path):
+    _, result = run_diskfull_child(tmp_path, "raise")
+    assert result["raised"] and result["epochs_trained"] == 2
+    assert result["files"] == ["ckpt-01.keras"]
+    assert result["valid"] == [["ckpt-01.keras", 0]]
+
+
+# ------------------------------------------------------------------ one run per directory
+def test_a_second_process_gets_a_clear_error_and_a_killed_holder_leaves_no_lock(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys; from keras_ckpt import dirlock; dirlock.acquire(sys.argv[1], 'x'); "
+         "print('locked', flush=True); sys.stdin.readline()", str(tmp_path)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        model = make_model()
+        with pytest.raises(dirlock.DirectoryInUseError, match=f"pid {holder.pid} on"):
+            fit(model, [keras_ckpt.ModelCheckpoint(str(tmp_path / "c.keras"))])
+        assert int(model.optimizer.iterations.numpy()) == 0  # refused before any step
+        fit(make_model(), [keras_ckpt.ModelCheckpoint(str(tmp_path / "s.keras"), lock=False)],
+            epochs=1)  # the opt-out
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder died without unlocking: the kernel released its lock.
+    fit(make_model(), [keras_ckpt.ModelCheckpoint(str(tmp_path / "c.keras"))], epochs=1)
+    assert sorted(os.listdir(tmp_path)) == ["c.keras", "s.keras"]
+
+
+def test_two_checkpoints_of_one_run_share_a_directory(tmp_path):
+    every = keras_ckpt.ModelCheckpoint(str(tmp_path / "e{epoch}.keras"))
+    best = keras_ckpt.ModelCheckpoint(str(tmp_path / "best.keras"), monitor="loss",
+                                      save_best_only=True)
+    fit(make_model(), [every, best])
+    assert sorted(os.listdir(tmp_path)) == ["best.keras", "e1.keras", "e2.keras"]
+
+
+# ------------------------------------------------------------------ damaged checkpoints
+def damage(path, at=0.5):
+    data = bytearray(open(path, "rb").read())
+    data[int(len(data) * at)] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+
+
+def test_resume_falls_back_past_a_damaged_file_and_says_which(tmp_path):
+    fit(make_model(), [keras_ckpt.ModelCheckpoint(str(tmp_path / "e{epoch}.keras"))], epochs=3)
+    damage(tmp_path / "e3.keras")
+    with open(tmp_path / "e2.keras", "r+b") as f:  # truncated
+        f.truncate(os.path.getsize(tmp_path / "e2.keras") // 2)
+    checkpoint = keras_ckpt.ModelCheckpoint(str(tmp_path / "e{epoch}.keras"), resume=True)
+    with pytest.warns(UserWarning) as caught:
+        fit(make_model(), [checkpoint], epochs=3)
+    text = " ".join(str(w.message) for w in caught)
+    assert "e3.keras" in text and "e2.keras" in text
+    assert checkpoint.resumed_from.path.endswith("e1.keras")
+    assert "replacing" in text  # the damaged files are replaced by new saves, and it says so
+
+
+def test_no_valid_checkpoint_is_an_error_unless_starting_fresh_is_allowed(tmp_path):
+    fit(make_model(), [keras_ckpt.ModelCheckpoint(str(tmp_path / "e{epoch}.keras"))], epochs=2)
+    for name in ("e1.keras", "e2.keras"):
+        damage(tmp_path / name)
+    before = {n: open(tmp_path / n, "rb").read() for n in os.listdir(tmp_path)}
+    model = make_model()
+    with pytest.raises(keras_ckpt.CorruptCheckpointError,
+                       match=r"holds 2 checkpoint file\(s\).*e1.keras.*e2.keras.*start_fresh"):
+        with pytest.warns(UserWarning):
+            fit(model, [keras_ckpt.ModelCheckpoint(str(tmp_path / "e{epoch}.keras"),
+                                                   resume=True)])
+    assert int(model.optimizer.iterations.numpy()) == 0
+    assert {n: open(tmp_path / n, "rb").read() for n in os.listdir(tmp_path)} == before
+    fresh = keras_ckpt.ModelCheckpoint(str(tmp_path / "f{epoch}.keras"), resume=True,
+                                       if_none_valid="start_fresh")
+    with pytest.warns(UserWarning, match="starting from scratch"):
+        fit(make_model(), [fresh], epochs=1)
+    assert fresh.resumed_from is None and os.path.exists(tmp_path / "f1.keras")
+    assert open(tmp_path / "e1.keras", "rb").read() == before["e1.keras"]
+
+
+def test_leftover_temporary_files_of_dead_processes_are_removed_with_a_warning(tmp_path):
+    (tmp_path / ".c.keras.tmp-999999-abcd.keras").write_bytes(b"partial")
+    with pytest.warns(UserWarning, match=r"removed \.c\.keras\.tmp-999999"):
+        fit(make_model(), [keras_ckpt.ModelCheckpoint(str(tmp_path / "c.keras"))], epochs=1)
+    assert os.listdir(tmp_path) == ["c.keras"]
+
+
+# ------------------------------------------------------------------ hostile files
+@pytest.fixture
+def saved(tmp_path):
+    path = tmp_path / "w.weights.h5"
+    model = make_model()
+    fit(model, [keras_ckpt.ModelCheckpoint(str(path), save_weights_only=True)], epochs=1)
+    return model, path
+
+
+def edit_meta(path, change):
+    with h5py.File(path, "a") as f:
+        group = f["keras_ckpt"]
+        meta = json.loads(group.attrs["meta"])
+        change(meta)
+        text = json.dumps(meta)
+        group.attrs["meta"] = text
+        import zlib
+        group.attrs["meta_crc32"] = zlib.crc32(text.encode())
+
+
+def test_a_newer_format_version_is_refused(saved):
+    _, path = saved
+    with h5py.File(path, "a") as f:
+        f["keras_ckpt"].attrs["format_version"] = storage.FORMAT_VERSION + 1
+    with pytest.raises(keras_ckpt.CorruptCheckpointError, match="Upgrade keras-ckpt"):
+        storage.read(str(path))
+
+
+@pytest.mark.parametrize("target", ["../../../etc/passwd", "/keras_ckpt", "a00000/../x"])
+def test_array_names_that_point_elsewhere_are_refused(saved, target):
+    _, path = saved
+
+    def point(meta):
+        next(iter(meta["arrays"].values()))["dataset"] = target
+
+    edit_meta(path, point)
+    with pytest.raises(keras_ckpt.CorruptCheckpointError, match="refusing"):
+        storage.read(str(path))
+
+
+def test_links_and_external_storage_to_other_files_are_refused(saved, tmp_path):
+    model, path = saved
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(np.arange(8, dtype="float32").tobytes())
+    before = sorted(os.listdir(tmp_path))
+    with h5py.File(path, "a") as f:
+        arrays = f["keras_ckpt/arrays"]
+        del arrays["a00000"]
+        arrays["a00000"] = h5py.ExternalLink(str(tmp_path / "other.h5"), "/data")
+    with pytest.raises(keras_ckpt.CorruptCheckpointError, match="a00000|missing"):
+        storage.read(str(path))
+
+    fit(model, [keras_ckpt.ModelCheckpoint(str(path), save_weights_only=True)], epochs=1)
+    with h5py.File(path, "a") as f:
+        arrays = f["keras_ckpt/arrays"]
+        shape, dtype = arrays["a00001"].shape, arrays["a00001"].dtype
+        del arrays["a00001"]
+        arrays.create_dataset("a00001", shape=shape, dtype=dtype,
+                              external=[(str(outside), 0, int(np.prod(shape)) * 4)])
+    with pytest.raises(keras_ckpt.CorruptCheckpointError, match="another file"):
+        storage.read(str(path))
+    assert sorted(os.listdir(tmp_path)) == before  # nothing written outside
+
+
+def test_absurd_declared_sizes_are_refused_before_reading(saved):
+    _, path = saved
+    with h5py.File(path, "a") as f:
+        arrays = f["keras_ckpt/arrays"]
+        del arrays["a00000"]
+        arrays.create_dataset("a00000", shape=(1 << 40,), dtype="float64", chunks=(1 << 16,))
+
+    def declare(meta):
+        entry = meta["arrays"]["model/00000"]
+        entry["shape"], entry["dtype"] = [1 << 40], "<f8"
+
+    edit_meta(path, declare)
+    with pytest.raises(keras_ckpt.CorruptCheckpointError, match="memory"):
+        storage.read(str(path))
+
+
+def test_a_zip_bomb_member_is_refused_unread(tmp_path, monkeypatch):
+    path = tmp_path / "bomb.keras"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("config.json", "{}")
+        archive.writestr("keras_ckpt.h5", bytes(64 << 20))  # 64 MiB of zeros, 64 KiB packed
+    assert os.path.getsize(path) < 1 << 20
+    monkeypatch.setattr(storage, "_memory_limit", lambda: 32 << 20)  # a 32 MiB machine
+    with pytest.raises(keras_ckpt.CorruptCheckpointError, match="more than"):
+        storage.read(str(path))
+
+
+def test_malformed_metadata_is_refused_before_anything_is_applied(saved):
+    model, path = saved
+    before = [v.numpy().copy() for v in model.variables]
+
+    def break_objects(meta):
+        meta["objects"] = {"ModelCheckpoint": {"json": {}, "arrays": ["ghost"]}}
+
+    edit_meta(path, break_objects)
+    with pytest.raises(StateMismatchError, match="ghost"):
+        keras_ckpt.restore(model, path)
+    edit_meta(path, lambda meta: meta.update(rng={"python": 5}, objects={}))
+    with pytest.raises(StateMismatchError, match="RNG"):
+        keras_ckpt.restore(model, path, rng=True)
+    edit_meta(path, lambda meta: meta.update(variables=[1, 2]))
+    with pytest.raises(StateMismatchError, match="malformed"):
+        keras_ckpt.restore(model, path)
+    for a, v in zip(before, model.variables, strict=True):
+        np.testing.assert_array_equal(a, v.numpy())
+
+
+def test_deeply_nested_json_is_a_clear_error(saved):
+    _, path = saved
+    with h5py.File(path, "a") as f:
+        import zlib
+        text = "[" * 100000 + "]" * 100000
+        f["keras_ckpt"].attrs["meta"] = text
+        f["keras_ckpt"].attrs["meta_crc32"] = zlib.crc32(text.encode())
+    with pytest.raises(keras_ckpt.CorruptCheckpointError, match="not valid JSON"):
+        storage.read(str(path))
+
+
+def test_a_plain_hdf5_file_and_a_different_model_are_refused(tmp_path, saved):
+    model, path = saved
+    plain = tmp_path / "plain.weights.h5"
+    with h5py.File(plain, "w") as f:
+        f["x"] = np.zeros(3)
+    with pytest.raises(storage.ForeignFileError):
+        keras_ckpt.restore(model, plain)
+    other = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3), keras.layers.Dense(1)])
+    other.compile("adam", "mse")
+    with pytest.raises(StateMismatchError, match="does not fit"):
+        keras_ckpt.restore(other, path)
+
+
+# ------------------------------------------------------------------ every argument
+BAD_ARGUMENTS = [
+    # ModelCheckpoint
+    (keras_ckpt.ModelCheckpoint, {"filepath": "c.keras", "monitor": 3}, TypeError, "`monitor`"),
+    (keras_ckpt.ModelCheckpoint, {"filepath": "c.keras", "verbose": -1}, ValueError, "`verbose`"),
+    (keras_ckpt.ModelCheckpoint, {"filepath": "c.keras", "save_best_only": "yes"}, TypeError,
+     "`save_best_only`"),
+    (keras_ckpt.ModelCheckpoint, {"filepath": "c.weights.h5", "save_weights_only": 1}, TypeError,
+     "`save_weights_only`"),
+    (keras_ckpt.ModelCheckpoint, {"filepath": "c.keras", "initial_value_threshold": "low"},
+     TypeError, "`initial_value_threshold`"),
+    (keras_ckpt.ModelCheckpoint, {"filepath": "c.keras", "save_last": None}, TypeError,
+     "`save_last`"),
+    (keras_ckpt.ModelCheckpoint, {"filepath": "c.keras", "clock": 5}, TypeError, "`clock`"),
+    (keras_ckpt.ModelCheckpoint, {"filepath": "c.keras", "fsync": "no"}, TypeError, "`fsync`"),
+    (keras_ckpt.ModelCheckpoint, {"filepath": "c.keras", "preemption": "later"}, ValueError,
+     "`preemption` must be one of"),
+    (keras_ckpt.ModelCheckpoint, {"filepath": "c.keras", "preemption_signals": ["SIGNOPE"]},
+     ValueError, "`preemption_signals`.*valid: "),
+    (keras_ckpt.ModelCheckpoint, {"filepath": "c.keras", "preemption_signals": ["SIGKILL"]},
+     ValueError, "cannot be caught"),
+    (keras_ckpt.ModelCheckpoint, {"filepath": "c.keras", "preemption_signals": "SIGTERM"},
+     TypeError, "`preemption_signals` must be a list"),
+    (keras_ckpt.ModelCheckpoint, {"filepath": "c.keras", "save_on_exception": 1}, TypeError,
+     "`save_on_exception`"),
+    (keras_ckpt.ModelCheckpoint, {"filepath": "c.keras", "on_save_error": "ignore"}, ValueError,
+     "`on_save_error` must be one of"),
+    (keras_ckpt.ModelCheckpoint, {"filepath": "c.keras", "if_none_valid": "hope"}, ValueError,
+     "`if_none_valid` must be one of"),
+    (keras_ckpt.ModelCheckpoint, {"filepath": "c.keras", "lock": "on"}, TypeError, "`lock`"),
+    # EarlyStopping
+    (keras_ckpt.EarlyStopping, {"monitor": None}, TypeError, "`monitor`"),
+    (keras_ckpt.EarlyStopping, {"min_delta": "x"}, TypeError, "`min_delta`"),
+    (keras_ckpt.EarlyStopping, {"patience": -1}, ValueError, "`patience`"),
+    (keras_ckpt.EarlyStopping, {"patience": 1.5}, TypeError, "`patience`"),
+    (keras_ckpt.EarlyStopping, {"verbose": "loud"}, TypeError, "`verbose`"),
+    (keras_ckpt.EarlyStopping, {"mode": "up"}, ValueError, "`mode` must be one of"),
+    (keras_ckpt.EarlyStopping, {"baseline": "x"}, TypeError, "`baseline`"),
+    (keras_ckpt.EarlyStopping, {"restore_best_weights": "yes"}, TypeError,
+     "`restore_best_weights`"),
+    (keras_ckpt.EarlyStopping, {"start_from_epoch": -2}, ValueError, "`start_from_epoch`"),
+    (keras_ckpt.EarlyStopping, {"min_delta_mode": "percent"}, ValueError, "`min_delta_mode`"),
+    (keras_ckpt.EarlyStopping, {"check_finite": 0}, TypeError, "`check_finite`"),
+    (keras_ckpt.EarlyStopping, {"stopping_threshold": "x"}, TypeError, "`stopping_threshold`"),
+    (keras_ckpt.EarlyStopping, {"divergence_threshold": float("nan")}, ValueError,
+     "`divergence_threshold`"),
+    (keras_ckpt.EarlyStopping, {"restore_on_interrupt": 1}, TypeError, "`restore_on_interrupt`"),
+    (keras_ckpt.EarlyStopping, {"restore_best_weights": True, "best_weights_path": "b.h5"},
+     ValueError, "`best_weights_path`"),
+    # BudgetStop
+    (keras_ckpt.BudgetStop, {"max_duration": -5}, ValueError, "`max_duration`"),
+    (keras_ckpt.BudgetStop, {"daily_budget": "1h"}, TypeError, "`daily_budget`"),
+    (keras_ckpt.BudgetStop, {"daily_budget": 60, "timezone": "Mars/Base"}, ValueError,
+     "`timezone`"),
+    (keras_ckpt.BudgetStop, {"daily_budget": 60, "reset_hour": 24}, ValueError, "`reset_hour`"),
+    (keras_ckpt.BudgetStop, {"daily_budget": 60, "price_per_hour": 0}, ValueError,
+     "`price_per_hour`"),
+    (keras_ckpt.BudgetStop, {"daily_budget": 60, "devices": 0}, ValueError, "`devices`"),
+    (keras_ckpt.BudgetStop, {"daily_cost_limit": -1, "price_per_hour": 1}, ValueError,
+     "`daily_cost_limit`"),
+    (keras_ckpt.BudgetStop, {"run_cost_limit": "x", "price_per_hour": 1}, TypeError,
+     "`run_cost_limit`"),
+    (keras_ckpt.BudgetStop, {"daily_budget": 60, "ledger": 5}, TypeError, "`ledger`"),
+    (keras_ckpt.BudgetStop, {"daily_budget": 60, "sync_interval": 0}, ValueError,
+     "`sync_interval`"),
+    (keras_ckpt.BudgetStop, {"daily_budget": 60, "raise_if_exhausted": "y"}, TypeError,
+     "`raise_if_exhausted`"),
+    (keras_ckpt.BudgetStop, {"daily_budget": 60, "clock": 1.0}, TypeError, "`clock`"),
+    (keras_ckpt.BudgetStop, {"daily_budget": 60, "verbose": -1}, ValueError, "`verbose`"),
+    # TerminateOnNaN
+    (keras_ckpt.TerminateOnNaN, {"raise_error": "y"}, TypeError, "`raise_error`"),
+    (keras_ckpt.TerminateOnNaN, {"action": "explode"}, ValueError, "`action` must be one of"),
+    (keras_ckpt.TerminateOnNaN, {"check_weights": "batch"}, ValueError, "`check_weights`"),
+    (keras_ckpt.TerminateOnNaN, {"rollback_from": "disk"}, ValueError, "`rollback_from`"),
+    (keras_ckpt.TerminateOnNaN, {"action": "rollback", "snapshot_every": 0}, ValueError,
+     "`snapshot_every`"),
+    (keras_ckpt.TerminateOnNaN, {"action": "rollback", "lr_factor": 2}, ValueError,
+     "`lr_factor`"),
+    (keras_ckpt.TerminateOnNaN, {"max_retries": -1}, ValueError, "`max_retries`"),
+    (keras_ckpt.TerminateOnNaN, {"verbose": 0.5}, TypeError, "`verbose`"),
+    # retention policies and the data helper
+    (keras_ckpt.KeepLast, {"n": 0}, ValueError, "`n`"),
+    (keras_ckpt.KeepBest, {"k": 1, "monitor": 5}, TypeError, "`monitor`"),
+    (keras_ckpt.KeepBest, {"k": 1, "mode": "auto"}, ValueError, "`mode`"),
+    (keras_ckpt.KeepEvery, {"epochs": 0}, ValueError, "`epochs`"),
+    (keras_ckpt.KeepEvery, {"interval": -1}, ValueError, "`interval`"),
+]
+
+
+@pytest.mark.parametrize("cls, kwargs, error, match", BAD_ARGUMENTS,
+                         ids=[f"{c.__name__}-{next(iter(k if len(k) == 1 else list(k)[1:]))}"
+                              for c, k, _, _ in BAD_ARGUMENTS])
+def test_every_public_argument_is_checked_at_construction(cls, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        cls(**kwargs)
+
+
+def test_data_helper_arguments_are_checked():
+    from keras_ckpt.data import EpochShuffle
+    for kwargs, error, name in [({"buffer_size": 0, "seed": 1}, ValueError, "buffer_size"),
+                                ({"buffer_size": 8, "seed": -1}, ValueError, "seed"),
+                                ({"buffer_size": 8, "seed": 1, "name": ""}, TypeError, "name")]:
+        with pytest.raises(error, match=f"`{name}`"):
+            EpochShuffle(**kwargs)
+    assert manager.list_checkpoints("/nonexistent") == []
