@@ -203,8 +203,10 @@ def check_compatible(meta: Mapping[str, Any], model: Any, *, weights_only: bool 
     Compares, in order, the model variables (count, then each path, shape and
     dtype; layer-name counters such as `dense_3` are ignored), the optimizer
     class, and the optimizer variables where the optimizer is built. With
-    `weights_only`, only the model variables.
+    `weights_only`, only the model variables. Metadata of the wrong shape (a
+    hostile or damaged file) raises `StateMismatchError` too.
     """
+    _check_structure(meta)
     if not weights_only:
         saved_class = meta.get("optimizer_class")
         optimizer = getattr(model, "optimizer", None)
