@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from keras_ckpt.dirlock import DirectoryInUseError
 from keras_ckpt.manager import (
     CheckpointInfo,
     best_checkpoint,
@@ -20,7 +21,7 @@ from keras_ckpt.manager import (
 from keras_ckpt.monitor import Decision, Monitor, infer_mode
 from keras_ckpt.retention import KeepBest, KeepEvery, KeepLast
 from keras_ckpt.state import StateMismatchError
-from keras_ckpt.storage import CorruptCheckpointError
+from keras_ckpt.storage import CorruptCheckpointError, ForeignFileError
 
 __version__ = "0.1.0"
 
@@ -50,6 +51,8 @@ __all__ = [
     "restore",
     "StateMismatchError",
     "CorruptCheckpointError",
+    "ForeignFileError",
+    "DirectoryInUseError",
     "__version__",
 ]
 

@@ -5,7 +5,8 @@ Usage: python -m keras_ckpt.demo_train DIR OUT.npz [--kill-epoch K | --kill-step
        [--epochs E] [--early-stopping PATIENCE] [--best-on-disk]
        [--daily-budget SECONDS --ledger PATH [--sync-interval S]]
        [--clock-start POSIX --seconds-per-step S] [--poison EPOCH:INDEX] [--rollback]
-       [--pause-at-step S] [--preemption exit|return]
+       [--pause-at-step S] [--preemption exit|return|none] [--announce]
+       [--die-in-write N:PHASE]
 
 Trains a model with Dropout and BatchNormalization, Adam with a learning-rate
 schedule, seeded and with op determinism, with `ModelCheckpoint(resume=True)`
@@ -20,7 +21,11 @@ targets; `--rollback` adds `TerminateOnNaN(action="rollback")`.
 `--pause-at-step S` prints `paused S` after global step S and waits for a line
 on stdin (a test sends a signal meanwhile); `--preemption` sets
 ModelCheckpoint's `preemption`, and the steps trained are printed at train end
-(`trained N`). At the end,
+(`trained N`). `--announce` prints `training` when `fit` begins.
+`--die-in-write N:PHASE` SIGKILLs the process inside its N-th checkpoint
+write (1-based): PHASE `keras` after Keras's part is in the temporary file,
+`state` when the file is complete but not yet fsynced or renamed, `rename`
+after the rename, before the directory is fsynced. At the end,
 every model and optimizer variable, the history and the callbacks' outcomes are
 written to OUT.npz.
 """
@@ -109,6 +114,39 @@ class Pause(keras.callbacks.Callback):
         print(f"trained {int(self.model.optimizer.iterations.numpy())}", flush=True)
 
 
+class Announce(keras.callbacks.Callback):
+    """Prints `training` when fit begins (a crash harness times its kills from there)."""
+
+    def on_train_begin(self, logs=None):
+        print("training", flush=True)
+
+
+def die_in_write(n: int, phase: str) -> None:
+    """Makes the n-th checkpoint write SIGKILL this process at `phase` (see the docstring)."""
+    from keras_ckpt import storage
+
+    write_group, fsync_path = storage._write_group, storage._fsync_path
+    writes = [0]
+
+    def die():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def group(*args, **kwargs):
+        writes[0] += 1
+        if writes[0] == n and phase == "keras":
+            die()
+        return write_group(*args, **kwargs)
+
+    def fsync(path, directory=False):
+        if writes[0] == n and (phase == "rename") == directory:
+            die()
+        return fsync_path(path, directory)
+
+    if phase not in ("keras", "state", "rename"):
+        raise SystemExit(f"unknown write phase {phase!r}")
+    storage._write_group, storage._fsync_path = group, fsync
+
+
 class Kill(keras.callbacks.Callback):
     """SIGKILLs this process right after epoch K ends, or after global step S."""
 
@@ -150,8 +188,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rollback", action="store_true")
     p.add_argument("--pause-at-step", type=int)
     p.add_argument("--preemption", default="auto")
+    p.add_argument("--announce", action="store_true")
+    p.add_argument("--die-in-write")
     a = p.parse_args(argv)
 
+    if a.die_in_write:
+        n, phase = a.die_in_write.split(":")
+        die_in_write(int(n), phase)
     keras.utils.set_random_seed(7)
     tf.config.experimental.enable_op_determinism()
     rng = np.random.default_rng(0)
@@ -178,6 +221,8 @@ def main(argv: list[str] | None = None) -> None:
         preemption=None if a.preemption == "none" else a.preemption)]
     if a.pause_at_step is not None:
         callbacks.insert(0, Pause(a.pause_at_step))
+    if a.announce:
+        callbacks.insert(0, Announce())
     clock = None
     if a.clock_start is not None:
         clock = Tick(a.clock_start, a.seconds_per_step)

@@ -16,7 +16,7 @@ import pytest
 from conftest import make_model
 
 import keras_ckpt
-from keras_ckpt import dirlock, manager, storage
+from keras_ckpt import manager, storage
 from keras_ckpt.state import StateMismatchError
 
 HERE = os.path.dirname(__file__)
@@ -88,7 +88,7 @@ def test_a_second_process_gets_a_clear_error_and_a_killed_holder_leaves_no_lock(
     try:
         assert holder.stdout.readline().strip() == "locked"
         model = make_model()
-        with pytest.raises(dirlock.DirectoryInUseError, match=f"pid {holder.pid} on"):
+        with pytest.raises(keras_ckpt.DirectoryInUseError, match=f"pid {holder.pid} on"):
             fit(model, [keras_ckpt.ModelCheckpoint(str(tmp_path / "c.keras"))])
         assert int(model.optimizer.iterations.numpy()) == 0  # refused before any step
         fit(make_model(), [keras_ckpt.ModelCheckpoint(str(tmp_path / "s.keras"), lock=False)],
