@@ -323,14 +323,22 @@ def test_on_disk_best_weights_from_a_lost_future_are_not_restored(tmp_path, mode
     cb = keras_ckpt.EarlyStopping(patience=100, restore_best_weights=True,
                                   best_weights_path=path)
     feed(cb, model, [3.0, 2.0])
+    at_best = weights_of(model)
     state = cb.get_state()  # what a checkpoint after epoch 2 holds
+    model.set_weights([w + 1 for w in at_best])
     cb.on_epoch_end(2, {"val_loss": 1.0})  # a new best is written, then the process dies
     resumed = keras_ckpt.EarlyStopping(patience=100, restore_best_weights=True,
                                        best_weights_path=path)
     resumed.set_model(model)
     resumed.set_state(state)
+    resumed.on_train_end()  # the best of epoch 2 is still there, in the previous slot
+    for a, b in zip(at_best, weights_of(model), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+    cb.on_epoch_end(3, {"val_loss": 0.5})  # two new bests: epoch 2's is gone
+    model.set_weights([w + 2 for w in at_best])
     before = weights_of(model)
-    with pytest.warns(UserWarning, match="holds the weights of epoch 3, but the best epoch is 2"):
+    with pytest.warns(UserWarning, match="best weights of epoch 2.*epoch 4.*epoch 3"):
         resumed.on_train_end()
     for a, b in zip(before, weights_of(model), strict=True):
         np.testing.assert_array_equal(a, b)

@@ -67,8 +67,10 @@ class EarlyStopping(StatefulCallback):
             in the training or validation step.
         best_weights_path: keep the best weights in this file (written
             crash-safely, one variable at a time) instead of host memory, for
-            models too big to copy. By default they are kept in host memory
-            and saved inside each checkpoint.
+            models too big to copy. The previous best stays beside it, as
+            `.NAME.previous`, so that a crash between a new best and the next
+            checkpoint does not lose the best the checkpoint knows. By default
+            they are kept in host memory and saved inside each checkpoint.
 
     Attributes:
         stop_reason: None, or `"patience"`, `"non-finite"`, `"threshold"` or
@@ -260,9 +262,19 @@ class EarlyStopping(StatefulCallback):
         self.stop_message = why
         self.model.stop_training = True
 
+    def _previous_best_path(self) -> str:
+        head, tail = os.path.split(self.best_weights_path)
+        return os.path.join(head, f".{tail}.previous")
+
     def _record_best(self, epoch: int) -> None:
         weights = self.model.weights
         if self.best_weights_path is not None:
+            # The file the newest checkpoint knows may be this one: keep it
+            # as the previous best (a rename, no copy) until the next one.
+            # A crash between a new best and the checkpoint that records it
+            # then still finds the checkpoint's best epoch.
+            if os.path.exists(self.best_weights_path):
+                os.replace(self.best_weights_path, self._previous_best_path())
             snapshot = Snapshot(arrays={f"weights/{i:05d}": v for i, v in enumerate(weights)},
                                 meta={"kind": "best_weights", "epoch": epoch})
             storage.write(self.best_weights_path, snapshot)
@@ -271,27 +283,35 @@ class EarlyStopping(StatefulCallback):
             self.best_weights = [np.array(keras.ops.convert_to_numpy(v)) for v in weights]
         self._has_best = True
 
+    def _read_best_file(self) -> tuple[Any, str] | None:
+        """The best weights of `best_epoch` from the file or its previous slot."""
+        found = []
+        for path in (self.best_weights_path, self._previous_best_path()):
+            try:
+                snapshot = storage.read(path)
+            except (OSError, storage.CorruptCheckpointError) as e:
+                found.append(f"{path}: {e}")
+                continue
+            if snapshot.meta.get("epoch") == self.best_epoch:
+                return snapshot, path
+            found.append(f"{path} holds the weights of epoch {snapshot.meta.get('epoch', -1) + 1}")
+        # Both written after the checkpoint this run resumed from, by a run
+        # that then crashed: not the best epoch of this run's history.
+        warnings.warn(
+            f"EarlyStopping: cannot restore the best weights of epoch {self.best_epoch + 1} "
+            f"({'; '.join(found)}); the model keeps its current weights.", stacklevel=3)
+        return None
+
     def _restore_best(self) -> None:
         if not self.restore_best_weights or not self._has_best:
             return
         where = "host memory"
         if self.best_weights_path is not None:
-            try:
-                snapshot = storage.read(self.best_weights_path)
-            except (OSError, storage.CorruptCheckpointError) as e:
-                warnings.warn(f"EarlyStopping: cannot restore the best weights: {e}",
-                              stacklevel=2)
+            read = self._read_best_file()
+            if read is None:
                 return
-            if snapshot.meta.get("epoch") != self.best_epoch:
-                # Written after the checkpoint this run resumed from, by a run
-                # that then crashed: not the best epoch of this run's history.
-                warnings.warn(
-                    f"EarlyStopping: {self.best_weights_path} holds the weights of epoch "
-                    f"{snapshot.meta.get('epoch', -1) + 1}, but the best epoch is "
-                    f"{self.best_epoch + 1}; the model keeps its current weights.", stacklevel=2)
-                return
+            snapshot, where = read
             values = [snapshot.arrays[f"weights/{i:05d}"] for i in range(len(snapshot.arrays))]
-            where = self.best_weights_path
         else:
             values = self.best_weights
             if self._restored_from == "checkpoint":
