@@ -299,8 +299,9 @@ def _parse_meta(path: str, group: h5py.Group) -> dict:
             f"{path}: the metadata declares {meta_size} bytes (at most {_MAX_META_BYTES}).")
     text = group.attrs.get("meta")
     if isinstance(text, bytes):
-        text = text.decode()
-    if not isinstance(text, str) or zlib.crc32(text.encode()) != int(
+        text = text.decode("utf-8", "surrogateescape")
+    # Damaged bytes come back as surrogates: they fail the checksum, not the encoder.
+    if not isinstance(text, str) or zlib.crc32(text.encode("utf-8", "surrogateescape")) != int(
             group.attrs.get("meta_crc32", -1)):
         raise CorruptCheckpointError(f"{path}: the metadata fails its checksum.")
     try:
