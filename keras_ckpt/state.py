@@ -21,7 +21,7 @@ import numpy as np
 
 from keras_ckpt.jsonsafe import to_json_value
 
-__all__ = ["Stateful", "Snapshot", "capture", "object_states", "capture_rng", "apply",
+__all__ = ["Stateful", "Snapshot", "capture", "host_view", "object_states", "capture_rng", "apply",
            "apply_metrics", "check_compatible", "StateMismatchError"]
 
 GROUPS = ("model", "optimizer", "metrics")
@@ -122,7 +122,7 @@ def object_states(objects: Mapping[str, Stateful]) -> dict[str, dict]:
 def capture(model: Any, states: Mapping[str, Mapping[str, Any]] | None = None,
             progress: Mapping[str, Any] | None = None,
             rng: tuple[dict, dict[str, np.ndarray]] | None = None,
-            metrics: list[np.ndarray] | None = None) -> Snapshot:
+            metrics: list[np.ndarray] | None = None, copy: bool = True) -> Snapshot:
     """Captures the full training state of `model` into host memory.
 
     Args:
@@ -133,6 +133,10 @@ def capture(model: Any, states: Mapping[str, Mapping[str, Any]] | None = None,
         rng: a global RNG state from `capture_rng()`; by default, taken now.
         metrics: values to store for the compiled metrics' variables instead
             of their current ones (kept from before validation reset them).
+        copy: copy every variable to host memory (the snapshot stays valid
+            while training goes on). False: read without a copy where the
+            backend allows it, for a caller that writes the snapshot out
+            before the next training step (`host_view`).
 
     Returns:
         A `Snapshot`; its variable arrays are copies, unaffected by later
@@ -146,7 +150,8 @@ def capture(model: Any, states: Mapping[str, Mapping[str, Any]] | None = None,
             if group == "metrics" and metrics is not None and len(metrics) == len(variables):
                 arrays[f"{group}/{i:05d}"] = metrics[i]
             else:
-                arrays[f"{group}/{i:05d}"] = np.array(v.numpy(), copy=True)
+                arrays[f"{group}/{i:05d}"] = np.array(v.numpy(), copy=True) if copy \
+                    else host_view(v)
         variables_meta[group] = described
     object_meta: dict[str, Any] = {}
     for key, state in (states or {}).items():
@@ -173,6 +178,24 @@ def capture(model: Any, states: Mapping[str, Mapping[str, Any]] | None = None,
         "progress": dict(progress or {}),
     }
     return Snapshot(arrays=arrays, meta=meta)
+
+
+def host_view(variable: Any) -> np.ndarray:
+    """The variable's value as a numpy array, without a copy where the backend allows.
+
+    On TensorFlow the array shares the buffer of the value just read; a later
+    assignment to the variable writes a new buffer (copy-on-write), so the
+    array keeps the value it had. Elsewhere (or if TensorFlow's internals
+    change) it falls back to `variable.numpy()`.
+    """
+    inner = getattr(variable, "value", None)
+    read = getattr(inner, "value", None)
+    if callable(read):
+        try:
+            return read()._numpy()
+        except (AttributeError, TypeError, ValueError):
+            pass
+    return np.asarray(variable.numpy())
 
 
 def _optimizer_config(optimizer: Any) -> dict | None:

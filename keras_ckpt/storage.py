@@ -15,12 +15,14 @@ is never listed or loaded.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import io
 import json
 import os
 import re
 import secrets
+import threading
 import zipfile
 import zlib
 from collections.abc import Callable
@@ -149,19 +151,63 @@ def _member_window(path: str, archive: zipfile.ZipFile) -> tuple[int, int] | Non
     return info.header_offset + 30 + name_len + extra_len, info.file_size
 
 
-def _write_group(h5: h5py.File, snapshot: Snapshot, meta: dict) -> None:
+def _write_group(h5: h5py.File, snapshot: Snapshot, meta: dict, layout: Any = None,
+                 sync_path: str | None = None) -> None:
+    """Writes our group (and, with a `keras_layout.Layout`, Keras's datasets) in one pass.
+
+    With `layout`, each variable's data is written once, where Keras's
+    `load_weights` looks for it, and our group hard-links to it. Checksums
+    come from the arrays in memory, never from reading the file back; with
+    `sync_path` they are computed while the data is being fsynced.
+    """
+    shared: dict[str, h5py.Dataset] = {}
+    keras_values: dict[str, np.ndarray] = {}
+    if layout is not None:
+        for name, attrs in layout.groups:
+            group = h5.require_group(name)
+            for key, value in attrs.items():
+                group.attrs[key] = value
+        for entry in layout.entries:
+            target = h5[entry.group]
+            if entry.array is not None:
+                shared[entry.array] = target.create_dataset(
+                    entry.key, data=np.asarray(snapshot.arrays[entry.array]))
+            else:
+                target.create_dataset(entry.key, data=entry.value)
+                keras_values[f"{entry.group}/{entry.key}"] = entry.value
     group = h5.require_group(GROUP)
-    arrays_meta = {}
+    arrays_meta: dict[str, dict] = {}
     data = group.create_group("arrays")
+    later: list[tuple[dict, np.ndarray]] = []
     for i, (name, value) in enumerate(snapshot.arrays.items()):
-        # One array at a time: a value may be a variable, read only here, so
-        # the peak host memory is one variable, not the whole state.
-        array = np.asarray(value)
         dataset = f"a{i:05d}"
-        data.create_dataset(dataset, data=array)
-        arrays_meta[name] = {"dataset": dataset, "shape": list(array.shape),
-                             "dtype": array.dtype.str, "crc32": _crc(array)}
-    full = {**snapshot.meta, **meta, "arrays": arrays_meta}
+        if name in shared:
+            data[dataset] = shared[name]  # a hard link: the same data, stored once
+        array = value if isinstance(value, np.ndarray) else np.asarray(value)
+        if name not in shared:
+            data.create_dataset(dataset, data=array)
+        entry = {"dataset": dataset, "shape": list(array.shape), "dtype": array.dtype.str}
+        arrays_meta[name] = entry
+        if isinstance(value, np.ndarray):
+            later.append((entry, array))  # already in memory: checksum it later
+        else:
+            # A value read only here (a variable): one at a time, so the peak
+            # host memory stays one variable, not the whole state.
+            entry["crc32"] = _crc(array)
+    syncing = None
+    if sync_path is not None:
+        h5.flush()
+        syncing = threading.Thread(target=_fsync_path, args=(sync_path,))
+        syncing.start()  # the disk works while the CPU checksums
+    try:
+        for entry, array in later:
+            entry["crc32"] = _crc(array)
+        keras_crcs = {name: _crc(v) for name, v in keras_values.items()}
+    finally:
+        if syncing is not None:
+            syncing.join()
+    extra = {"keras_part_crc32": keras_crcs} if keras_crcs else {}
+    full = {**snapshot.meta, **meta, **extra, "arrays": arrays_meta}
     text = json.dumps(full, allow_nan=False, separators=(",", ":"))
     group.attrs["format"] = FORMAT
     group.attrs["format_version"] = FORMAT_VERSION
@@ -179,7 +225,7 @@ def _fsync_path(path: str, directory: bool = False) -> None:
 
 
 def write(path: str, snapshot: Snapshot, *, keras_writer: Callable[[str], None] | None = None,
-          meta: dict | None = None, fsync: bool = True) -> int:
+          keras_layout: Any = None, meta: dict | None = None, fsync: bool = True) -> int:
     """Writes one checkpoint atomically; returns its size in bytes.
 
     Args:
@@ -187,6 +233,9 @@ def write(path: str, snapshot: Snapshot, *, keras_writer: Callable[[str], None] 
         snapshot: the state to store.
         keras_writer: writes Keras's own part to the path it is given (e.g.
             `model.save_weights`); None for a file only keras-ckpt reads.
+        keras_layout: for `.weights.h5`, a `keras_layout.Layout`: Keras's
+            part is written from the snapshot in the same pass, sharing the
+            data (instead of `keras_writer`).
         meta: extra JSON-safe metadata (progress, monitor, time written).
         fsync: flush file and directory to stable storage before returning.
 
@@ -208,6 +257,10 @@ def write(path: str, snapshot: Snapshot, *, keras_writer: Callable[[str], None] 
             mode = "a" if keras_writer is not None else "w"
             with zipfile.ZipFile(tmp, mode, compression=zipfile.ZIP_STORED) as archive:
                 archive.writestr(ZIP_MEMBER, buffer.getbuffer())
+        elif keras_layout is not None:
+            with h5py.File(tmp, "w") as h5:
+                _write_group(h5, snapshot, meta or {}, layout=keras_layout,
+                             sync_path=tmp if fsync else None)
         else:
             if keras_writer is not None:
                 keras_writer(tmp)
@@ -336,49 +389,66 @@ def read(path: str, verify: bool = True) -> Snapshot:
         data = group.get("arrays")
         arrays: dict[str, np.ndarray] = {}
         limit, total = _memory_limit(), 0
-        for name, entry in meta.pop("arrays").items():
-            if not isinstance(entry, dict):
-                raise CorruptCheckpointError(f"{path}: array {name!r} has no index entry.")
-            dataset_name = str(entry.get("dataset"))
-            if not _DATASET_NAME.fullmatch(dataset_name):
-                raise CorruptCheckpointError(
-                    f"{path}: array {name!r} points at {dataset_name!r}, not at one of the "
-                    "checkpoint's own datasets; refusing it.")
-            link = data.get(dataset_name, getlink=True) if data is not None else None
-            dataset = data.get(dataset_name) if isinstance(link, h5py.HardLink) else None
-            if not isinstance(dataset, h5py.Dataset):
-                raise CorruptCheckpointError(f"{path}: array {name!r} is missing.")
-            _check_dataset_storage(path, name, dataset)
-            try:
-                declared = np.dtype(entry["dtype"])
-                shape = [int(d) for d in entry["shape"]]
-            except (KeyError, TypeError, ValueError):
-                raise CorruptCheckpointError(
-                    f"{path}: array {name!r} has a malformed index entry.") from None
-            total += dataset.size * dataset.dtype.itemsize
-            if total > limit:
-                raise CorruptCheckpointError(
-                    f"{path}: the arrays declare more than {limit} bytes, this machine's "
-                    "memory; refusing to read them.")
-            if declared.kind not in _ALLOWED_KINDS or dataset.dtype != declared:
-                raise CorruptCheckpointError(
-                    f"{path}: array {name!r} has dtype {dataset.dtype}, declared {declared}."
-                )
-            if list(dataset.shape) != shape:
-                raise CorruptCheckpointError(
-                    f"{path}: array {name!r} has shape {dataset.shape}, declared "
-                    f"{tuple(shape)}."
-                )
-            if dataset.size and dataset.id.get_storage_size() < dataset.nbytes and (
-                    dataset.compression is None):
-                raise CorruptCheckpointError(f"{path}: array {name!r} is truncated.")
-            try:
-                array = dataset[()]
-            except (OSError, ValueError) as e:
-                raise CorruptCheckpointError(f"{path}: array {name!r} cannot be read: {e}.") \
-                    from None
-            array = np.asarray(array)
-            if verify and _crc(array) != entry.get("crc32"):
-                raise CorruptCheckpointError(f"{path}: array {name!r} fails its checksum.")
-            arrays[name] = array
+        # Checksums run on a worker thread while the next array is read
+        # (zlib and HDF5 both release the GIL).
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=1) if verify else None
+        checks: list[tuple[str, Any, Any]] = []
+        try:
+            _read_arrays(path, data, meta.pop("arrays"), arrays, limit, total, pool, checks)
+            for name, future, expected in checks:
+                if future.result() != expected:
+                    raise CorruptCheckpointError(f"{path}: array {name!r} fails its checksum.")
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
     return Snapshot(arrays=arrays, meta=meta)
+
+
+def _read_arrays(path: str, data: Any, index: dict, arrays: dict, limit: int, total: int,
+                 pool: Any, checks: list) -> None:
+    """Reads and checks each indexed array into `arrays`; queues its checksum on `pool`."""
+    for name, entry in index.items():
+        if not isinstance(entry, dict):
+            raise CorruptCheckpointError(f"{path}: array {name!r} has no index entry.")
+        dataset_name = str(entry.get("dataset"))
+        if not _DATASET_NAME.fullmatch(dataset_name):
+            raise CorruptCheckpointError(
+                f"{path}: array {name!r} points at {dataset_name!r}, not at one of the "
+                "checkpoint's own datasets; refusing it.")
+        link = data.get(dataset_name, getlink=True) if data is not None else None
+        dataset = data.get(dataset_name) if isinstance(link, h5py.HardLink) else None
+        if not isinstance(dataset, h5py.Dataset):
+            raise CorruptCheckpointError(f"{path}: array {name!r} is missing.")
+        _check_dataset_storage(path, name, dataset)
+        try:
+            declared = np.dtype(entry["dtype"])
+            shape = [int(d) for d in entry["shape"]]
+        except (KeyError, TypeError, ValueError):
+            raise CorruptCheckpointError(
+                f"{path}: array {name!r} has a malformed index entry.") from None
+        total += dataset.size * dataset.dtype.itemsize
+        if total > limit:
+            raise CorruptCheckpointError(
+                f"{path}: the arrays declare more than {limit} bytes, this machine's "
+                "memory; refusing to read them.")
+        if declared.kind not in _ALLOWED_KINDS or dataset.dtype != declared:
+            raise CorruptCheckpointError(
+                f"{path}: array {name!r} has dtype {dataset.dtype}, declared {declared}."
+            )
+        if list(dataset.shape) != shape:
+            raise CorruptCheckpointError(
+                f"{path}: array {name!r} has shape {dataset.shape}, declared "
+                f"{tuple(shape)}."
+            )
+        if dataset.size and dataset.id.get_storage_size() < dataset.nbytes and (
+                dataset.compression is None):
+            raise CorruptCheckpointError(f"{path}: array {name!r} is truncated.")
+        try:
+            array = dataset[()]
+        except (OSError, ValueError) as e:
+            raise CorruptCheckpointError(f"{path}: array {name!r} cannot be read: {e}.") \
+                from None
+        array = np.asarray(array)
+        if pool is not None:
+            checks.append((name, pool.submit(_crc, array), entry.get("crc32")))
+        arrays[name] = array

@@ -15,7 +15,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from keras_ckpt import dirlock, manager, registry, storage
+from keras_ckpt import dirlock, keras_layout, manager, registry, storage
 from keras_ckpt import state as state_lib
 from keras_ckpt.callbacks.base import StatefulCallback, non_finite_logs, print_msg
 from keras_ckpt.jsonsafe import decode_float, encode_float
@@ -230,6 +230,7 @@ class ModelCheckpoint(StatefulCallback):
         self.resumed_from: manager.CheckpointInfo | None = None
         # Batch-level work only when asked for, so that Keras keeps its
         # asynchronous batch dispatch on the backends that have it.
+        self._layout_cache: tuple | None = None
         self._batch_level = save_freq != "epoch" or save_interval is not None
         self._metric_fields = [f for f in self._fields if f not in ("epoch", "batch")]
         if self._batch_level or self._metric_fields or self._catcher is not None:
@@ -686,7 +687,9 @@ class ModelCheckpoint(StatefulCallback):
         if steps_in_epoch is not None:
             rng = self._epoch_rng
             states.update(self._epoch_data_states)
-        snapshot = state_lib.capture(self.model, states, progress, rng, metrics=metrics)
+        # Written before training goes on: read the variables without copies.
+        snapshot = state_lib.capture(self.model, states, progress, rng, metrics=metrics,
+                                     copy=False)
         meta = {
             "monitor": self.monitor, "monitor_value": encode_float(value),
             "loss": encode_float(loss), "written_at": time.time(),
@@ -741,9 +744,25 @@ class ModelCheckpoint(StatefulCallback):
             except storage.CorruptCheckpointError as e:
                 warnings.warn(f"ModelCheckpoint: replacing {filepath}, which is not a valid "
                               f"keras-ckpt checkpoint ({e}).", stacklevel=3)
-        storage.write(filepath, snapshot, keras_writer=self._keras_writer(), meta=meta,
-                      fsync=self.fsync)
+        layout = self._keras_layout() if self.save_weights_only else None
+        storage.write(filepath, snapshot, keras_writer=None if layout else self._keras_writer(),
+                      keras_layout=layout, meta=meta, fsync=self.fsync)
         self._written.add(filepath)
+
+    def _keras_layout(self) -> keras_layout.Layout | None:
+        """Keras's `.weights.h5` layout for this model (cached while the variables stay)."""
+        model = self.model
+        optimizer = getattr(model, "optimizer", None)
+        variables = [("model", list(model.variables)),
+                     ("optimizer", list(getattr(optimizer, "variables", []) or []))]
+        key = tuple(id(v) for _, group in variables for v in group)
+        if self._layout_cache is not None and self._layout_cache[0] == key:
+            return self._layout_cache[1]
+        names = {id(v): f"{g}/{i:05d}" for g, group in variables for i, v in enumerate(group)}
+        layout = keras_layout.layout(model, names)
+        if layout is not None and all(e.array is not None for e in layout.entries):
+            self._layout_cache = (key, layout)  # every dataset is a variable: reusable
+        return layout
 
     def _last_path(self) -> str:
         return os.path.join(self.directory, "last" + storage.extension(self.filepath))

@@ -1,0 +1,125 @@
+"""The lean write: Keras's `.weights.h5` layout written from the snapshot, data stored once."""
+
+from __future__ import annotations
+
+import h5py
+import keras
+import numpy as np
+import pytest
+from conftest import make_data, make_model
+
+import keras_ckpt
+from keras_ckpt import keras_layout, storage
+from keras_ckpt import state as state_lib
+
+
+def fit(model, callbacks=(), epochs=1):
+    x, y = make_data(n=32)
+    model.fit(x, y, batch_size=8, epochs=epochs, verbose=0, callbacks=list(callbacks))
+
+
+def structure(path):
+    """Every group and dataset outside our group, with its attributes and values."""
+    found = {}
+    with h5py.File(path, "r") as f:
+        def visit(name):  # by link: a dataset shared with our group has two names
+            if name == "keras_ckpt" or name.startswith("keras_ckpt/"):
+                return
+            obj = f[name]
+            value = obj[()] if isinstance(obj, h5py.Dataset) else None
+            found[name] = (type(obj).__name__, dict(obj.attrs), value)
+        f.visit_links(visit)
+    return found
+
+
+def test_our_weights_file_has_exactly_keras_layout_and_loads_in_keras(tmp_path):
+    model = make_model(batchnorm=True, dropout=0.2, metrics=["mae"])
+    fit(model)
+    ours, theirs = tmp_path / "ours.weights.h5", tmp_path / "theirs.weights.h5"
+    checkpoint = keras_ckpt.ModelCheckpoint(str(ours), save_weights_only=True)
+    fit(model, [checkpoint])
+    model.save_weights(theirs)
+    a, b = structure(ours), structure(theirs)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name][:2] == b[name][:2], name
+        if a[name][2] is not None:
+            np.testing.assert_array_equal(a[name][2], b[name][2], err_msg=name)
+    fresh = make_model(batchnorm=True, dropout=0.2, metrics=["mae"], seed=9)
+    fit(fresh)  # build the optimizer, so Keras loads its variables too
+    fresh.load_weights(ours)
+    for v, w in zip(model.weights + model.optimizer.variables,
+                    fresh.weights + fresh.optimizer.variables, strict=True):
+        np.testing.assert_array_equal(v.numpy(), w.numpy(), err_msg=v.path)
+
+
+def test_each_variable_is_stored_once_and_damage_to_keras_part_is_detected(tmp_path):
+    model = make_model()
+    path = tmp_path / "w.weights.h5"
+    fit(model, [keras_ckpt.ModelCheckpoint(str(path), save_weights_only=True)])
+    with h5py.File(path, "r") as f:
+        meta = storage.read_meta(str(path))
+        index = meta["arrays"]
+        kernel = f["keras_ckpt/arrays/" + index["model/00000"]["dataset"]]
+        assert kernel.id.get_offset() == f["layers/dense/vars/0"].id.get_offset()
+        slot = f["keras_ckpt/arrays/" + index["optimizer/00002"]["dataset"]]
+        assert slot.id.get_offset() == f["optimizer/vars/2"].id.get_offset()
+        assert "keras_part_crc32" not in meta  # nothing of Keras's is outside our checksums
+    with h5py.File(path, "a") as f:
+        values = f["layers/dense/vars/0"][()]
+        values.flat[3] = np.nextafter(values.flat[3], np.inf)
+        f["layers/dense/vars/0"][...] = values
+    with pytest.raises(keras_ckpt.CorruptCheckpointError, match="model/00000.*checksum"):
+        storage.read(str(path))
+
+
+@keras.saving.register_keras_serializable(package="tests")
+class Computed(keras.layers.Layer):
+    """Stores a computed array (not its variable) the way some Keras layers do."""
+
+    def build(self, input_shape):
+        self.w = self.add_weight(shape=(input_shape[-1], 1), initializer="ones")
+
+    def call(self, x):
+        return x @ self.w
+
+    def save_own_variables(self, store):
+        store["0"] = keras.ops.convert_to_numpy(self.w) * 1.0
+
+    def load_own_variables(self, store):
+        self.w.assign(store["0"])
+
+
+def test_a_layer_storing_a_computed_array_keeps_its_value_and_checksum(tmp_path):
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3), Computed()])
+    model.compile("adam", "mse")
+    fit(model)
+    names = {id(v): f"model/{i:05d}" for i, v in enumerate(model.variables)}
+    names.update({id(v): f"optimizer/{i:05d}" for i, v in enumerate(model.optimizer.variables)})
+    layout = keras_layout.layout(model, names)
+    computed = [e for e in layout.entries if e.array is None]
+    assert [e.group for e in computed] == ["layers/computed/vars"]
+    path = tmp_path / "c.weights.h5"
+    fit(model, [keras_ckpt.ModelCheckpoint(str(path), save_weights_only=True)])
+    assert list(storage.read_meta(str(path))["keras_part_crc32"]) == ["layers/computed/vars/0"]
+    fresh = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3), Computed()])
+    fresh.compile("adam", "mse")
+    fresh.load_weights(path)
+    np.testing.assert_array_equal(fresh.layers[-1].w.numpy(), model.layers[-1].w.numpy())
+    with h5py.File(path, "a") as f:
+        f["layers/computed/vars/0"][0, 0] = 5.0
+    with pytest.raises(keras_ckpt.CorruptCheckpointError, match="computed"):
+        storage.read(str(path))
+
+
+def test_a_snapshot_read_without_copies_is_not_changed_by_later_steps():
+    # On this backend the no-copy read must stay what it was when later steps
+    # assign the variables; if it did not, snapshots would have to copy.
+    model = make_model(batchnorm=True, dropout=0.3)
+    fit(model)
+    view = state_lib.capture(model, copy=False)
+    copied = state_lib.capture(model, copy=True)
+    fit(model, epochs=2)
+    assert not np.array_equal(model.variables[0].numpy(), copied.arrays["model/00000"])
+    for name, array in copied.arrays.items():
+        np.testing.assert_array_equal(view.arrays[name], array, err_msg=name)
