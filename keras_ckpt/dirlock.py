@@ -9,6 +9,7 @@ write into the same directory.
 
 from __future__ import annotations
 
+import atexit
 import fcntl
 import json
 import os
@@ -100,3 +101,16 @@ def release(directory: str, holder: object) -> None:
             fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
+
+
+def _release_all_at_exit() -> None:
+    # A fit that ended in an exception never released its lock; the kernel
+    # would at exit, but the file would stay. Leave the directory clean.
+    for key in list(_held):
+        fd, holders = _held[key]
+        for holder in list(holders):
+            holders.discard(holder)
+        release(key, None)
+
+
+atexit.register(_release_all_at_exit)

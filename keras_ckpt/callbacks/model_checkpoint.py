@@ -22,6 +22,7 @@ from keras_ckpt.jsonsafe import decode_float, encode_float
 from keras_ckpt.monitor import Monitor
 from keras_ckpt.preemption import SignalCatcher, exit_status, parse_signals
 from keras_ckpt.validation import check_bool, check_choice, check_number
+from keras_ckpt.writer import BackgroundWriter
 
 __all__ = ["ModelCheckpoint"]
 
@@ -102,6 +103,14 @@ class ModelCheckpoint(StatefulCallback):
         lock: hold a lock on the checkpoint directory during `fit`, so that a
             second process training into it gets a clear error
             (`DirectoryInUseError`). A crashed process never leaves it held.
+        async_write: write, fsync and rename on a background thread; the
+            training thread only takes the snapshot (without copies on
+            TensorFlow and JAX, where later steps cannot change it; one copy
+            elsewhere). At most one write is in flight: the next save waits
+            for it (every requested checkpoint is written; none is skipped).
+            A failed write is reported at the next save or at train end,
+            following `on_save_error`; `on_train_end`, an exception out of
+            `fit` and interpreter exit all wait for the write to commit.
 
     Raises:
         ValueError, TypeError: an invalid argument (at construction).
@@ -144,6 +153,7 @@ class ModelCheckpoint(StatefulCallback):
         on_save_error: str = "warn",
         if_none_valid: str = "raise",
         lock: bool = True,
+        async_write: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(filepath, (str, os.PathLike)):
@@ -189,7 +199,7 @@ class ModelCheckpoint(StatefulCallback):
         for name, value in (("save_best_only", save_best_only),
                             ("save_weights_only", save_weights_only), ("save_last", save_last),
                             ("fsync", fsync), ("save_on_exception", save_on_exception),
-                            ("lock", lock)):
+                            ("lock", lock), ("async_write", async_write)):
             check_bool(name, value)
         check_choice("preemption", preemption, ("auto", "exit", "return", None))
         signals = parse_signals("preemption_signals", preemption_signals)
@@ -216,6 +226,9 @@ class ModelCheckpoint(StatefulCallback):
         self.on_save_error = on_save_error
         self.if_none_valid = if_none_valid
         self.lock = lock
+        self.async_write = async_write
+        self._writer = BackgroundWriter() if async_write else None
+        self._in_flight: tuple[str, str] | None = None
         self._catcher = SignalCatcher(signals, self._on_signal,
                                       lambda _: self._abandon_fit()) if preemption else None
         self.preempted_by: str | None = None
@@ -269,6 +282,7 @@ class ModelCheckpoint(StatefulCallback):
             "preemption": self.preemption, "preemption_signals": list(self.preemption_signals),
             "save_on_exception": self.save_on_exception, "on_save_error": self.on_save_error,
             "if_none_valid": self.if_none_valid, "lock": self.lock,
+            "async_write": self.async_write,
         }
 
     def _reset_progress(self) -> None:
@@ -446,6 +460,7 @@ class ModelCheckpoint(StatefulCallback):
 
     def on_train_end(self, logs: dict | None = None) -> None:
         model = self.model
+        self._wait_for_writer()  # the last save is committed before fit returns
         self._remove_exception_guards()
         if self._skipper is not None:
             skip, original = self._skipper
@@ -463,6 +478,8 @@ class ModelCheckpoint(StatefulCallback):
 
     def _abandon_fit(self) -> None:
         """This callback is about to raise out of `fit`: undo what on_train_end would."""
+        if self._writer is not None:
+            self._writer.drain()  # commit what is in flight (its error stays for later)
         self._remove_exception_guards()
         if self._catcher is not None:
             self._catcher.restore()
@@ -687,36 +704,62 @@ class ModelCheckpoint(StatefulCallback):
         if steps_in_epoch is not None:
             rng = self._epoch_rng
             states.update(self._epoch_data_states)
-        # Written before training goes on: read the variables without copies.
-        snapshot = state_lib.capture(self.model, states, progress, rng, metrics=metrics,
-                                     copy=False)
+        # One snapshot in memory at most: the previous background write ends first.
+        self._wait_for_writer()
+        # Synchronous: written before training goes on, so read without copies.
+        # In the background: without copies only where later steps cannot
+        # change what was read (TensorFlow copies on write, JAX never writes).
+        snapshot = state_lib.capture(
+            self.model, states, progress, rng, metrics=metrics,
+            copy=self._writer is not None and not state_lib.view_is_stable())
         meta = {
             "monitor": self.monitor, "monitor_value": encode_float(value),
             "loss": encode_float(loss), "written_at": time.time(),
             "keras_version": keras.__version__, "backend": keras.backend.backend(),
         }
         os.makedirs(os.path.dirname(os.path.abspath(filepath)), exist_ok=True)
-        written = None
-        started = time.monotonic()
-        try:
+        written = filepath if save_regular else self._last_path()
+        before = (self.last_saved_path, self.best_path, self._saved_at)
+        if save_regular:
+            self.last_saved_path = filepath
+            if self.save_best_only:
+                self.best_path = filepath
+        self._saved_at = (registry.current_fit(self.model), global_step, written)
+        verbose = self.verbose
+
+        def commit() -> None:
+            started = time.monotonic()
             if save_regular:
                 self._write(filepath, snapshot, {**meta, "kind": "regular"})
-                written = self.last_saved_path = filepath
-                if self.save_best_only:
-                    self.best_path = filepath
-                if self.verbose > 0:
+                if verbose > 0:
                     print_msg(f"\n{where}: finished saving model to {filepath}")
             if write_last:
-                last = self._write_last(filepath if save_regular else None, snapshot, meta)
-                written = written or last
+                self._write_last(filepath if save_regular else None, snapshot, meta)
+            self.last_save_seconds = time.monotonic() - started
+            if self.retention:
+                self._apply_retention()
+
+        if self._writer is not None:
+            self._in_flight = (where, filepath)
+            self._writer.submit(commit)
+            return written
+        try:
+            commit()
         except OSError as e:
+            self.last_saved_path, self.best_path, self._saved_at = before
             self._save_failed(where, filepath, e)
             return None
-        self._saved_at = (registry.current_fit(self.model), global_step, written)
-        self.last_save_seconds = time.monotonic() - started
-        if self.retention:
-            self._apply_retention()
         return written
+
+    def _wait_for_writer(self) -> None:
+        """Waits for the background write in flight; its failure follows `on_save_error`."""
+        if self._writer is None:
+            return
+        try:
+            self._writer.wait()
+        except OSError as e:
+            where, filepath = self._in_flight or ("?", "?")
+            self._save_failed(where, filepath, e)
 
     def _save_failed(self, where: str, filepath: str, error: Exception) -> None:
         message = (f"ModelCheckpoint: saving at {where} to {filepath} FAILED: "

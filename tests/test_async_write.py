@@ -1,0 +1,146 @@
+"""Background writes: same files, in order, one at a time, errors surfaced, committed at exit."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import warnings
+
+import keras
+import numpy as np
+import pytest
+from conftest import make_data, make_model
+
+import keras_ckpt
+from keras_ckpt import manager, storage
+
+
+def fit(model, callbacks, epochs=3):
+    x, y = make_data(n=64)
+    return model.fit(x, y, batch_size=16, epochs=epochs, verbose=0, shuffle=False,
+                     callbacks=callbacks)
+
+
+class Recorder:
+    """Wraps storage.write: records start/end order and threads; can fail chosen writes."""
+
+    def __init__(self, monkeypatch, fail=()):
+        self.events, self.threads, self.in_flight, self.most = [], set(), 0, 0
+        self.fail, self.calls, self.lock = set(fail), 0, threading.Lock()
+        real = storage.write
+
+        def write(path, *args, **kwargs):
+            with self.lock:
+                self.calls += 1
+                call = self.calls
+                self.in_flight += 1
+                self.most = max(self.most, self.in_flight)
+                self.events.append(("start", os.path.basename(path)))
+                self.threads.add(threading.current_thread().name)
+            try:
+                if call in self.fail:
+                    raise OSError(28, "No space left on device")
+                return real(path, *args, **kwargs)
+            finally:
+                with self.lock:
+                    self.in_flight -= 1
+                    self.events.append(("end", os.path.basename(path)))
+
+        monkeypatch.setattr(storage, "write", write)
+
+
+class StateAtEpochEnd(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.states = {}
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.states[epoch] = [v.numpy().copy() for v in self.model.variables]
+
+
+def test_background_files_hold_each_epochs_state_written_in_order_off_the_main_thread(
+        tmp_path, monkeypatch):
+    recorder = Recorder(monkeypatch)
+    seen = StateAtEpochEnd()
+    model = make_model(seed=3, dropout=0.2, batchnorm=True)
+    checkpoint = keras_ckpt.ModelCheckpoint(str(tmp_path / "e{epoch}.weights.h5"),
+                                            save_weights_only=True, async_write=True)
+    fit(model, [seen, checkpoint], epochs=4)
+    assert recorder.most == 1  # never two writes at once
+    assert recorder.events == [(kind, f"e{e}.weights.h5") for e in range(1, 5)
+                               for kind in ("start", "end")]
+    assert recorder.threads == {"keras-ckpt-writer"}
+    # Each file holds the state at its epoch's end, though training went on
+    # while it was written (the snapshot is not a copy on TensorFlow).
+    for epoch in range(4):
+        snapshot = storage.read(str(tmp_path / f"e{epoch + 1}.weights.h5"))
+        for i, value in enumerate(seen.states[epoch]):
+            np.testing.assert_array_equal(snapshot.arrays[f"model/{i:05d}"], value)
+    # And a resume from them is what a synchronous run's would be.
+    sync_dir = tmp_path / "sync"
+    fit(make_model(seed=3, dropout=0.2, batchnorm=True),
+        [keras_ckpt.ModelCheckpoint(str(sync_dir / "e{epoch}.weights.h5"),
+                                    save_weights_only=True)], epochs=4)
+    a, b = storage.read(str(tmp_path / "e4.weights.h5")), storage.read(str(sync_dir /
+                                                                           "e4.weights.h5"))
+    for name in a.arrays:
+        if not name.startswith("rng/"):
+            np.testing.assert_array_equal(a.arrays[name], b.arrays[name], err_msg=name)
+
+
+def test_a_failed_background_write_is_reported_at_the_next_save(tmp_path, monkeypatch):
+    Recorder(monkeypatch, fail={2})
+    checkpoint = keras_ckpt.ModelCheckpoint(str(tmp_path / "e{epoch}.keras"), async_write=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(make_model(), [checkpoint], epochs=3)
+    failed = [str(w.message) for w in caught if "FAILED" in str(w.message)]
+    assert len(failed) == 1 and "e2.keras" in failed[0] and "No space" in failed[0]
+    assert checkpoint.save_errors and "e2.keras" in checkpoint.save_errors[0]
+    assert sorted(os.listdir(tmp_path)) == ["e1.keras", "e3.keras"]  # no junk, the rest intact
+    assert [c.epoch for c in manager.list_checkpoints(tmp_path)] == [0, 2]
+
+
+def test_a_failed_last_background_write_raises_at_train_end(tmp_path, monkeypatch):
+    Recorder(monkeypatch, fail={3})
+    model = make_model()
+    checkpoint = keras_ckpt.ModelCheckpoint(str(tmp_path / "e{epoch}.keras"), async_write=True,
+                                            on_save_error="raise")
+    with pytest.raises(OSError, match="No space"):
+        fit(model, [checkpoint], epochs=3)
+    assert int(model.optimizer.iterations.numpy()) == 12  # all trained; raised at the end
+    assert sorted(os.listdir(tmp_path)) == ["e1.keras", "e2.keras"]
+
+
+CHILD = r"""
+import os, sys
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+import keras, numpy as np, keras_ckpt
+
+class Boom(keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == 1:
+            raise RuntimeError("a later callback fails")
+
+model = keras.Sequential([keras.Input((256,)), keras.layers.Dense(2048),
+                          keras.layers.Dense(2048), keras.layers.Dense(1)])
+model.compile("adam", "mse")
+x = np.ones((32, 256), "float32")
+checkpoint = keras_ckpt.ModelCheckpoint(os.path.join(sys.argv[1], "e{epoch}.weights.h5"),
+                                        save_weights_only=True, async_write=True)
+model.fit(x, x[:, :1], epochs=3, verbose=0, callbacks=[checkpoint, Boom()])
+"""
+
+
+@pytest.mark.slow
+def test_the_write_in_flight_commits_when_an_exception_ends_the_process(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(tmp_path)], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 1 and "a later callback fails" in proc.stderr
+    # The epoch-2 save was handed to the writer just before the error: it is
+    # complete and verifies, and no temporary file is left.
+    assert sorted(os.listdir(tmp_path)) == ["e1.weights.h5", "e2.weights.h5"]
+    snapshot = storage.read(str(tmp_path / "e2.weights.h5"))
+    assert snapshot.meta["progress"]["epoch"] == 1
