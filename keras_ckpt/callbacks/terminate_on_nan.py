@@ -206,7 +206,9 @@ class TerminateOnNaN(StatefulCallback):
         if self._settled_batch == key:
             return
         self._settled_batch = key
-        if batch < registry.replay_until(self.model):
+        # `self._model`: on JAX the `model` property syncs the training state,
+        # which must not happen on Keras's callback thread (async dispatch).
+        if batch < registry.replay_until(self._model):
             return  # a replay of a step trained before the resume
         step = batch + 1
         event = _first_non_finite(logs, self._epoch, step)
