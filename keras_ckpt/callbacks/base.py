@@ -64,7 +64,16 @@ class StatefulCallback(keras.callbacks.Callback):
         registry.attach(model, self)
 
     def on_train_begin(self, logs: dict | None = None) -> None:
-        registry.seal(self.model)
+        self._fit = registry.seal(self.model)
+
+    def replaying(self, batch: int) -> bool:
+        """Whether batch end `batch` is a resume's replay of a step trained before.
+
+        Cheap and safe on Keras's callback thread: it reads the fit's record,
+        not `self.model` (which, on JAX, would sync the training state).
+        """
+        fit = getattr(self, "_fit", None)
+        return fit is not None and batch < fit.replay_until
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         self.settle_epoch_end(epoch, logs)

@@ -294,9 +294,7 @@ class BudgetStop(StatefulCallback):
         return min(self._paid_until, self._deadline) - lead
 
     def _check(self, now: float, batch: int | None, logs: dict | None) -> None:
-        # `self._model`, not `self.model`: on JAX the property syncs the
-        # training state, which must not happen on Keras's callback thread.
-        if batch is not None and batch < registry.replay_until(self._model):
+        if batch is not None and self.replaying(batch):
             # A resume replaying the batches it had trained on: nothing to decide
             # (and replays are no measure of a step's time).
             self._last_check = (now, batch)

@@ -362,7 +362,7 @@ class ModelCheckpoint(StatefulCallback):
     def _on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         if self._fields_unchecked:
             self._check_fields(logs or {})
-        if batch < registry.replay_until(self.model):
+        if self.replaying(batch):
             return
         if self._catcher is not None:
             self._last_logs = logs

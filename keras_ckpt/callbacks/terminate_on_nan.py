@@ -206,9 +206,7 @@ class TerminateOnNaN(StatefulCallback):
         if self._settled_batch == key:
             return
         self._settled_batch = key
-        # `self._model`: on JAX the `model` property syncs the training state,
-        # which must not happen on Keras's callback thread (async dispatch).
-        if batch < registry.replay_until(self._model):
+        if self.replaying(batch):
             return  # a replay of a step trained before the resume
         step = batch + 1
         event = _first_non_finite(logs, self._epoch, step)
