@@ -11,7 +11,8 @@ directory on the same disk as this repository) and the median is reported:
 
 - `disk_fsync`: the state's bytes written with one plain `write` and fsync
   (the disk's bandwidth in this run);
-- `floor`: every variable read without a copy, one h5py write, fsync;
+- `floor`: every variable read without a copy (`state.host_view`), one h5py write,
+  fsync;
 - `keras_save_weights` / `keras_save_weights_fsync`: `model.save_weights`,
   without and with an fsync (Keras never fsyncs);
 - `keras_save_keras`: `model.save("x.keras")`;
@@ -115,7 +116,7 @@ def bench(millions: float, repeats: int, root: str) -> dict:
         p = path("floor", i) + ".h5"
         with h5py.File(p, "w") as f:
             for j, v in enumerate(variables):
-                f.create_dataset(f"a{j}", data=keras.ops.convert_to_numpy(v))
+                f.create_dataset(f"a{j}", data=keras_ckpt.state.host_view(v))
         fsync(p)
 
     r["floor"] = timed(floor, repeats, clean)

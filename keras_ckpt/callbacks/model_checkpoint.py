@@ -248,9 +248,16 @@ class ModelCheckpoint(StatefulCallback):
         self._metric_fields = [f for f in self._fields if f not in ("epoch", "batch")]
         if self._batch_level or self._metric_fields or self._catcher is not None:
             self.on_train_batch_end = self._on_train_batch_end
+        # Resuming inside an epoch is implemented on TensorFlow; elsewhere a
+        # signal stops training and the newest end-of-epoch checkpoint stays.
+        self._mid_epoch = keras.backend.backend() == "tensorflow"
+        # With preemption alone, the batch hook only reads a flag and, on the
+        # backends that dispatch batch hooks on a thread pool (JAX, torch),
+        # only asks training to stop: Keras may keep that dispatch on.
+        self.async_safe = not (self._batch_level or self._metric_fields)
         if self._catcher is not None or save_on_exception:
             self.on_test_begin = self._on_test_begin
-        if self._catcher is not None:
+        if self._catcher is not None and self._mid_epoch:
             self.on_test_batch_end = self._on_test_batch_end
         self._reset_progress()
 
@@ -367,7 +374,13 @@ class ModelCheckpoint(StatefulCallback):
         if self._catcher is not None:
             self._last_logs = logs
             if self._catcher.pending is not None and self.preempted_by is None:
-                self._preempt(logs or {}, steps_in_epoch=batch + 1)
+                if self._mid_epoch:
+                    self._preempt(logs or {}, steps_in_epoch=batch + 1)
+                else:  # possibly on Keras's callback thread: touch no state
+                    steps = (self.params or {}).get("steps")
+                    if steps is None or batch + 1 < steps:
+                        registry.set_cut_short(self._model, self._epoch)
+                    self._model.stop_training = True
                 return
         if not self._batch_level:
             return
@@ -385,10 +398,17 @@ class ModelCheckpoint(StatefulCallback):
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         registry.set_replay(self.model, -1)
         self._train_metrics = None
-        if registry.cut_short(self.model) == epoch:
-            return  # a stop cut the epoch short: its mid-epoch checkpoint is the newest
         pending = self._catcher is not None and self._catcher.pending is not None \
             and self.preempted_by is None
+        if registry.cut_short(self.model) == epoch:
+            # A stop cut the epoch short: its mid-epoch checkpoint is the
+            # newest (on TensorFlow), or the previous epoch's end is.
+            if pending:
+                self._stop_for_signal(
+                    f"during epoch {epoch + 1} (resuming inside an epoch is implemented on "
+                    f"TensorFlow; on {keras.backend.backend()} the run continues from the end of "
+                    f"epoch {epoch})")
+            return
         if self.save_freq == "epoch" or pending:
             self._settle_siblings(epoch, logs)
             self._save(logs or {}, steps_in_epoch=None, force=pending)
