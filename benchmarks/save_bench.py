@@ -123,6 +123,7 @@ def bench(millions: float, repeats: int, root: str) -> dict:
 
     r["keras_save_weights"] = timed(
         lambda i: model.save_weights(path("kw", i) + ".weights.h5"), repeats, clean)
+    r["keras_save_weights_bytes"] = os.path.getsize(path("kw", repeats - 1) + ".weights.h5")
 
     def kw_sync(i):
         p = path("kws", i) + ".weights.h5"
@@ -174,6 +175,8 @@ def bench(millions: float, repeats: int, root: str) -> dict:
 
         r[name] = timed(ours, repeats, clean)
         cb.on_train_end()
+        written = os.path.join(d, f"ours-{repeats}{ext}")
+        r[f"{name}_bytes"] = os.path.getsize(written) if os.path.exists(written) else None
     # Background writing: the time the training thread is blocked per save,
     # the time until the file is durable, and what the first training step
     # after the save costs (TensorFlow copies a variable before writing it
@@ -204,9 +207,6 @@ def bench(millions: float, repeats: int, root: str) -> dict:
     r["ours_async_durable"] = statistics.median(durable)
     r["train_step"] = statistics.median(step_plain)
     r["train_step_during_async_write"] = statistics.median(step_after)
-    r["ours_weights_h5_bytes"] = os.path.getsize(os.path.join(d, f"ours-{repeats}.weights.h5")) \
-        if os.path.exists(os.path.join(d, f"ours-{repeats}.weights.h5")) else None
-
     # Restore: Keras load_weights versus ours, from files written now.
     kp, op = os.path.join(d, "restore.weights.h5"), os.path.join(d, "restore-ours.weights.h5")
     model.save_weights(kp)
