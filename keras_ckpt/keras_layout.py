@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Entry", "Layout", "layout"]
+__all__ = ["Entry", "Layout", "layout", "archive_members", "has_assets"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,3 +129,19 @@ def _map_optimizer(model: Any, groups: list[tuple[str, dict]], entries: list[Ent
                     entry = Entry(entry.group, entry.key, names[id(variables[i])])
         mapped.append(entry)
     return mapped
+
+
+def archive_members(model: Any) -> tuple[str, str] | None:
+    """The `config.json` and `metadata.json` texts Keras puts in a `.keras` archive, or None."""
+    try:
+        from keras.src.saving import saving_lib
+
+        return saving_lib._serialize_model_as_json(model)
+    except Exception:  # noqa: BLE001 - a Keras without it, or a model it cannot serialize
+        return None
+
+
+def has_assets(model: Any) -> bool:
+    """Whether a layer of `model` saves assets (files) into a `.keras` archive."""
+    layers = list(model._flatten_layers()) if hasattr(model, "_flatten_layers") else [model]
+    return any(callable(getattr(layer, "save_assets", None)) for layer in layers)

@@ -40,7 +40,8 @@ __all__ = ["CorruptCheckpointError", "ForeignFileError", "write", "read", "read_
 FORMAT = "keras-ckpt"
 FORMAT_VERSION = 1
 GROUP = "keras_ckpt"
-ZIP_MEMBER = "keras_ckpt.h5"
+ZIP_MEMBER = "keras_ckpt.h5"  # our state beside Keras's archive (Keras wrote its part)
+KERAS_WEIGHTS_MEMBER = "model.weights.h5"  # one-pass archives: our state inside it
 EXTENSIONS = (".weights.h5", ".keras", ".h5")
 _TMP_MARK = ".tmp-"
 _ALLOWED_KINDS = "biuf"  # bool, int, uint, float: nothing that could hold objects
@@ -133,12 +134,12 @@ class _Slice(io.RawIOBase):
         return got
 
 
-def _member_window(path: str, archive: zipfile.ZipFile) -> tuple[int, int] | None:
+def _member_window(path: str, archive: zipfile.ZipFile, member: str) -> tuple[int, int] | None:
     """(offset, size) of our stored member inside a `.keras` archive, or None if compressed."""
-    info = archive.getinfo(ZIP_MEMBER)
+    info = archive.getinfo(member)
     if info.file_size > _memory_limit():
         raise CorruptCheckpointError(
-            f"{path}: the archive member {ZIP_MEMBER} declares {info.file_size} bytes, more than "
+            f"{path}: the archive member {member} declares {info.file_size} bytes, more than "
             "this machine's memory; refusing to read it.")
     if info.compress_type != zipfile.ZIP_STORED or info.file_size != info.compress_size:
         return None
@@ -225,7 +226,8 @@ def _fsync_path(path: str, directory: bool = False) -> None:
 
 
 def write(path: str, snapshot: Snapshot, *, keras_writer: Callable[[str], None] | None = None,
-          keras_layout: Any = None, meta: dict | None = None, fsync: bool = True) -> int:
+          keras_layout: Any = None, keras_archive: tuple[str, str] | None = None,
+          meta: dict | None = None, fsync: bool = True) -> int:
     """Writes one checkpoint atomically; returns its size in bytes.
 
     Args:
@@ -235,7 +237,11 @@ def write(path: str, snapshot: Snapshot, *, keras_writer: Callable[[str], None] 
             `model.save_weights`); None for a file only keras-ckpt reads.
         keras_layout: for `.weights.h5`, a `keras_layout.Layout`: Keras's
             part is written from the snapshot in the same pass, sharing the
-            data (instead of `keras_writer`).
+            data (instead of `keras_writer`); with `keras_archive`, the same
+            for a `.keras` file.
+        keras_archive: for `.keras`, Keras's `(config.json, metadata.json)`
+            texts: the archive is written in one pass, our state inside its
+            `model.weights.h5` member.
         meta: extra JSON-safe metadata (progress, monitor, time written).
         fsync: flush file and directory to stable storage before returning.
 
@@ -248,7 +254,17 @@ def write(path: str, snapshot: Snapshot, *, keras_writer: Callable[[str], None] 
     ext = extension(base) or ".h5"
     tmp = os.path.join(directory, f".{base}{_TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}{ext}")
     try:
-        if ext == ".keras":
+        if ext == ".keras" and keras_archive is not None and keras_layout is not None:
+            buffer = io.BytesIO()
+            with h5py.File(buffer, "w") as h5:
+                _write_group(h5, snapshot, meta or {}, layout=keras_layout)
+            config_json, metadata_json = keras_archive
+            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as archive:
+                archive.writestr("metadata.json", metadata_json)
+                archive.writestr("config.json", config_json)
+                archive.writestr(KERAS_WEIGHTS_MEMBER, buffer.getbuffer())
+            del buffer
+        elif ext == ".keras":
             if keras_writer is not None:
                 keras_writer(tmp)
             buffer = io.BytesIO()
@@ -291,12 +307,14 @@ def _open_group(path: str, verify: bool = False):
                 bad = archive.testzip() if verify else None
                 if bad is not None:
                     raise CorruptCheckpointError(f"{path}: archive member {bad} fails its CRC.")
-                if ZIP_MEMBER not in archive.namelist():
+                names = archive.namelist()
+                member = ZIP_MEMBER if ZIP_MEMBER in names else KERAS_WEIGHTS_MEMBER
+                if member not in names:
                     raise ForeignFileError(
                         f"{path} is a Keras archive without keras-ckpt training state.")
-                window = _member_window(path, archive)
+                window = _member_window(path, archive, member)
                 if window is None:
-                    source: Any = io.BytesIO(archive.read(ZIP_MEMBER))
+                    source: Any = io.BytesIO(archive.read(member))
             if window is not None:
                 # Read our member in place: no copy of the state into memory.
                 raw = open(path, "rb")  # noqa: SIM115 - closed below
@@ -316,7 +334,8 @@ def _open_group(path: str, verify: bool = False):
         with h5:
             group = h5.get(GROUP)
             if not isinstance(group, h5py.Group) or group.attrs.get("format") != FORMAT:
-                raise ForeignFileError(f"{path} holds no keras-ckpt training state.")
+                what = "is a Keras archive without" if path.endswith(".keras") else "holds no"
+                raise ForeignFileError(f"{path} {what} keras-ckpt training state.")
             yield group
     finally:
         if raw is not None:

@@ -30,7 +30,10 @@ def fit(model, callbacks, epochs=2):
 
 # ------------------------------------------------------------------ failed writes
 def run_diskfull_child(tmp_path, policy):
-    """Runs the child on a 600 KiB tmpfs (in a user+mount namespace) where the machine allows."""
+    """Runs the child on a 600 KiB tmpfs (in a user+mount namespace) where the machine allows.
+
+    A checkpoint of the child's model is about 230 KiB: one or two fit, the rest fail.
+    """
     script = (f"set -e; mount -t tmpfs -o size=600k tmpfs {tmp_path}; "
               f"{sys.executable} {HERE}/diskfull_child.py {tmp_path} {policy}")
     unshare = shutil.which("unshare")
@@ -64,18 +67,23 @@ def test_a_full_disk_warns_keeps_training_and_keeps_the_last_checkpoint(tmp_path
         result = json.loads(proc.stdout.split("RESULT ", 1)[1])
         errno = "File too large"
     assert result["raised"] is None and result["epochs_trained"] == 6
-    assert len(result["save_errors"]) >= 4 and errno in result["save_errors"][-1]
+    saved = len(result["valid"])  # how many fit depends on the filesystem's size
+    assert 1 <= saved <= 3 and len(result["save_errors"]) == 6 - saved
+    assert errno in result["save_errors"][-1]
     assert result["warnings"] == result["save_errors"]  # each one also a Python warning
-    assert result["files"] == ["ckpt-01.keras"]  # no temporary junk, no lock file left
-    assert result["valid"] == [["ckpt-01.keras", 0]]  # read and verified after the failures
+    # Only complete checkpoints, each read and verified after the failures; no
+    # temporary junk and no lock file left.
+    assert result["valid"] == [[f"ckpt-{e + 1:02d}.keras", e] for e in range(saved)]
+    assert result["files"] == [name for name, _ in result["valid"]]
 
 
 @pytest.mark.slow
 def test_a_full_disk_with_on_save_error_raise_stops_with_the_error(tmp_path):
     _, result = run_diskfull_child(tmp_path, "raise")
-    assert result["raised"] and result["epochs_trained"] == 2
-    assert result["files"] == ["ckpt-01.keras"]
-    assert result["valid"] == [["ckpt-01.keras", 0]]
+    saved = len(result["valid"])
+    assert result["raised"] and saved >= 1 and result["epochs_trained"] == saved + 1
+    assert result["valid"] == [[f"ckpt-{e + 1:02d}.keras", e] for e in range(saved)]
+    assert result["files"] == [name for name, _ in result["valid"]]
 
 
 # ------------------------------------------------------------------ one run per directory

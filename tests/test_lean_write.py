@@ -123,3 +123,48 @@ def test_a_snapshot_read_without_copies_is_not_changed_by_later_steps():
     assert not np.array_equal(model.variables[0].numpy(), copied.arrays["model/00000"])
     for name, array in copied.arrays.items():
         np.testing.assert_array_equal(view.arrays[name], array, err_msg=name)
+
+
+def test_one_pass_keras_archive_loads_in_keras_with_the_state_inside(tmp_path):
+    import zipfile
+
+    model = make_model(batchnorm=True, metrics=["mae"])
+    path = tmp_path / "m.keras"
+    fit(model, [keras_ckpt.ModelCheckpoint(str(path))])
+    assert zipfile.ZipFile(path).namelist() == ["metadata.json", "config.json",
+                                                "model.weights.h5"]
+    loaded = keras.saving.load_model(path)
+    for v, w in zip(model.variables + model.optimizer.variables,
+                    loaded.variables + loaded.optimizer.variables, strict=True):
+        np.testing.assert_array_equal(v.numpy(), w.numpy(), err_msg=v.path)
+    snapshot = storage.read(str(path))
+    assert snapshot.meta["progress"]["epoch"] == 0
+
+
+@keras.saving.register_keras_serializable(package="tests")
+class WithAssets(keras.layers.Layer):
+    """A layer that saves a file into the archive (like TextVectorization's vocabulary)."""
+
+    def call(self, x):
+        return x
+
+    def save_assets(self, dir_path):
+        with open(f"{dir_path}/vocabulary.txt", "w") as f:
+            f.write("a\nb\n")
+
+    def load_assets(self, dir_path):
+        with open(f"{dir_path}/vocabulary.txt") as f:
+            self.vocabulary = f.read().split()
+
+
+def test_a_model_with_assets_is_archived_by_keras_with_our_state_beside(tmp_path):
+    import zipfile
+
+    model = keras.Sequential([keras.Input((4,)), WithAssets(), keras.layers.Dense(1)])
+    model.compile("adam", "mse")
+    path = tmp_path / "a.keras"
+    fit(model, [keras_ckpt.ModelCheckpoint(str(path))])
+    names = zipfile.ZipFile(path).namelist()
+    assert "keras_ckpt.h5" in names and any(n.startswith("assets/") for n in names)
+    assert keras.saving.load_model(path).layers[0].vocabulary == ["a", "b"]
+    assert storage.read(str(path)).meta["progress"]["epoch"] == 0

@@ -807,9 +807,14 @@ class ModelCheckpoint(StatefulCallback):
             except storage.CorruptCheckpointError as e:
                 warnings.warn(f"ModelCheckpoint: replacing {filepath}, which is not a valid "
                               f"keras-ckpt checkpoint ({e}).", stacklevel=3)
-        layout = self._keras_layout() if self.save_weights_only else None
+        layout, archive = None, None
+        if self.save_weights_only:
+            layout = self._keras_layout()
+        elif filepath.endswith(".keras") and not keras_layout.has_assets(self.model):
+            archive = keras_layout.archive_members(self.model)
+            layout = self._keras_layout() if archive is not None else None
         storage.write(filepath, snapshot, keras_writer=None if layout else self._keras_writer(),
-                      keras_layout=layout, meta=meta, fsync=self.fsync)
+                      keras_layout=layout, keras_archive=archive, meta=meta, fsync=self.fsync)
         self._written.add(filepath)
 
     def _keras_layout(self) -> keras_layout.Layout | None:
