@@ -153,14 +153,21 @@ def _member_window(path: str, archive: zipfile.ZipFile, member: str) -> tuple[in
 
 
 def _write_group(h5: h5py.File, snapshot: Snapshot, meta: dict, layout: Any = None,
-                 sync_path: str | None = None) -> None:
+                 sync_path: str | None = None, compression: str | None = None) -> None:
     """Writes our group (and, with a `keras_layout.Layout`, Keras's datasets) in one pass.
 
     With `layout`, each variable's data is written once, where Keras's
     `load_weights` looks for it, and our group hard-links to it. Checksums
     come from the arrays in memory, never from reading the file back; with
     `sync_path` they are computed while the data is being fsynced.
+    `compression` ("gzip" or "lzf") compresses every non-scalar dataset.
     """
+
+    def dataset(group: h5py.Group, name: str, array: np.ndarray) -> h5py.Dataset:
+        if compression is None or array.ndim == 0:
+            return group.create_dataset(name, data=array)
+        return group.create_dataset(name, data=array, compression=compression)
+
     shared: dict[str, h5py.Dataset] = {}
     keras_values: dict[str, np.ndarray] = {}
     if layout is not None:
@@ -171,23 +178,23 @@ def _write_group(h5: h5py.File, snapshot: Snapshot, meta: dict, layout: Any = No
         for entry in layout.entries:
             target = h5[entry.group]
             if entry.array is not None:
-                shared[entry.array] = target.create_dataset(
-                    entry.key, data=np.asarray(snapshot.arrays[entry.array]))
+                shared[entry.array] = dataset(target, entry.key,
+                                              np.asarray(snapshot.arrays[entry.array]))
             else:
-                target.create_dataset(entry.key, data=entry.value)
+                dataset(target, entry.key, entry.value)
                 keras_values[f"{entry.group}/{entry.key}"] = entry.value
     group = h5.require_group(GROUP)
     arrays_meta: dict[str, dict] = {}
     data = group.create_group("arrays")
     later: list[tuple[dict, np.ndarray]] = []
     for i, (name, value) in enumerate(snapshot.arrays.items()):
-        dataset = f"a{i:05d}"
+        key = f"a{i:05d}"
         if name in shared:
-            data[dataset] = shared[name]  # a hard link: the same data, stored once
+            data[key] = shared[name]  # a hard link: the same data, stored once
         array = value if isinstance(value, np.ndarray) else np.asarray(value)
         if name not in shared:
-            data.create_dataset(dataset, data=array)
-        entry = {"dataset": dataset, "shape": list(array.shape), "dtype": array.dtype.str}
+            dataset(data, key, array)
+        entry = {"dataset": key, "shape": list(array.shape), "dtype": array.dtype.str}
         arrays_meta[name] = entry
         if isinstance(value, np.ndarray):
             later.append((entry, array))  # already in memory: checksum it later
@@ -227,7 +234,7 @@ def _fsync_path(path: str, directory: bool = False) -> None:
 
 def write(path: str, snapshot: Snapshot, *, keras_writer: Callable[[str], None] | None = None,
           keras_layout: Any = None, keras_archive: tuple[str, str] | None = None,
-          meta: dict | None = None, fsync: bool = True) -> int:
+          meta: dict | None = None, fsync: bool = True, compression: str | None = None) -> int:
     """Writes one checkpoint atomically; returns its size in bytes.
 
     Args:
@@ -244,6 +251,9 @@ def write(path: str, snapshot: Snapshot, *, keras_writer: Callable[[str], None] 
             `model.weights.h5` member.
         meta: extra JSON-safe metadata (progress, monitor, time written).
         fsync: flush file and directory to stable storage before returning.
+        compression: None (default), "gzip" or "lzf" for keras-ckpt's arrays
+            and, in one-pass files, Keras's datasets (smaller files, slower
+            writes; Keras reads them as usual).
 
     Raises:
         OSError: the write failed; the previous file at `path` is untouched and
@@ -257,7 +267,8 @@ def write(path: str, snapshot: Snapshot, *, keras_writer: Callable[[str], None] 
         if ext == ".keras" and keras_archive is not None and keras_layout is not None:
             buffer = io.BytesIO()
             with h5py.File(buffer, "w") as h5:
-                _write_group(h5, snapshot, meta or {}, layout=keras_layout)
+                _write_group(h5, snapshot, meta or {}, layout=keras_layout,
+                             compression=compression)
             config_json, metadata_json = keras_archive
             with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as archive:
                 archive.writestr("metadata.json", metadata_json)
@@ -269,14 +280,14 @@ def write(path: str, snapshot: Snapshot, *, keras_writer: Callable[[str], None] 
                 keras_writer(tmp)
             buffer = io.BytesIO()
             with h5py.File(buffer, "w") as h5:
-                _write_group(h5, snapshot, meta or {})
+                _write_group(h5, snapshot, meta or {}, compression=compression)
             mode = "a" if keras_writer is not None else "w"
             with zipfile.ZipFile(tmp, mode, compression=zipfile.ZIP_STORED) as archive:
                 archive.writestr(ZIP_MEMBER, buffer.getbuffer())
         elif keras_layout is not None:
             with h5py.File(tmp, "w") as h5:
                 _write_group(h5, snapshot, meta or {}, layout=keras_layout,
-                             sync_path=tmp if fsync else None)
+                             sync_path=tmp if fsync else None, compression=compression)
         else:
             if keras_writer is not None:
                 keras_writer(tmp)
@@ -284,7 +295,8 @@ def write(path: str, snapshot: Snapshot, *, keras_writer: Callable[[str], None] 
                 if GROUP in h5:
                     del h5[GROUP]
                 keras_part = {"keras_part_crc32": _keras_part_crcs(h5)} if keras_writer else {}
-                _write_group(h5, snapshot, {**(meta or {}), **keras_part})
+                _write_group(h5, snapshot, {**(meta or {}), **keras_part},
+                             compression=compression)
         if fsync:
             _fsync_path(tmp)
         size = os.path.getsize(tmp)

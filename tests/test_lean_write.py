@@ -168,3 +168,32 @@ def test_a_model_with_assets_is_archived_by_keras_with_our_state_beside(tmp_path
     assert "keras_ckpt.h5" in names and any(n.startswith("assets/") for n in names)
     assert keras.saving.load_model(path).layers[0].vocabulary == ["a", "b"]
     assert storage.read(str(path)).meta["progress"]["epoch"] == 0
+
+
+@pytest.mark.parametrize("ext", [".weights.h5", ".keras"])
+def test_opt_in_compression_is_smaller_and_reads_back_exactly(tmp_path, ext):
+    model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(256, use_bias=False,
+                                                                     kernel_initializer="zeros"),
+                              keras.layers.Dense(1)])
+    model.compile("adam", "mse")
+    paths = {}
+    for compression in (None, "gzip"):
+        paths[compression] = tmp_path / f"{compression}{ext}"
+        fit_wide = keras_ckpt.ModelCheckpoint(str(paths[compression]), compression=compression,
+                                              save_weights_only=ext == ".weights.h5")
+        fit_wide.set_model(model)
+        fit_wide.on_train_begin()
+        fit_wide.on_epoch_begin(0)
+        fit_wide.on_epoch_end(0, {"loss": 1.0})
+        fit_wide.on_train_end()
+    assert paths["gzip"].stat().st_size < paths[None].stat().st_size / 2  # 64 KiB of zeros
+    plain, packed = storage.read(str(paths[None])), storage.read(str(paths["gzip"]))
+    for name in plain.arrays:
+        if not name.startswith("rng/"):
+            np.testing.assert_array_equal(plain.arrays[name], packed.arrays[name])
+    fresh = keras.models.clone_model(model)
+    if ext == ".keras":
+        fresh = keras.saving.load_model(paths["gzip"])
+    else:
+        fresh.load_weights(paths["gzip"])
+    np.testing.assert_array_equal(fresh.layers[-1].kernel.numpy(), model.layers[-1].kernel.numpy())

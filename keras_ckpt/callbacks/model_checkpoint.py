@@ -111,6 +111,9 @@ class ModelCheckpoint(StatefulCallback):
             A failed write is reported at the next save or at train end,
             following `on_save_error`; `on_train_end`, an exception out of
             `fit` and interpreter exit all wait for the write to commit.
+        compression: None (default: fastest), `"gzip"` or `"lzf"`: compress
+            the arrays (and Keras's datasets in the same file). Smaller files
+            for compressible states, slower saves; Keras reads them as usual.
 
     Raises:
         ValueError, TypeError: an invalid argument (at construction).
@@ -154,6 +157,7 @@ class ModelCheckpoint(StatefulCallback):
         if_none_valid: str = "raise",
         lock: bool = True,
         async_write: bool = False,
+        compression: str | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(filepath, (str, os.PathLike)):
@@ -205,6 +209,7 @@ class ModelCheckpoint(StatefulCallback):
         signals = parse_signals("preemption_signals", preemption_signals)
         check_choice("on_save_error", on_save_error, ("warn", "raise"))
         check_choice("if_none_valid", if_none_valid, ("raise", "start_fresh"))
+        check_choice("compression", compression, (None, "gzip", "lzf"))
         if preemption == "auto":
             preemption = "exit" if resume else None
         self.monitor = monitor
@@ -227,6 +232,7 @@ class ModelCheckpoint(StatefulCallback):
         self.if_none_valid = if_none_valid
         self.lock = lock
         self.async_write = async_write
+        self.compression = compression
         self._writer = BackgroundWriter() if async_write else None
         self._in_flight: tuple[str, str] | None = None
         self._catcher = SignalCatcher(signals, self._on_signal,
@@ -289,7 +295,7 @@ class ModelCheckpoint(StatefulCallback):
             "preemption": self.preemption, "preemption_signals": list(self.preemption_signals),
             "save_on_exception": self.save_on_exception, "on_save_error": self.on_save_error,
             "if_none_valid": self.if_none_valid, "lock": self.lock,
-            "async_write": self.async_write,
+            "async_write": self.async_write, "compression": self.compression,
         }
 
     def _reset_progress(self) -> None:
@@ -814,7 +820,8 @@ class ModelCheckpoint(StatefulCallback):
             archive = keras_layout.archive_members(self.model)
             layout = self._keras_layout() if archive is not None else None
         storage.write(filepath, snapshot, keras_writer=None if layout else self._keras_writer(),
-                      keras_layout=layout, keras_archive=archive, meta=meta, fsync=self.fsync)
+                      keras_layout=layout, keras_archive=archive, meta=meta, fsync=self.fsync,
+                      compression=self.compression)
         self._written.add(filepath)
 
     def _keras_layout(self) -> keras_layout.Layout | None:
