@@ -349,3 +349,34 @@ def test_real_time_run_stops_within_one_step_of_the_limit(tmp_path):
     assert used <= limit + times.longest + 0.25  # one step of slack (the final save included)
     info, _ = keras_ckpt.latest_checkpoint(tmp_path / "c")
     assert info.path == budget.checkpoint
+
+
+class TickPerStep(Tick):
+    """Like Tick, but counts every step of an execution (steps_per_execution > 1)."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        done = int(self.model.optimizer.iterations.numpy())
+        self.clock.t += self.seconds * (done - (self.last or 0))
+        self.last = done
+
+
+def test_with_steps_per_execution_the_stop_overshoots_by_at_most_one_execution(tmp_path):
+    clock = FakeClock(at(2026, 3, 2, 9, 0))
+    model = make_model(seed=0)
+    model.compile(optimizer="adam", loss="mse", steps_per_execution=4)
+    budget = keras_ckpt.BudgetStop(daily_budget=29 * 60, clock=clock, verbose=0,
+                                   ledger=str(tmp_path / "ledger.json"), timezone="Europe/Berlin")
+    checkpoint = keras_ckpt.ModelCheckpoint(str(tmp_path / "ckpt" / "e{epoch:02d}.keras"),
+                                            resume=True)
+    model.fit(X, Y, batch_size=8, epochs=25, verbose=0, shuffle=False,
+              callbacks=[TickPerStep(clock), checkpoint, budget])
+    trained = int(model.optimizer.iterations.numpy())
+    assert budget.stop_reason == "daily-budget"
+    # 60 s a step, 29 min: the stop lands within one execution (4 steps) of the budget
+    assert 29 - 4 <= trained <= 29 + 4
+    used, _ = Ledger(tmp_path / "ledger.json", DayClock("Europe/Berlin")).used_on("2026-03-02")
+    assert used <= 29 * 60
+    newest = keras_ckpt.list_checkpoints(tmp_path / "ckpt")[-1]
+    # at an execution boundary: a multiple of 4 steps into the epoch, or its end
+    assert newest.global_step == trained
+    assert newest.epoch_complete or newest.step % 4 == 0
