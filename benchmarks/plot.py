@@ -21,6 +21,8 @@ METHODS = [
     ("keras_save_keras", "Keras .keras"),
     ("keras_backup_and_restore", "BackupAndRestore"),
     ("tf_checkpoint_write", "tf.train.Checkpoint\n+ fsync"),
+    ("keras_orbax", "Keras OrbaxCheckpoint"),
+    ("keras_orbax_async_blocking", "Keras OrbaxCheckpoint\nbackground: blocked"),
     ("ours_weights_h5", "keras-ckpt .weights.h5\n(full state, fsync)"),
     ("ours_keras", "keras-ckpt .keras\n(full state, fsync)"),
     ("ours_async_blocking", "keras-ckpt async:\ntraining blocked"),

@@ -19,6 +19,9 @@ directory on the same disk as this repository) and the median is reported:
 - `keras_modelcheckpoint`: `keras.callbacks.ModelCheckpoint(save_weights_only=True)`;
 - `keras_backup_and_restore`: `keras.callbacks.BackupAndRestore` at an epoch end;
 - `tf_checkpoint_write`: `tf.train.Checkpoint(model, optimizer).write` (+ fsync);
+- `keras_orbax` / `keras_orbax_async`: `keras.callbacks.OrbaxCheckpoint` (needs
+  `pip install orbax-checkpoint`), until finished; for the background one
+  also the blocking time (`keras_orbax_async_blocking`);
 - `ours_weights_h5` / `ours_keras`: `keras_ckpt.ModelCheckpoint` (fsynced,
   the whole state) to `.weights.h5` / `.keras`: blocking time = time to durable;
 - `ours_async_*`: `async_write=True`: the training thread's blocking time
@@ -162,6 +165,26 @@ def bench(millions: float, repeats: int, root: str) -> dict:
         r["tf_checkpoint_write"] = timed(tf_write, repeats, clean)
     except Exception as e:  # a backend without tf.train.Checkpoint support
         r["tf_checkpoint_write"] = f"not measured: {e}"
+
+    try:  # Keras's OrbaxCheckpoint, where `pip install orbax-checkpoint` was done
+        for name, background in (("keras_orbax", False), ("keras_orbax_async", True)):
+            orbax = keras.callbacks.OrbaxCheckpoint(os.path.join(d, name), max_to_keep=1,
+                                                    save_on_background=background)
+            orbax.set_model(model)
+            orbax.on_train_begin()
+            blocked, durable = [], []
+            for i in range(repeats):
+                started = time.perf_counter()
+                orbax.on_epoch_end(i, {"loss": 1.0})
+                blocked.append(time.perf_counter() - started)
+                orbax.wait_until_finished()
+                durable.append(time.perf_counter() - started)
+            orbax.on_train_end()
+            r[name] = statistics.median(durable)
+            if background:
+                r["keras_orbax_async_blocking"] = statistics.median(blocked)
+    except Exception as e:  # noqa: BLE001 - not installed, or not on this backend
+        r["keras_orbax"] = f"not measured: {type(e).__name__}: {e}"
 
     for name, ext in (("ours_weights_h5", ".weights.h5"), ("ours_keras", ".keras")):
         cb = keras_ckpt.ModelCheckpoint(os.path.join(d, "ours-{epoch}" + ext),
