@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import keras
 
 from keras_ckpt import registry
 
-__all__ = ["StatefulCallback", "print_msg", "non_finite_logs"]
+__all__ = ["StatefulCallback", "print_msg", "non_finite_logs", "guard_step_functions",
+           "unguard_step_functions"]
 
 try:  # Keras's own printing respects keras.config.disable_interactive_logging().
     from keras.src.utils.io_utils import print_msg as _keras_print_msg
@@ -27,6 +30,44 @@ def non_finite_logs(logs: dict | None) -> dict[str, float]:
         if not math.isfinite(number):
             bad[key] = number
     return bad
+
+
+def guard_step_functions(model: Any, on_error: Callable[[str, BaseException], None],
+                         on_result: Callable[[str, Any], None] | None = None) -> list:
+    """Wraps `model.train_function` and `test_function` to see what escapes a step.
+
+    `on_error(name, error)` runs before the error propagates; `on_result(name,
+    result)` after each call that returns. Returns the guards for
+    `unguard_step_functions`.
+    """
+    if hasattr(model, "make_test_function"):
+        model.make_test_function()
+    guards = []
+    for name in ("train_function", "test_function"):
+        inner = getattr(model, name, None)
+        if inner is None:
+            continue
+
+        def guarded(*args, _inner=inner, _name=name, **kwargs):
+            try:
+                result = _inner(*args, **kwargs)
+            except BaseException as e:
+                on_error(_name, e)
+                raise
+            if on_result is not None:
+                on_result(_name, result)
+            return result
+
+        setattr(model, name, guarded)
+        guards.append((name, inner, guarded))
+    return guards
+
+
+def unguard_step_functions(model: Any, guards: list) -> None:
+    """Undoes `guard_step_functions` (where nobody wrapped the functions further since)."""
+    for name, inner, guarded in reversed(guards):
+        if getattr(model, name, None) is guarded:
+            setattr(model, name, inner)
 
 
 def print_msg(message: str) -> None:

@@ -13,7 +13,12 @@ import keras
 import numpy as np
 
 from keras_ckpt import registry, storage
-from keras_ckpt.callbacks.base import StatefulCallback, print_msg
+from keras_ckpt.callbacks.base import (
+    StatefulCallback,
+    guard_step_functions,
+    print_msg,
+    unguard_step_functions,
+)
 from keras_ckpt.monitor import Monitor
 from keras_ckpt.state import Snapshot
 from keras_ckpt.validation import check_bool, check_number
@@ -325,26 +330,7 @@ class EarlyStopping(StatefulCallback):
     def _install_interrupt_guards(self) -> None:
         self._remove_interrupt_guards()  # left over from a fit that ended in an error
         model = self.model
-        self._guarded: list[tuple[str, Any, Any]] = []
-
-        def guard(name: str) -> None:
-            inner = getattr(model, name, None)
-            if inner is None:
-                return
-
-            def guarded(*args, **kwargs):
-                try:
-                    return inner(*args, **kwargs)
-                except BaseException:
-                    self._restore_on_error()
-                    raise
-
-            setattr(model, name, guarded)
-            self._guarded.append((name, inner, guarded))
-
-        model.make_test_function()
-        guard("train_function")
-        guard("test_function")
+        self._guarded = guard_step_functions(model, lambda name, error: self._restore_on_error())
         self._previous_sigint = None
         graceful = any(getattr(obj, "handles_signal", lambda _: False)(signal.SIGINT)
                        for obj in registry.objects_for(model).values())
@@ -364,9 +350,7 @@ class EarlyStopping(StatefulCallback):
             signal.signal(signal.SIGINT, on_sigint)
 
     def _remove_interrupt_guards(self) -> None:
-        for name, inner, guarded in getattr(self, "_guarded", []):
-            if getattr(self.model, name, None) is guarded:
-                setattr(self.model, name, inner)
+        unguard_step_functions(self.model, getattr(self, "_guarded", []))
         self._guarded = []
         if getattr(self, "_previous_sigint", None) is not None:
             signal.signal(signal.SIGINT, self._previous_sigint)

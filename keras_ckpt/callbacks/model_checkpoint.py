@@ -17,7 +17,13 @@ import numpy as np
 
 from keras_ckpt import dirlock, keras_layout, manager, registry, storage
 from keras_ckpt import state as state_lib
-from keras_ckpt.callbacks.base import StatefulCallback, non_finite_logs, print_msg
+from keras_ckpt.callbacks.base import (
+    StatefulCallback,
+    guard_step_functions,
+    non_finite_logs,
+    print_msg,
+    unguard_step_functions,
+)
 from keras_ckpt.jsonsafe import decode_float, encode_float
 from keras_ckpt.monitor import Monitor
 from keras_ckpt.preemption import SignalCatcher, exit_status, parse_signals
@@ -527,36 +533,18 @@ class ModelCheckpoint(StatefulCallback):
 
     # ------------------------------------------------------------ exceptions
     def _install_exception_guards(self) -> None:
-        model = self.model
+        def on_error(name: str, error: BaseException) -> None:
+            self._save_after_exception(error, training=name == "train_function")
 
-        def guard(name: str) -> None:
-            inner = getattr(model, name, None)
-            if inner is None:
-                return
+        def on_result(name: str, result: Any) -> None:
+            if name == "train_function":
+                self._last_logs = result
+                self._count_call()
 
-            def guarded(*args, **kwargs):
-                try:
-                    result = inner(*args, **kwargs)
-                except BaseException as e:
-                    self._save_after_exception(e, training=name == "train_function")
-                    raise
-                if name == "train_function":
-                    self._last_logs = result
-                    self._count_call()
-                return result
-
-            setattr(model, name, guarded)
-            self._guards.append((name, inner, guarded))
-
-        if hasattr(model, "make_test_function"):
-            model.make_test_function()
-        guard("train_function")
-        guard("test_function")
+        self._guards = guard_step_functions(self.model, on_error, on_result)
 
     def _remove_exception_guards(self) -> None:
-        for name, inner, guarded in reversed(self._guards):
-            if getattr(self.model, name, None) is guarded:
-                setattr(self.model, name, inner)
+        unguard_step_functions(self.model, self._guards)
         self._guards = []
 
     # A step that fails inside its graph (a bad record: the data fetch fails)
