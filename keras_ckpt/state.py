@@ -150,8 +150,8 @@ def capture(model: Any, states: Mapping[str, Mapping[str, Any]] | None = None,
             if group == "metrics" and metrics is not None and len(metrics) == len(variables):
                 arrays[f"{group}/{i:05d}"] = metrics[i]
             else:
-                arrays[f"{group}/{i:05d}"] = np.array(v.numpy(), copy=True) if copy \
-                    else host_view(v)
+                view = host_view(v)
+                arrays[f"{group}/{i:05d}"] = np.array(view, copy=True) if copy else view
         variables_meta[group] = described
     object_meta: dict[str, Any] = {}
     for key, state in (states or {}).items():
@@ -196,16 +196,21 @@ def host_view(variable: Any) -> np.ndarray:
 
     On TensorFlow the array shares the buffer of the value just read; a later
     assignment to the variable writes a new buffer (copy-on-write), so the
-    array keeps the value it had. Elsewhere (or if TensorFlow's internals
-    change) it falls back to `variable.numpy()`.
+    array keeps the value it had. On JAX it shares the variable's immutable
+    array. Elsewhere (or if TensorFlow's internals change) it falls back to
+    `variable.numpy()`.
     """
     inner = getattr(variable, "value", None)
     read = getattr(inner, "value", None)
-    if callable(read):
+    if callable(read):  # TensorFlow: the tensor just read, shared
         try:
             return read()._numpy()
         except (AttributeError, TypeError, ValueError):
             pass
+    import keras
+
+    if keras.backend.backend() == "jax" and inner is not None:
+        return np.asarray(inner)  # an immutable array, shared (read-only)
     return np.asarray(variable.numpy())
 
 
