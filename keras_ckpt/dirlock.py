@@ -107,9 +107,7 @@ def _release_all_at_exit() -> None:
     # A fit that ended in an exception never released its lock; the kernel
     # would at exit, but the file would stay. Leave the directory clean.
     for key in list(_held):
-        fd, holders = _held[key]
-        for holder in list(holders):
-            holders.discard(holder)
+        _held[key][1].clear()
         release(key, None)
 
 

@@ -64,11 +64,6 @@ class SignalCatcher:
         self._on_insist = on_insist
         self._previous: dict[int, Any] = {}
 
-    @property
-    def installed(self) -> bool:
-        """True while our handlers are in place."""
-        return bool(self._previous)
-
     def install(self) -> bool:
         """Installs the handlers; returns False (and does nothing) outside the main thread."""
         self.restore()

@@ -40,14 +40,7 @@ class BackgroundWriter:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self._lock = threading.Lock()
-        self.writes = 0
         _live.add(self)
-
-    @property
-    def busy(self) -> bool:
-        """True while a write is in flight."""
-        thread = self._thread
-        return thread is not None and thread.is_alive()
 
     def submit(self, job: Callable[[], Any]) -> None:
         """Waits for the previous write (raising its error, if any), then starts `job`."""
@@ -59,7 +52,6 @@ class BackgroundWriter:
     def _run(self, job: Callable[[], Any]) -> None:
         try:
             job()
-            self.writes += 1
         except BaseException as e:  # noqa: BLE001 - handed to the training thread
             with self._lock:
                 self._error = e

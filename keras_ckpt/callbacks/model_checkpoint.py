@@ -363,7 +363,7 @@ class ModelCheckpoint(StatefulCallback):
             self._epoch_counters = self._read_counters()
             self._trained_calls = 0
             spe = int(getattr(self.model, "steps_per_execution", 1) or 1)
-            self._replay_calls = max(0, registry.replay_until(self.model)) // spe
+            self._replay_calls = max(0, self._fit.replay_until) // spe
         self._epoch = epoch
         self._epoch_start_step = self._global_step() - self._resume_step
         self._resume_step = 0
