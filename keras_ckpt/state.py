@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import re
+import sys
 from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
@@ -22,7 +23,8 @@ import numpy as np
 from keras_ckpt.jsonsafe import to_json_value
 
 __all__ = ["Stateful", "Snapshot", "capture", "host_view", "view_is_stable", "object_states",
-           "capture_rng", "apply", "apply_metrics", "check_compatible", "StateMismatchError"]
+           "capture_rng", "restore_rng_at_step", "apply", "apply_metrics", "saved_metrics",
+           "check_compatible", "StateMismatchError"]
 
 GROUPS = ("model", "optimizer", "metrics")
 
@@ -74,6 +76,29 @@ def _variables(model: Any) -> dict[str, list]:
     }
 
 
+def _replicas(variable: Any) -> tuple | None:
+    """The per-device components of a TensorFlow distributed variable (two or more), or None."""
+    components = getattr(getattr(variable, "value", None), "values", None)
+    return components if isinstance(components, tuple) and len(components) > 1 else None
+
+
+def _replica_arrays(variable: Any) -> list[np.ndarray] | None:
+    """Each replica's value of a distributed variable, where they are not all equal.
+
+    Under `tf.distribute.MirroredStrategy`, Keras updates BatchNormalization's
+    moving statistics on each replica from its own part of the batch: the
+    "mirrored" copies drift apart, and reading the variable gives replica 0's.
+    An exact resume needs each one back.
+    """
+    components = _replicas(variable)
+    if components is None:
+        return None
+    values = [np.array(c.numpy()) for c in components]
+    if all(np.array_equal(values[0], v) for v in values[1:]):
+        return None
+    return values
+
+
 def _describe(variables: list) -> list[dict]:
     return [
         {"path": v.path, "shape": [int(d) for d in v.shape], "dtype": str(v.dtype)}
@@ -89,11 +114,26 @@ def _rng_state() -> tuple[dict, dict[str, np.ndarray]]:
         "numpy": {"kind": kind, "pos": int(pos), "has_gauss": int(has_gauss),
                   "cached": float(cached)},
     }
-    return meta, {"rng/numpy_keys": np.array(keys, dtype=np.uint32)}
+    arrays = {"rng/numpy_keys": np.array(keys, dtype=np.uint32)}
+    torch = _torch_if_used()
+    if torch is not None:
+        # Keras's torch backend shuffles arrays with torch's global generator
+        # (its DataLoader's RandomSampler draws a seed from it every epoch).
+        arrays["rng/torch_cpu"] = torch.get_rng_state().numpy().copy()
+    return meta, arrays
 
 
-def _rng_tuples(meta: Any, arrays: Mapping[str, np.ndarray]) -> tuple[tuple, tuple]:
-    """The Python and NumPy RNG states a checkpoint holds (checked, not yet set)."""
+def _torch_if_used() -> Any:
+    """The torch module when Keras runs on torch, else None."""
+    if "torch" not in sys.modules:
+        return None
+    import keras
+
+    return sys.modules["torch"] if keras.backend.backend() == "torch" else None
+
+
+def _rng_tuples(meta: Any, arrays: Mapping[str, np.ndarray]) -> tuple:
+    """The Python, NumPy (and torch) RNG states a checkpoint holds (checked, not yet set)."""
     try:
         py = meta["python"]
         python_state = (int(py["version"]), tuple(int(v) for v in py["internal"]),
@@ -104,9 +144,31 @@ def _rng_tuples(meta: Any, arrays: Mapping[str, np.ndarray]) -> tuple[tuple, tup
                        float(nps["cached"]))
         random.Random().setstate(python_state)
         np.random.RandomState().set_state(numpy_state)
+        torch_state = arrays.get("rng/torch_cpu")
+        torch = _torch_if_used()
+        if torch is None:
+            torch_state = None
+        else:
+            expected = torch.get_rng_state().numel()
+            for state in (torch_state, arrays.get("rng/torch_cpu_at_step")):
+                if state is not None and (state.dtype != np.uint8
+                                          or state.shape != (expected,)):
+                    raise ValueError(f"torch RNG state of shape {state.shape}, "
+                                     f"{state.dtype}; expected ({expected},), uint8")
     except (KeyError, TypeError, ValueError) as e:
         raise StateMismatchError(f"The checkpoint's RNG state is malformed ({e!r}).") from None
-    return python_state, numpy_state
+    return python_state, numpy_state, torch_state
+
+
+def restore_rng_at_step(snapshot: Snapshot) -> None:
+    """Sets the RNG state a mid-epoch snapshot holds for its step (torch's), if any."""
+    state = snapshot.arrays.get("rng/torch_cpu_at_step")
+    torch = _torch_if_used()
+    if state is None or torch is None:
+        return
+    if state.dtype != np.uint8 or state.shape != (torch.get_rng_state().numel(),):
+        raise StateMismatchError("The checkpoint's torch RNG state is malformed.")
+    torch.set_rng_state(torch.from_numpy(state.copy()))
 
 
 def capture_rng() -> tuple[dict, dict[str, np.ndarray]]:
@@ -153,6 +215,13 @@ def capture(model: Any, states: Mapping[str, Mapping[str, Any]] | None = None,
                 view = host_view(v)
                 arrays[f"{group}/{i:05d}"] = np.array(view, copy=True) if copy else view
         variables_meta[group] = described
+    replicas: dict[str, int] = {}
+    for i, v in enumerate(_variables(model)["model"]):
+        values = None if v.trainable else _replica_arrays(v)
+        if values is not None:
+            replicas[f"model/{i:05d}"] = len(values)
+            for r, value in enumerate(values):
+                arrays[f"replicas/model/{i:05d}/{r}"] = value
     object_meta: dict[str, Any] = {}
     for key, state in (states or {}).items():
         json_part = {}
@@ -168,6 +237,12 @@ def capture(model: Any, states: Mapping[str, Mapping[str, Any]] | None = None,
                                              if isinstance(v, np.ndarray))}
     rng_meta, rng_arrays = rng if rng is not None else _rng_state()
     arrays.update(rng_arrays)
+    torch = _torch_if_used()
+    if rng is not None and torch is not None:
+        # Keras's torch Dropout (unseeded) draws from torch's global generator
+        # at every step: a resume replays the epoch's data order from `rng`,
+        # then takes this state, the generator's at this step.
+        arrays["rng/torch_cpu_at_step"] = torch.get_rng_state().numpy().copy()
     optimizer = getattr(model, "optimizer", None)
     meta = {
         "variables": variables_meta,
@@ -177,6 +252,8 @@ def capture(model: Any, states: Mapping[str, Mapping[str, Any]] | None = None,
         "rng": rng_meta,
         "progress": dict(progress or {}),
     }
+    if replicas:
+        meta["replicas"] = replicas
     return Snapshot(arrays=arrays, meta=meta)
 
 
@@ -302,6 +379,16 @@ def _check_arrays(snapshot: Snapshot) -> None:
     needed = [f"{g}/{i:05d}" for g in GROUPS for i in range(len(meta["variables"][g]))]
     for key, saved in meta.get("objects", {}).items():
         needed += [f"objects/{key}/{n}" for n in saved.get("arrays", [])]
+    replicas = meta.get("replicas", {})
+    if not isinstance(replicas, dict):
+        raise StateMismatchError("The checkpoint's replica table is malformed.")
+    for key, count in replicas.items():
+        match = re.fullmatch(r"model/(\d{5})", str(key))
+        if (match is None or int(match.group(1)) >= len(meta["variables"]["model"])
+                or not isinstance(count, int) or not 2 <= count <= 4096):
+            raise StateMismatchError(f"The checkpoint's replica entry {key!r}: {count!r} is "
+                                     "malformed.")
+        needed += [f"replicas/{key}/{r}" for r in range(count)]
     missing = [n for n in needed if n not in snapshot.arrays]
     if missing:
         raise StateMismatchError(
@@ -333,6 +420,26 @@ def _assign(variables: list, group: str, arrays: Mapping[str, np.ndarray]) -> No
         v.assign(arrays[f"{group}/{i:05d}"])
 
 
+def _assign_replicas(variables: list, replicas: Mapping[str, int],
+                     arrays: Mapping[str, np.ndarray]) -> None:
+    """Gives each replica of a distributed variable its own saved value back.
+
+    Where the model now runs with another number of replicas (or none), the
+    variable keeps the value `_assign` gave it (replica 0's).
+    """
+    for key, count in replicas.items():
+        variable = variables[int(key.split("/")[1])]
+        components = _replicas(variable)
+        if components is None or len(components) != count:
+            continue
+        for r, component in enumerate(components):
+            value = arrays[f"replicas/{key}/{r}"]
+            if tuple(value.shape) != tuple(component.shape):
+                raise StateMismatchError(f"The checkpoint's replica {r} of {variable.path} has "
+                                         f"shape {value.shape}; the variable {component.shape}.")
+            component.assign(value)
+
+
 def apply(snapshot: Snapshot, model: Any, objects: Mapping[str, Stateful] | None = None, *,
           weights_only: bool = False, metrics: bool = True, rng: bool = True) -> None:
     """Applies a `Snapshot` to `model` (and its optimizer, metrics and `objects`).
@@ -359,6 +466,7 @@ def apply(snapshot: Snapshot, model: Any, objects: Mapping[str, Stateful] | None
         return
     groups = _variables(model)
     _assign(groups["model"], "model", snapshot.arrays)
+    _assign_replicas(groups["model"], meta.get("replicas", {}), snapshot.arrays)
     optimizer = getattr(model, "optimizer", None)
     saved_opt = meta["variables"]["optimizer"]
     if optimizer is not None and saved_opt:
@@ -380,15 +488,29 @@ def apply(snapshot: Snapshot, model: Any, objects: Mapping[str, Stateful] | None
     if rng_states is not None:
         random.setstate(rng_states[0])
         np.random.set_state(rng_states[1])
+        if rng_states[2] is not None:
+            _torch_if_used().set_rng_state(_torch_if_used().from_numpy(rng_states[2].copy()))
 
 
-def apply_metrics(snapshot: Snapshot, model: Any) -> bool:
-    """Restores the compiled metrics' running state; False if they do not match (left as is)."""
+def saved_metrics(snapshot: Snapshot, model: Any) -> list[np.ndarray] | None:
+    """The compiled metrics' saved running state, in `model.metrics_variables` order.
+
+    None if the saved metrics do not match the model's.
+    """
     current = list(getattr(model, "metrics_variables", []) or [])
     saved = snapshot.meta["variables"]["metrics"]
     if len(saved) != len(current) or any(
         a["shape"] != [int(d) for d in b.shape] for a, b in zip(saved, current, strict=True)
     ):
+        return None
+    return [snapshot.arrays[f"metrics/{i:05d}"] for i in range(len(current))]
+
+
+def apply_metrics(snapshot: Snapshot, model: Any) -> bool:
+    """Restores the compiled metrics' running state; False if they do not match (left as is)."""
+    saved = saved_metrics(snapshot, model)
+    if saved is None:
         return False
-    _assign(current, "metrics", snapshot.arrays)
+    for v, array in zip(model.metrics_variables, saved, strict=True):
+        v.assign(array)
     return True

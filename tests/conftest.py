@@ -12,6 +12,32 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+BACKEND = keras.backend.backend()
+
+# Keras's torch backend refuses steps_per_execution > 1 (keras/src/backend/torch/trainer.py).
+needs_steps_per_execution = pytest.mark.skipif(
+    BACKEND == "torch", reason="Keras's torch backend has no steps_per_execution > 1")
+
+
+class EpochFed(keras.utils.PyDataset):
+    """A PyDataset whose `epoch` is fit's epoch index, told by the callback `feed()` returns.
+
+    Each backend calls a PyDataset's own epoch hooks a different number of
+    times (JAX and torch iterate once more to build the model), so a data set
+    that counts them itself would see other epochs on other backends.
+    """
+
+    epoch = -1
+
+    def feed(self) -> keras.callbacks.Callback:
+        data = self
+
+        class Feed(keras.callbacks.Callback):
+            def on_epoch_begin(self, epoch, logs=None):
+                data.epoch = epoch
+
+        return Feed()
+
 
 def make_data(n: int = 64, features: int = 4, classes: int = 0, seed: int = 0):
     """Generated regression (classes=0) or classification data, deterministic."""

@@ -14,7 +14,7 @@ import zoneinfo
 import keras
 import numpy as np
 import pytest
-from conftest import make_data, make_model
+from conftest import make_data, make_model, needs_steps_per_execution
 from keras.src.utils import python_utils
 
 import keras_ckpt
@@ -360,6 +360,7 @@ class TickPerStep(Tick):
         self.last = done
 
 
+@needs_steps_per_execution
 def test_with_steps_per_execution_the_stop_overshoots_by_at_most_one_execution(tmp_path):
     clock = FakeClock(at(2026, 3, 2, 9, 0))
     model = make_model(seed=0)
@@ -379,4 +380,15 @@ def test_with_steps_per_execution_the_stop_overshoots_by_at_most_one_execution(t
     newest = keras_ckpt.list_checkpoints(tmp_path / "ckpt")[-1]
     # at an execution boundary: a multiple of 4 steps into the epoch, or its end
     assert newest.global_step == trained
-    assert newest.epoch_complete or newest.step % 4 == 0
+    steps_per_epoch = len(X) // 8
+    assert newest.epoch_complete or newest.step % 4 == 0 or newest.step == steps_per_epoch
+    # and a resume from it goes on to the same end as a run that was never stopped
+    resumed = make_model(seed=5)
+    resumed.compile(optimizer="adam", loss="mse", steps_per_execution=4)
+    resumed.fit(X, Y, batch_size=8, epochs=25, verbose=0, shuffle=False, callbacks=[
+        keras_ckpt.ModelCheckpoint(str(tmp_path / "ckpt" / "e{epoch:02d}.keras"), resume=True)])
+    straight = make_model(seed=0)
+    straight.compile(optimizer="adam", loss="mse", steps_per_execution=4)
+    straight.fit(X, Y, batch_size=8, epochs=25, verbose=0, shuffle=False)
+    for a, b in zip(straight.variables, resumed.variables, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)

@@ -14,6 +14,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import needs_steps_per_execution
 
 
 def run(directory, out, *args, expect_kill=False):
@@ -38,7 +39,8 @@ def load(path):
     (["--data", "numpy"], ["--kill-epoch", "1"]),
     (["--data", "tfdata"], ["--kill-epoch", "2"]),
     (["--data", "numpy", "--save-freq", "2"], ["--kill-step", "9"]),
-    (["--data", "numpy", "--save-freq", "4", "--spe", "2"], ["--kill-step", "11"]),
+    pytest.param(["--data", "numpy", "--save-freq", "4", "--spe", "2"], ["--kill-step", "11"],
+                 marks=needs_steps_per_execution),
 ], ids=["numpy-shuffle-epoch", "tfdata-epochshuffle", "mid-epoch", "mid-epoch-spe2"])
 def test_killed_and_resumed_run_is_bitwise_equal(tmp_path, args, kill):
     run(tmp_path / "straight", tmp_path / "straight.npz", *args)

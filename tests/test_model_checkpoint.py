@@ -10,7 +10,7 @@ import h5py
 import keras
 import numpy as np
 import pytest
-from conftest import make_data, make_model
+from conftest import make_data, make_model, needs_steps_per_execution
 from keras.src.utils import python_utils
 
 import keras_ckpt
@@ -93,6 +93,7 @@ def test_save_best_only_with_integer_save_freq_saves_repeatedly(tmp_path):
     assert cb.best is not None and math.isfinite(cb.best)
 
 
+@needs_steps_per_execution
 def test_steps_per_execution_counts_steps_not_hook_calls(tmp_path):
     model = make_model()
     model.compile(optimizer="adam", loss="mse", steps_per_execution=2)

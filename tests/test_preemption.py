@@ -11,7 +11,7 @@ import threading
 import keras
 import numpy as np
 import pytest
-from conftest import make_data, make_model
+from conftest import EpochFed, make_data, make_model
 from test_exact_resume import load, run
 
 import keras_ckpt
@@ -183,12 +183,12 @@ def test_exit_mode_in_process_runs_every_on_train_end_then_exits(tmp_path):
     assert not os.path.exists(tmp_path / ".keras_ckpt.lock")
 
 
-class Failing(keras.utils.PyDataset):
+class Failing(EpochFed):
     """Batches of 16 in order; batch `index` of epoch `epoch` raises (a bad record)."""
 
     def __init__(self, x, y, fail=None):
         super().__init__()
-        self.x, self.y, self.fail, self.epoch = x, y, fail, -1
+        self.x, self.y, self.fail = x, y, fail
 
     def __len__(self):
         return len(self.x) // 16
@@ -197,9 +197,6 @@ class Failing(keras.utils.PyDataset):
         if self.fail == (self.epoch, i):
             raise OSError("bad record")
         return self.x[i * 16:(i + 1) * 16], self.y[i * 16:(i + 1) * 16]
-
-    def on_epoch_begin(self):
-        self.epoch += 1
 
 
 def test_save_on_exception_leaves_the_last_completed_step(tmp_path):
@@ -211,7 +208,7 @@ def test_save_on_exception_leaves_the_last_completed_step(tmp_path):
     done = []
     count = keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: done.append(1))
     with pytest.raises(Exception, match="bad record"):
-        model.fit(data, epochs=3, verbose=0, callbacks=[checkpoint, count])
+        model.fit(data, epochs=3, verbose=0, callbacks=[data.feed(), checkpoint, count])
     newest = manager.list_checkpoints(tmp_path)[-1]
     # Keras's PyDataset workers fetch ahead: the bad batch 2 fails the fetch
     # of batch 1 or 2. The checkpoint holds every step that completed.
@@ -233,8 +230,8 @@ def test_without_save_on_exception_nothing_is_written_and_the_error_propagates(t
     x, y = make_data(n=64)
     checkpoint = keras_ckpt.ModelCheckpoint(str(tmp_path / "c-{epoch}.keras"))
     with pytest.raises(Exception, match="bad record"):
-        make_model(seed=4).fit(Failing(x, y, fail=(1, 2)), epochs=3, verbose=0,
-                               callbacks=[checkpoint])
+        data = Failing(x, y, fail=(1, 2))
+        make_model(seed=4).fit(data, epochs=3, verbose=0, callbacks=[data.feed(), checkpoint])
     assert [c.epoch_complete for c in manager.list_checkpoints(tmp_path)] == [True]
 
 

@@ -7,13 +7,13 @@ import math
 import keras
 import numpy as np
 import pytest
-from conftest import make_data, make_model
+from conftest import EpochFed, make_data, make_model
 from keras.src.utils import python_utils
 
 import keras_ckpt
 
 
-class Poisoned(keras.utils.PyDataset):
+class Poisoned(EpochFed):
     """6 batches of 8 an epoch; the batch of global step `at` (1-based) has `value` targets."""
 
     def __init__(self, at=None, value=math.nan, batches=6):
@@ -31,11 +31,10 @@ class Poisoned(keras.utils.PyDataset):
             y[:] = self.value
         return self.x[i * 8:(i + 1) * 8], y
 
-    def on_epoch_begin(self):  # (Keras also calls on_epoch_end once before the first epoch)
-        self.epoch += 1
-
 
 def fit(model, data, callbacks, epochs=3, **kw):
+    if isinstance(data, Poisoned):
+        callbacks = [data.feed(), *callbacks]
     return model.fit(data, epochs=epochs, verbose=0, callbacks=callbacks, shuffle=False, **kw)
 
 
@@ -48,7 +47,10 @@ def test_stops_at_the_poisoned_step(value):
     model = make_model()
     guard = keras_ckpt.TerminateOnNaN()
     fit(model, Poisoned(at=9, value=value), [guard])
-    assert iterations(model) == 9
+    if keras.backend.backend() == "tensorflow":
+        assert iterations(model) == 9
+    else:  # the check runs on Keras's callback thread, beside the next step(s)
+        assert 9 <= iterations(model) <= 12
     event = guard.events[0]
     assert (event.epoch, event.step, event.key, event.action) == (1, 3, "loss", "stop")
 
@@ -221,8 +223,8 @@ def test_first_snapshot_is_the_resumed_state_whatever_the_order(tmp_path):
     model = make_model(seed=9)
     guard = keras_ckpt.TerminateOnNaN(action="rollback", verbose=0)
     # The guard comes first: its on_train_begin runs before the resume restores the model.
-    # This fit's data starts counting at its first epoch: at=2 poisons its 2nd batch.
-    fit(model, Poisoned(at=2), [guard, keras_ckpt.ModelCheckpoint(path, resume=True)],
+    # The resumed fit starts at epoch index 2: at=14 poisons that epoch's 2nd batch.
+    fit(model, Poisoned(at=14), [guard, keras_ckpt.ModelCheckpoint(path, resume=True)],
         epochs=3)
     assert guard.retries == 1 and guard.events[0].step == 2
     # Rolled back to the resumed state (12 steps done), not to the fresh seed-9 model (0),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -60,13 +61,67 @@ def guard_step_functions(model: Any, on_error: Callable[[str, BaseException], No
 
         setattr(model, name, guarded)
         guards.append((name, inner, guarded))
+    fetch = _guard_torch_fetch(model, on_error)
+    if fetch is not None:
+        guards.append(fetch)
     return guards
+
+
+_GUARDED_CLASSES: dict[type, type] = {}
+
+
+def _guard_torch_fetch(model: Any, on_error: Callable[[str, BaseException], None]) -> tuple | None:
+    """On torch, also sees errors of the data fetch, which Keras does outside the step.
+
+    Keras's torch `fit` takes each batch from its epoch iterator before it
+    calls `train_function` (TensorFlow and JAX fetch inside it). That iterator
+    is a local of the running `fit`, found through the calling frames; its
+    class is swapped for a subclass whose `__next__` reports errors. Returns
+    a guard entry for `unguard_step_functions`, or None where there is none.
+    """
+    if keras.backend.backend() != "torch":
+        return None
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "fit" and frame.f_locals.get("self") is model:
+            iterator = frame.f_locals.get("epoch_iterator")
+            break
+        frame = frame.f_back
+    else:
+        return None
+    if iterator is None:
+        return None
+    if type(iterator) not in _GUARDED_CLASSES.values():
+        base = type(iterator)
+        if base not in _GUARDED_CLASSES:
+            def __next__(self, _base=base):
+                try:
+                    return _base.__next__(self)
+                except StopIteration:
+                    raise
+                except BaseException as e:
+                    for handler in list(self._keras_ckpt_on_error):
+                        handler("train_function", e)
+                    raise
+
+            _GUARDED_CLASSES[base] = type(base.__name__, (base,), {"__next__": __next__})
+        iterator._keras_ckpt_on_error = []
+        iterator._keras_ckpt_base = base
+        iterator.__class__ = _GUARDED_CLASSES[base]
+    iterator._keras_ckpt_on_error.append(on_error)
+    return ("data", iterator, on_error)
 
 
 def unguard_step_functions(model: Any, guards: list) -> None:
     """Undoes `guard_step_functions` (where nobody wrapped the functions further since)."""
     for name, inner, guarded in reversed(guards):
-        if getattr(model, name, None) is guarded:
+        if name == "data":  # the torch fetch guard: ("data", iterator, handler)
+            handlers = inner._keras_ckpt_on_error
+            if guarded in handlers:
+                handlers.remove(guarded)
+            if not handlers:
+                inner.__class__ = inner._keras_ckpt_base
+        elif getattr(model, name, None) is guarded:
             setattr(model, name, inner)
 
 

@@ -315,12 +315,13 @@ class BudgetStop(StatefulCallback):
     def _stop(self, now: float, batch: int | None, logs: dict | None) -> None:
         self.stop_reason = self._deadline_reason or "daily-budget"
         self.stopped_at = (self._epoch, None if batch is None else batch + 1)
-        self.model.stop_training = True
+        # `_model`, not `model`: possibly on Keras's callback thread (JAX, torch).
+        self._model.stop_training = True
         self._next_check = math.inf
         if batch is not None:
             steps = (self.params or {}).get("steps")
             if steps is None or batch + 1 < steps:
-                registry.set_cut_short(self.model, self._epoch)
+                registry.set_cut_short(self._model, self._epoch)
             for checkpoint in self._checkpoints():
                 written = checkpoint.save_now(logs, steps_in_epoch=batch + 1)
                 self.checkpoint = written or self.checkpoint

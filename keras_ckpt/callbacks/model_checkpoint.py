@@ -260,16 +260,18 @@ class ModelCheckpoint(StatefulCallback):
         self._metric_fields = [f for f in self._fields if f not in ("epoch", "batch")]
         if self._batch_level or self._metric_fields or self._catcher is not None:
             self.on_train_batch_end = self._on_train_batch_end
-        # Resuming inside an epoch is implemented on TensorFlow; elsewhere a
-        # signal stops training and the newest end-of-epoch checkpoint stays.
-        self._mid_epoch = keras.backend.backend() == "tensorflow"
+        # On TensorFlow batch hooks run on the training thread with the
+        # model's state in place. On JAX and torch Keras may run them on a
+        # thread pool while the next step trains: a stop found there saves at
+        # the next synchronous hook (validation begin or epoch end).
+        self._hooks_see_state = keras.backend.backend() == "tensorflow"
         # With preemption alone, the batch hook only reads a flag and, on the
         # backends that dispatch batch hooks on a thread pool (JAX, torch),
         # only asks training to stop: Keras may keep that dispatch on.
         self.async_safe = not (self._batch_level or self._metric_fields)
-        if self._catcher is not None or save_on_exception:
+        if self._catcher is not None or save_on_exception or not self._hooks_see_state:
             self.on_test_begin = self._on_test_begin
-        if self._catcher is not None and self._mid_epoch:
+        if self._catcher is not None:
             self.on_test_batch_end = self._on_test_batch_end
         self._reset_progress()
 
@@ -323,6 +325,7 @@ class ModelCheckpoint(StatefulCallback):
         self._last_logs: Any = None
         self._train_metrics: list[np.ndarray] | None = None
         self._saved_at: tuple[Any, int, str | None] | None = None
+        self._deferred: dict | None = None  # logs of a stop whose save waits
         self._written: set[str] = set()
         self._in_fit = False
 
@@ -360,7 +363,8 @@ class ModelCheckpoint(StatefulCallback):
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         if self._guards:
-            self._epoch_counters = self._read_counters()
+            # Only TensorFlow fetches the batch inside the step (see _counters).
+            self._epoch_counters = self._read_counters() if self._hooks_see_state else None
             self._trained_calls = 0
             spe = int(getattr(self.model, "steps_per_execution", 1) or 1)
             self._replay_calls = max(0, self._fit.replay_until) // spe
@@ -386,13 +390,10 @@ class ModelCheckpoint(StatefulCallback):
         if self._catcher is not None:
             self._last_logs = logs
             if self._catcher.pending is not None and self.preempted_by is None:
-                if self._mid_epoch:
+                if self._hooks_see_state:
                     self._preempt(logs or {}, steps_in_epoch=batch + 1)
-                else:  # possibly on Keras's callback thread: touch no state
-                    steps = (self.params or {}).get("steps")
-                    if steps is None or batch + 1 < steps:
-                        registry.set_cut_short(self._model, self._epoch)
-                    self._model.stop_training = True
+                else:
+                    self._defer_stop(logs)
                 return
         if not self._batch_level:
             return
@@ -409,17 +410,16 @@ class ModelCheckpoint(StatefulCallback):
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         registry.set_replay(self.model, -1)
-        self._train_metrics = None
+        train_metrics, self._train_metrics = self._train_metrics, None
         pending = self._catcher is not None and self._catcher.pending is not None \
             and self.preempted_by is None
         if registry.cut_short(self.model) == epoch:
-            # A stop cut the epoch short: its mid-epoch checkpoint is the
-            # newest (on TensorFlow), or the previous epoch's end is.
-            if pending:
-                self._stop_for_signal(
-                    f"during epoch {epoch + 1} (resuming inside an epoch is implemented on "
-                    f"TensorFlow; on {keras.backend.backend()} the run continues from the end of "
-                    f"epoch {epoch})")
+            # A stop cut the epoch short: its mid-epoch checkpoint is written
+            # (at the stop on TensorFlow, now on JAX and torch).
+            if self._deferred is not None:
+                self._save_deferred(metrics=train_metrics)
+            elif pending:
+                self._stop_for_signal(f"during epoch {epoch + 1}")
             return
         if self.save_freq == "epoch" or pending:
             self._settle_siblings(epoch, logs)
@@ -443,11 +443,38 @@ class ModelCheckpoint(StatefulCallback):
         if self._in_fit:
             self._train_metrics = [np.array(keras.ops.convert_to_numpy(v))
                                    for v in self.model.metrics_variables]
+            if self._deferred is not None:  # a stop cut the epoch short: save, skip validation
+                self.model.stop_evaluating = True
+                self._save_deferred(metrics=self._train_metrics)
+
+    def _defer_stop(self, logs: Any) -> None:
+        """Stops training from a batch hook that must not touch the model's state.
+
+        Possibly on Keras's callback thread (JAX, torch): it only flags the
+        stop. The checkpoint is written at the next synchronous hook, with the
+        steps actually trained by then (`_save_deferred`).
+        """
+        if self._deferred is None:
+            self._deferred = dict(logs or {})
+        registry.set_cut_short(self._model, self._epoch)
+        self._model.stop_training = True
+
+    def _save_deferred(self, metrics: list[np.ndarray] | None = None) -> None:
+        logs, self._deferred = self._logs_dict(self._deferred), None
+        steps = self._global_step() - self._epoch_start_step
+        self._save(logs, steps_in_epoch=steps, force=True, metrics=metrics)
+        if (self._catcher is not None and self._catcher.pending is not None
+                and self.preempted_by is None):
+            self._stop_for_signal(f"at epoch {self._epoch + 1}, step {steps}")
 
     def _on_test_batch_end(self, batch: int, logs: dict | None = None) -> None:
         if (self._in_fit and self._catcher.pending is not None and self.preempted_by is None
                 and self._train_metrics is not None):
             # The epoch's steps are all done; stop validating and save them.
+            if not self._hooks_see_state:  # possibly on Keras's callback thread
+                self._model.stop_evaluating = True
+                self._defer_stop(self._last_logs)
+                return
             self.model.stop_evaluating = True
             steps = self._global_step() - self._epoch_start_step
             self._preempt(self._logs_dict(self._last_logs), steps_in_epoch=steps,
@@ -479,8 +506,14 @@ class ModelCheckpoint(StatefulCallback):
             steps_in_epoch: steps done in the current epoch.
 
         Returns:
-            The path written, or None if nothing could be saved (non-finite).
+            The path written, or None if nothing could be saved (non-finite)
+            or if the save waits for the next synchronous hook (JAX and torch,
+            whose batch hooks may run beside the next training step; the path
+            is then `last_saved_path` after `fit`).
         """
+        if not self._hooks_see_state:
+            self._defer_stop(logs)
+            return None
         return self._save(logs or {}, steps_in_epoch=steps_in_epoch, force=True)
 
     def _settle_siblings(self, epoch: int, logs: dict | None) -> None:
@@ -552,7 +585,8 @@ class ModelCheckpoint(StatefulCallback):
     # optimizer's step counter and the seed generators advance, the weights
     # do not. Those counters are read at each epoch's start and after its
     # first trained step; a failure puts them back where the last completed
-    # step left them.
+    # step left them. TensorFlow only: JAX and torch fetch the batch before
+    # the step starts (and JAX detaches the variables while it trains).
     def _counters(self) -> list:
         optimizer = getattr(self.model, "optimizer", None)
         found = [v for v in self.model.variables if v.path.endswith("seed_generator_state")]
@@ -568,7 +602,8 @@ class ModelCheckpoint(StatefulCallback):
             self._replay_calls -= 1
             return
         self._trained_calls += 1
-        if self._trained_calls == 1 and self._counter_step is None:
+        if (self._trained_calls == 1 and self._counter_step is None
+                and self._epoch_counters is not None):
             now, start = self._read_counters(), self._epoch_counters
             if start is not None and len(now) == len(start):
                 self._counter_step = [a - b for a, b in zip(now, start, strict=True)]
@@ -740,20 +775,25 @@ class ModelCheckpoint(StatefulCallback):
                 self.best_path = filepath
         self._saved_at = (registry.current_fit(self.model), global_step, written)
         verbose = self.verbose
+        # Everything that reads the model is done here, on the training
+        # thread: on JAX the model's variables are detached while it trains.
+        plan = self._write_plan()
 
         def commit() -> None:
             started = time.monotonic()
             if save_regular:
-                self._write(filepath, snapshot, {**meta, "kind": "regular"})
+                self._write(filepath, snapshot, {**meta, "kind": "regular"}, plan)
                 if verbose > 0:
                     print_msg(f"\n{where}: finished saving model to {filepath}")
             if write_last:
-                self._write_last(filepath if save_regular else None, snapshot, meta)
+                self._write_last(filepath if save_regular else None, snapshot, meta, plan)
             self.last_save_seconds = time.monotonic() - started
             if self.retention:
                 self._apply_retention()
 
-        if self._writer is not None:
+        # Keras's own writer (the fallback) reads the live variables, not the
+        # snapshot: it cannot run beside training.
+        if self._writer is not None and plan[2] is None:
             self._in_flight = (where, filepath)
             self._writer.submit(commit)
             return written
@@ -791,7 +831,18 @@ class ModelCheckpoint(StatefulCallback):
             return lambda path: self.model.save_weights(path, overwrite=True)
         return lambda path: self.model.save(path, overwrite=True)
 
-    def _write(self, filepath: str, snapshot: state_lib.Snapshot, meta: dict) -> None:
+    def _write_plan(self) -> tuple:
+        """`(layout, archive, keras_writer)` for `storage.write`, read from the model now."""
+        layout, archive = None, None
+        if self.save_weights_only:
+            layout = self._keras_layout()
+        elif self.filepath.endswith(".keras") and not keras_layout.has_assets(self.model):
+            archive = keras_layout.archive_members(self.model)
+            layout = self._keras_layout() if archive is not None else None
+        return layout, archive, None if layout else self._keras_writer()
+
+    def _write(self, filepath: str, snapshot: state_lib.Snapshot, meta: dict,
+               plan: tuple) -> None:
         if os.path.isdir(filepath):
             raise IsADirectoryError(
                 f"ModelCheckpoint: filepath {filepath!r} is a directory; give a file name.")
@@ -801,13 +852,8 @@ class ModelCheckpoint(StatefulCallback):
             except storage.CorruptCheckpointError as e:
                 warnings.warn(f"ModelCheckpoint: replacing {filepath}, which is not a valid "
                               f"keras-ckpt checkpoint ({e}).", stacklevel=3)
-        layout, archive = None, None
-        if self.save_weights_only:
-            layout = self._keras_layout()
-        elif filepath.endswith(".keras") and not keras_layout.has_assets(self.model):
-            archive = keras_layout.archive_members(self.model)
-            layout = self._keras_layout() if archive is not None else None
-        storage.write(filepath, snapshot, keras_writer=None if layout else self._keras_writer(),
+        layout, archive, keras_writer = plan
+        storage.write(filepath, snapshot, keras_writer=keras_writer,
                       keras_layout=layout, keras_archive=archive, meta=meta, fsync=self.fsync,
                       compression=self.compression)
         self._written.add(filepath)
@@ -830,7 +876,8 @@ class ModelCheckpoint(StatefulCallback):
     def _last_path(self) -> str:
         return os.path.join(self.directory, "last" + storage.extension(self.filepath))
 
-    def _write_last(self, regular: str | None, snapshot: state_lib.Snapshot, meta: dict) -> str:
+    def _write_last(self, regular: str | None, snapshot: state_lib.Snapshot, meta: dict,
+                    plan: tuple) -> str:
         last = self._last_path()
         if regular is not None:
             # The newest regular file is the same state: link it into place.
@@ -844,7 +891,7 @@ class ModelCheckpoint(StatefulCallback):
             except OSError:
                 if os.path.exists(tmp):
                     os.remove(tmp)
-        self._write(last, snapshot, {**meta, "kind": "last"})
+        self._write(last, snapshot, {**meta, "kind": "last"}, plan)
         return last
 
     def _history_for(self, epoch: int, logs: dict, epoch_complete: bool) -> dict:
@@ -958,16 +1005,12 @@ class ModelCheckpoint(StatefulCallback):
         progress = snapshot.meta["progress"]
         epoch, step = info.resume_point
         spe = int(getattr(model, "steps_per_execution", 1) or 1)
-        if step and step % spe:
+        if step and step % spe and step != (self.params or {}).get("steps"):
             raise ValueError(
                 f"The checkpoint {info.path} was written after step {step} of epoch "
                 f"{epoch + 1}, which is not a multiple of this model's steps_per_execution="
                 f"{spe}. Compile with the steps_per_execution the run used "
                 f"({progress.get('steps_per_execution')}).")
-        if step and keras.backend.backend() != "tensorflow":
-            raise NotImplementedError(
-                f"Resuming inside an epoch is supported on the TensorFlow backend; this is "
-                f"{keras.backend.backend()}. Use save_freq='epoch' there.")
         objects = registry.objects_for(model)
         state_lib.apply(snapshot, model, objects, metrics=False)
         self.resumed_from = info
@@ -988,7 +1031,7 @@ class ModelCheckpoint(StatefulCallback):
         if step:
             registry.set_replay(model, step)
             self._resume_step = step
-            self._skipper = _skip_steps(model, step // spe, snapshot)
+            self._skipper = _skip_steps(model, -(-step // spe), snapshot)
         registry.start_at_epoch(model, epoch)
         self._last_save_step = info.global_step
         if self.verbose > 0 and not finished:
@@ -1004,28 +1047,53 @@ def _skip_steps(model: Any, calls: int, snapshot: state_lib.Snapshot) -> tuple:
 
     The resumed epoch then sees exactly the batches the interrupted run had not
     trained on yet, in the same order. At the first call (after Keras has reset
-    the metrics for the epoch) the compiled metrics are built from that batch
-    if need be and get the interrupted epoch's running state back, so the
-    epoch ends with the same logs. Afterwards it passes calls through (others
-    may have wrapped it meanwhile). Returns `(wrapper, original)`.
+    the metrics for the epoch) the compiled metrics get the interrupted epoch's
+    running state back, so the epoch ends with the same logs. Afterwards it
+    passes calls through (others may have wrapped it meanwhile). Keras calls
+    the train function as `f(iterator)` on TensorFlow, `f(state, iterator)` on
+    JAX (the state is passed in and returned) and `f(batches)` on torch (the
+    batch is already fetched). Returns `(wrapper, original)`.
     """
     original = model.train_function
+    backend = keras.backend.backend()
     spe = int(getattr(model, "steps_per_execution", 1) or 1)
     remaining = [calls]
+    logs: dict = {}
+    if backend == "jax":
+        # Keras's JAX loop detaches the variables from the model while it
+        # trains: the logs' names are read now, their values at epoch end.
+        logs = dict(model.get_metrics_result())
 
-    def skip(iterator):
+    def skip(*args):
         if remaining[0] <= 0:
-            return original(iterator)
+            return original(*args)
         first = remaining[0] == calls
         remaining[0] -= 1
+        if backend == "torch":
+            if first:
+                state_lib.apply_metrics(snapshot, model)
+            if remaining[0] == 0:  # the data order is drawn: the step's RNG state now
+                state_lib.restore_rng_at_step(snapshot)
+            return model.get_metrics_result()
+        iterator = args[-1]
         for i in range(spe):
-            batch = next(iterator)
-            if first and i == 0:
+            try:
+                batch = next(iterator)
+            except StopIteration:  # the epoch's last execution can be short
+                break
+            if first and i == 0 and backend != "jax":
                 compiled = getattr(model, "_compile_metrics", None)
                 if compiled is not None and not compiled.built:
                     model._symbolic_build(data_batch=batch)
                 state_lib.apply_metrics(snapshot, model)
-        return model.get_metrics_result()
+        if backend != "jax":
+            return model.get_metrics_result()
+        state = args[0]
+        if first:
+            saved = state_lib.saved_metrics(snapshot, model)
+            if saved is not None:
+                state = (*state[:3], [keras.ops.convert_to_tensor(a) for a in saved])
+        return logs, state
 
     model.train_function = skip
     return skip, original

@@ -141,7 +141,7 @@ class TerminateOnNaN(StatefulCallback):
         # The check reads Python numbers and sets a flag: safe where Keras
         # dispatches batch hooks on a thread pool. A rollback writes
         # variables, so it runs synchronously.
-        self.async_safe = action != "rollback" and check_weights is None
+        self.async_safe = action == "stop" and check_weights is None
         self.events: list[NaNEvent] = []
         self.retries = 0
         self._tainted: NaNEvent | None = None
@@ -246,7 +246,8 @@ class TerminateOnNaN(StatefulCallback):
         if event.action == "raise":
             message = (f"TerminateOnNaN: non-finite value at {event.describe()}. "
                        "Training stopped; the checkpoints keep the last finite state.")
-            for obj in registry.objects_for(self.model).values():
+            # `_model`, not `model`: possibly on Keras's callback thread (JAX, torch).
+            for obj in registry.objects_for(self._model).values():
                 if isinstance(obj, StatefulCallback) and obj is not self:
                     obj.on_abort(message)
             raise RuntimeError(message)
@@ -256,7 +257,7 @@ class TerminateOnNaN(StatefulCallback):
         if self.verbose > 0:
             print_msg(f"\nTerminateOnNaN: non-finite value at {event.describe()}; "
                       f"stopping training{note}.")
-        self.model.stop_training = True
+        self._model.stop_training = True
 
     def _take_snapshot(self) -> None:
         optimizer = self.model.optimizer

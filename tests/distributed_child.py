@@ -1,0 +1,153 @@
+"""One training run under a distribution strategy, for tests/test_distributed.py.
+
+Usage: python distributed_child.py STRATEGY DIRECTORY OUT [--epochs N] [--kill-step S]
+    [--budget-steps B] [--poison-step P]
+
+STRATEGY: `mirrored` (TensorFlow, `tf.distribute.MirroredStrategy` over two
+logical CPU devices), `data_parallel` (JAX, `keras.distribution.DataParallel`
+over two host devices) or `model_parallel` (JAX, a Dense kernel sharded over
+two host devices). The devices are made before the backend starts, which is
+why this is a process of its own. Trains a small model with Dropout and
+BatchNormalization, a keras-ckpt ModelCheckpoint (every 3 steps, resume=True)
+and optionally BudgetStop (a simulated clock: one second a step) or
+TerminateOnNaN (a NaN target at global step P); SIGKILLs itself after global
+step S. Writes the model's and optimizer's variables, the history and what the
+callbacks report to OUT (an .npz).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+
+STRATEGY = sys.argv[1]
+BACKEND = "tensorflow" if STRATEGY == "mirrored" else "jax"
+os.environ["KERAS_BACKEND"] = BACKEND
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+if BACKEND == "jax":
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+import keras_ckpt  # noqa: E402
+
+
+class Clock(keras.callbacks.Callback):
+    """A simulated clock: one second per trained step."""
+
+    def __init__(self):
+        super().__init__()
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.now += 1.0
+
+
+class Kill(keras.callbacks.Callback):
+    def __init__(self, step):
+        super().__init__()
+        self.step = step
+
+    def on_train_batch_end(self, batch, logs=None):
+        if int(keras.ops.convert_to_numpy(self.model.optimizer.iterations)) >= self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def scope():
+    """The strategy's scope (TensorFlow) or a no-op after setting the distribution (JAX)."""
+    import contextlib
+
+    if STRATEGY == "mirrored":
+        import tensorflow as tf
+
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+        assert strategy.num_replicas_in_sync == 2
+        return strategy.scope()
+    import jax
+
+    devices = jax.devices()
+    assert len(devices) == 2, devices
+    if STRATEGY == "data_parallel":
+        keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
+    else:
+        mesh = keras.distribution.DeviceMesh((2,), ["model"], devices)
+        layouts = keras.distribution.LayoutMap(mesh)
+        layouts["dense/kernel"] = (None, "model")  # the first Dense kernel, split by columns
+        keras.distribution.set_distribution(keras.distribution.ModelParallel(
+            layout_map=layouts, batch_dim_name=None))
+    return contextlib.nullcontext()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("strategy")
+    p.add_argument("directory")
+    p.add_argument("out")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--kill-step", type=int)
+    p.add_argument("--budget-steps", type=int)
+    p.add_argument("--poison-step", type=int)
+    a = p.parse_args()
+
+    keras.utils.set_random_seed(3)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(96, 6)).astype("float32")
+    y = (x @ rng.normal(size=(6, 1))).astype("float32")
+    if a.poison_step is not None:
+        # batches of 16, 6 an epoch, not shuffled: step P of each epoch (1-6) is NaN
+        start = 16 * (a.poison_step - 1)
+        y[start:start + 16] = np.nan
+    with scope():
+        model = keras.Sequential([
+            keras.Input((6,)),
+            keras.layers.Dense(16, activation="relu", name="dense"),
+            keras.layers.BatchNormalization(),
+            keras.layers.Dropout(0.3),
+            keras.layers.Dense(1, name="head"),
+        ])
+        model.compile(keras.optimizers.Adam(0.02), loss="mse", metrics=["mae"])
+    checkpoint = keras_ckpt.ModelCheckpoint(
+        os.path.join(a.directory, "c-{epoch:02d}-{batch}.keras"), save_freq=3, resume=True)
+    callbacks = [checkpoint]
+    budget = guard = None
+    if a.budget_steps is not None:
+        clock = Clock()
+        budget = keras_ckpt.BudgetStop(max_duration=a.budget_steps + 0.5, clock=clock, verbose=0)
+        callbacks = [clock, checkpoint, budget]
+    if a.poison_step is not None:
+        guard = keras_ckpt.TerminateOnNaN(verbose=0)
+        callbacks.append(guard)
+    if a.kill_step is not None:
+        callbacks.append(Kill(a.kill_step))
+    # The poisoned run is not shuffled, so that its NaN batch sits at a known step.
+    history = model.fit(x, y, batch_size=16, epochs=a.epochs, verbose=0,
+                        shuffle=a.poison_step is None, validation_data=(x[:32], y[:32]),
+                        callbacks=callbacks)
+    arrays = {f"model/{i}": keras.ops.convert_to_numpy(v) for i, v in enumerate(model.variables)}
+    arrays.update({f"optimizer/{i}": keras.ops.convert_to_numpy(v)
+                   for i, v in enumerate(model.optimizer.variables)})
+    resumed = checkpoint.resumed_from
+    outcome = {
+        "history": history.history, "epoch": history.epoch,
+        "resumed_from": None if resumed is None else [resumed.epoch, resumed.step],
+        "iterations": int(keras.ops.convert_to_numpy(model.optimizer.iterations)),
+        "budget": None if budget is None else [budget.stop_reason, budget.checkpoint],
+        "nan_events": None if guard is None else [[e.epoch, e.step] for e in guard.events],
+        "sharding": str(getattr(model.layers[0].kernel.value, "sharding", "")),
+    }
+    arrays["outcome"] = np.frombuffer(json.dumps(outcome).encode(), dtype=np.uint8)
+    np.savez(a.out, **arrays)
+
+
+if __name__ == "__main__":
+    main()
