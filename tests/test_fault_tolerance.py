@@ -324,6 +324,8 @@ BAD_ARGUMENTS = [
      ValueError, "cannot be caught"),
     (keras_ckpt.ModelCheckpoint, {"filepath": "c.keras", "preemption_signals": "SIGTERM"},
      TypeError, "`preemption_signals` must be a list"),
+    (keras_ckpt.ModelCheckpoint, {"filepath": "gs://bucket/c.keras"}, ValueError,
+     "local \\(or mounted\\) file system"),
     (keras_ckpt.ModelCheckpoint, {"filepath": "c.keras", "save_on_exception": 1}, TypeError,
      "`save_on_exception`"),
     (keras_ckpt.ModelCheckpoint, {"filepath": "c.keras", "on_save_error": "ignore"}, ValueError,

@@ -134,12 +134,17 @@ def test_signal_during_validation_stops_validating_and_resume_is_exact(tmp_path)
 
 
 def test_second_signal_while_stopping_acts_at_once(tmp_path):
-    before = signal.getsignal(signal.SIGINT)
-    model = make_model(seed=1)
-    checkpoint = keras_ckpt.ModelCheckpoint(str(tmp_path / "c.keras"), preemption="return")
-    with pytest.raises(KeyboardInterrupt):
-        fit(model, [SendSignal(signal.SIGINT, step=3, times=2), checkpoint])
-    assert signal.getsignal(signal.SIGINT) is before
+    # Python's own handler, whatever this process inherited (a background job ignores SIGINT).
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        before = signal.getsignal(signal.SIGINT)
+        model = make_model(seed=1)
+        checkpoint = keras_ckpt.ModelCheckpoint(str(tmp_path / "c.keras"), preemption="return")
+        with pytest.raises(KeyboardInterrupt):
+            fit(model, [SendSignal(signal.SIGINT, step=3, times=2), checkpoint])
+        assert signal.getsignal(signal.SIGINT) is before
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     assert not os.path.exists(tmp_path / ".keras_ckpt.lock")  # released on the way out
     fit(make_model(seed=1), [keras_ckpt.ModelCheckpoint(str(tmp_path / "c.keras"))], epochs=1)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import signal
 import sys
 import time
@@ -169,6 +170,12 @@ class ModelCheckpoint(StatefulCallback):
         if not isinstance(filepath, (str, os.PathLike)):
             raise TypeError(f"`filepath` must be a string or path; got {filepath!r}.")
         self.filepath = os.fspath(filepath)
+        if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", self.filepath):
+            raise ValueError(
+                f"`filepath` must be on a local (or mounted) file system; got "
+                f"{self.filepath!r}. keras-ckpt's crash safety needs fsync, an atomic rename "
+                "and file locks, which remote URLs (gs://, s3://, hdfs://) do not give: save "
+                "locally and copy the finished checkpoints (docs/backends.md).")
         self._fields = manager.template_fields(self.filepath)
         ext = storage.extension(self.filepath)
         if save_weights_only and ext != ".weights.h5":
