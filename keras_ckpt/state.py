@@ -164,11 +164,8 @@ def restore_rng_at_step(snapshot: Snapshot) -> None:
     """Sets the RNG state a mid-epoch snapshot holds for its step (torch's), if any."""
     state = snapshot.arrays.get("rng/torch_cpu_at_step")
     torch = _torch_if_used()
-    if state is None or torch is None:
-        return
-    if state.dtype != np.uint8 or state.shape != (torch.get_rng_state().numel(),):
-        raise StateMismatchError("The checkpoint's torch RNG state is malformed.")
-    torch.set_rng_state(torch.from_numpy(state.copy()))
+    if state is not None and torch is not None:  # checked by `apply` (`_rng_tuples`)
+        torch.set_rng_state(torch.from_numpy(state.copy()))
 
 
 def capture_rng() -> tuple[dict, dict[str, np.ndarray]]:
@@ -206,7 +203,8 @@ def capture(model: Any, states: Mapping[str, Mapping[str, Any]] | None = None,
     """
     arrays: dict[str, np.ndarray] = {}
     variables_meta: dict[str, list] = {}
-    for group, variables in _variables(model).items():
+    groups = _variables(model)
+    for group, variables in groups.items():
         described = _describe(variables)
         for i, v in enumerate(variables):
             if group == "metrics" and metrics is not None and len(metrics) == len(variables):
@@ -216,7 +214,7 @@ def capture(model: Any, states: Mapping[str, Mapping[str, Any]] | None = None,
                 arrays[f"{group}/{i:05d}"] = np.array(view, copy=True) if copy else view
         variables_meta[group] = described
     replicas: dict[str, int] = {}
-    for i, v in enumerate(_variables(model)["model"]):
+    for i, v in enumerate(groups["model"]):
         values = None if v.trainable else _replica_arrays(v)
         if values is not None:
             replicas[f"model/{i:05d}"] = len(values)
