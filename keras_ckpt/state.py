@@ -20,6 +20,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from keras_ckpt import multi_worker
 from keras_ckpt.jsonsafe import to_json_value
 
 __all__ = ["Stateful", "Snapshot", "capture", "host_view", "view_is_stable", "object_states",
@@ -93,7 +94,11 @@ def _replica_arrays(variable: Any) -> list[np.ndarray] | None:
     components = _replicas(variable)
     if components is None:
         return None
-    values = [np.array(c.numpy()) for c in components]
+    return _drifted([np.array(c.numpy()) for c in components])
+
+
+def _drifted(values: list[np.ndarray]) -> list[np.ndarray] | None:
+    """`values` (one per replica) where they differ; None where all are equal."""
     if all(np.array_equal(values[0], v) for v in values[1:]):
         return None
     return values
@@ -214,8 +219,15 @@ def capture(model: Any, states: Mapping[str, Mapping[str, Any]] | None = None,
                 arrays[f"{group}/{i:05d}"] = np.array(view, copy=True) if copy else view
         variables_meta[group] = described
     replicas: dict[str, int] = {}
-    for i, v in enumerate(groups["model"]):
-        values = None if v.trainable else _replica_arrays(v)
+    workers = multi_worker.workers_of(model)
+    if workers is not None:  # each worker's replicas, gathered (on every worker alike)
+        index = [i for i, v in enumerate(groups["model"]) if not v.trainable]
+        gathered = workers.gather([groups["model"][i] for i in index])
+        per_variable = zip(index, [_drifted(list(g)) for g in gathered], strict=True)
+    else:
+        per_variable = ((i, None if v.trainable else _replica_arrays(v))
+                        for i, v in enumerate(groups["model"]))
+    for i, values in per_variable:
         if values is not None:
             replicas[f"model/{i:05d}"] = len(values)
             for r, value in enumerate(values):
@@ -418,19 +430,29 @@ def _assign(variables: list, group: str, arrays: Mapping[str, np.ndarray]) -> No
         v.assign(arrays[f"{group}/{i:05d}"])
 
 
-def _assign_replicas(variables: list, replicas: Mapping[str, int],
+def _assign_replicas(model: Any, variables: list, replicas: Mapping[str, int],
                      arrays: Mapping[str, np.ndarray]) -> None:
     """Gives each replica of a distributed variable its own saved value back.
 
     Where the model now runs with another number of replicas (or none), the
     variable keeps the value `_assign` gave it (replica 0's).
     """
+    workers = multi_worker.workers_of(model) if replicas else None
+    ids = workers.local_replica_ids() if workers is not None else None
     for key, count in replicas.items():
         variable = variables[int(key.split("/")[1])]
-        components = _replicas(variable)
-        if components is None or len(components) != count:
-            continue
-        for r, component in enumerate(components):
+        if ids is not None:  # several workers: this worker's replicas of all of them
+            components = getattr(getattr(variable, "value", None), "values", None)
+            if (not isinstance(components, tuple) or len(components) != len(ids)
+                    or count != workers.strategy.num_replicas_in_sync):
+                continue
+            pairs = zip(ids, components, strict=True)
+        else:
+            components = _replicas(variable)
+            if components is None or len(components) != count:
+                continue
+            pairs = enumerate(components)
+        for r, component in pairs:
             value = arrays[f"replicas/{key}/{r}"]
             if tuple(value.shape) != tuple(component.shape):
                 raise StateMismatchError(f"The checkpoint's replica {r} of {variable.path} has "
@@ -464,7 +486,7 @@ def apply(snapshot: Snapshot, model: Any, objects: Mapping[str, Stateful] | None
         return
     groups = _variables(model)
     _assign(groups["model"], "model", snapshot.arrays)
-    _assign_replicas(groups["model"], meta.get("replicas", {}), snapshot.arrays)
+    _assign_replicas(model, groups["model"], meta.get("replicas", {}), snapshot.arrays)
     optimizer = getattr(model, "optimizer", None)
     saved_opt = meta["variables"]["optimizer"]
     if optimizer is not None and saved_opt:

@@ -3,8 +3,7 @@
 Each run is a process of its own (tests/distributed_child.py), because the
 devices (two logical CPUs for TensorFlow, two XLA host devices for JAX) must
 exist before the backend starts. `tf.distribute.MultiWorkerMirroredStrategy`
-is not here: Keras 3.15's `fit` fails under it before any callback runs
-(docs/backends.md).
+is in test_multi_worker.py.
 """
 
 from __future__ import annotations

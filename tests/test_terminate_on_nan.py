@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 
 import keras
 import numpy as np
@@ -53,6 +54,28 @@ def test_stops_at_the_poisoned_step(value):
         assert 9 <= iterations(model) <= 12
     event = guard.events[0]
     assert (event.epoch, event.step, event.key, event.action) == (1, 3, "loss", "stop")
+
+
+def test_hooks_out_of_order_on_the_callback_pool_keep_the_earliest_step(capsys):
+    # Keras's JAX/torch callback pool can run step 4's hook before step 3's;
+    # the event kept (and printed, once, at epoch end) is the earliest step.
+    model = make_model()
+    guard = keras_ckpt.TerminateOnNaN()
+    guard.set_model(model)
+    guard.on_train_begin()
+    guard.on_epoch_begin(1)
+    for batch, loss in [(1, 0.5), (3, math.nan), (2, math.inf)]:
+        pool = threading.Thread(target=guard.on_train_batch_end, args=(batch, {"loss": loss}))
+        pool.start()
+        pool.join()
+    assert model.stop_training and "TerminateOnNaN" not in capsys.readouterr().out
+    guard.on_epoch_end(1, {"loss": math.nan})
+    printed = capsys.readouterr().out
+    assert printed.count("TerminateOnNaN") == 1 and "epoch 2, step 3: loss = inf" in printed
+    assert [(e.epoch, e.step, e.value) for e in guard.events] == [(1, 3, math.inf)]
+    assert guard.blocks_saving() is not None
+    guard.on_train_end()
+    assert "TerminateOnNaN" not in capsys.readouterr().out
 
 
 def test_nan_in_validation_only_is_caught():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import sys
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -146,6 +147,11 @@ class StatefulCallback(keras.callbacks.Callback):
     `ModelCheckpoint` runs it ("settles" the epoch) before it captures the
     state, wherever this callback stands in the list, and Keras's own call
     afterwards does nothing. So the saved state always includes the epoch.
+
+    A subclass that declares `async_safe` must expect its batch hooks on
+    Keras's callback thread pool (JAX, torch): several may run at once and
+    finish out of order. `hook_lock` serialises them; `on_training_thread()`
+    tells a hook whether it runs synchronously.
     """
 
     state_key: str = ""
@@ -154,6 +160,8 @@ class StatefulCallback(keras.callbacks.Callback):
         super().__init__()
         if not self.state_key:
             self.state_key = type(self).__name__
+        self.hook_lock = threading.Lock()
+        self._train_thread: int | None = None
 
     def set_model(self, model: keras.Model) -> None:
         super().set_model(model)
@@ -161,6 +169,11 @@ class StatefulCallback(keras.callbacks.Callback):
 
     def on_train_begin(self, logs: dict | None = None) -> None:
         self._fit = registry.seal(self.model)
+        self._train_thread = threading.get_ident()
+
+    def on_training_thread(self) -> bool:
+        """Whether this hook runs on fit's own thread (not Keras's callback pool)."""
+        return self._train_thread is None or threading.get_ident() == self._train_thread
 
     def replaying(self, batch: int) -> bool:
         """Whether batch end `batch` is a resume's replay of a step trained before.

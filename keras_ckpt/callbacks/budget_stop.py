@@ -8,12 +8,15 @@ import os
 import time
 from collections.abc import Callable
 
-from keras_ckpt import registry
+from keras_ckpt import multi_worker, registry
 from keras_ckpt.callbacks.base import StatefulCallback, print_msg
 from keras_ckpt.callbacks.model_checkpoint import ModelCheckpoint
 from keras_ckpt.ledger import DayClock, Ledger, default_ledger_path
 from keras_ckpt.ledger import format_duration as _fmt
 from keras_ckpt.validation import check_bool, check_number
+
+# Why a run stops; with several workers the chief sends the index to the others.
+_REASONS = ("daily-budget", "daily-cost-limit", "max-duration", "run-cost-limit")
 
 __all__ = ["BudgetStop", "BudgetExhaustedError"]
 
@@ -60,7 +63,10 @@ class BudgetStop(StatefulCallback):
     `raise_if_exhausted`).
 
     Per step it reads a clock and compares: no logs, no device sync, and it is
-    safe for Keras's asynchronous batch dispatch.
+    safe for Keras's asynchronous batch dispatch. Under
+    `tf.distribute.MultiWorkerMirroredStrategy` the chief's clock and ledger
+    decide, and every worker stops at the chief's step (one all-reduce of a
+    number per batch end; the other workers keep no ledger).
 
     Args:
         max_duration: seconds or a `timedelta` for this run.
@@ -148,6 +154,7 @@ class BudgetStop(StatefulCallback):
         self.raise_if_exhausted = raise_if_exhausted
         self.verbose = verbose
         self._clock = clock or time.time
+        self._workers: multi_worker.Workers | None = None
         self.async_safe = True
         self.stop_reason: str | None = None
         self.stopped_at: tuple[int, int | None] | None = None
@@ -180,11 +187,17 @@ class BudgetStop(StatefulCallback):
         super().on_train_begin(logs)
         now = self._clock()
         self.stop_reason, self.stopped_at, self.checkpoint = None, None, None
-        self._ledger = Ledger(self.ledger_path, self.days, self._price_per_second)
         # Fixed for the fit (the registry is sealed by now): checked again near the
         # deadline at every step, so not recomputed there.
         self._checkpoint_callbacks = [o for o in registry.objects_for(self.model).values()
                                       if isinstance(o, ModelCheckpoint)]
+        # Several workers: the chief keeps the ledger and decides; the others
+        # take its decision at the same step (`_decide`).
+        self._workers = multi_worker.workers_of(self.model)
+        if self._workers is not None and not self._workers.is_chief:
+            self._follow_from_start()
+            return
+        self._ledger = Ledger(self.ledger_path, self.days, self._price_per_second)
         size = sum(math.prod(v.shape) * 4 for v in self.model.variables)
         # Before a first save is timed: weights and optimizer slots at 200 MB/s.
         self._first_save_guess = (0.2 + 3 * size / 200e6) if self._checkpoint_callbacks else 0.0
@@ -209,10 +222,31 @@ class BudgetStop(StatefulCallback):
         self._last_check = (now, None)
         self._last_batch_time = now
         self._sync(now)
-        if self._paid_until <= now or now + self._lead() > self._deadline:
+        exhausted = self._paid_until <= now or now + self._lead() > self._deadline
+        if self._workers is not None:
+            self._workers.any(exhausted)  # tells the other workers (see `_follow_from_start`)
+        if exhausted:
             self._exhausted_at_start(now)
         else:
             self._next_check = self._plan(now)
+
+    def _follow_from_start(self) -> None:
+        """A worker beside the chief: no ledger of its own, the chief's decisions."""
+        self._session = None
+        self._epoch = 0
+        self._next_check = math.inf
+        self._step_time = self._val_time = self._last_batch_time = 0.0
+        if not self._workers.any(False):
+            return
+        self.stop_reason = "budget-spent-at-start"
+        message = ("BudgetStop: the chief worker found the budget spent before training; "
+                   "its ledger says why.")
+        if self.raise_if_exhausted:
+            raise BudgetExhaustedError(message)
+        print_msg(message)
+        epochs = (self.params or {}).get("epochs")
+        if epochs is not None:
+            registry.start_at_epoch(self.model, epochs)
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self._epoch = epoch
@@ -220,17 +254,23 @@ class BudgetStop(StatefulCallback):
         self._last_check = (self._last_batch_time, None)
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        now = self._clock()
-        self._last_batch_time = now
-        if now >= self._next_check:
-            self._check(now, batch, logs)
+        with self.hook_lock:  # Keras's callback pool may run two steps' hooks at once
+            now = self._clock()
+            self._last_batch_time = now
+            if self._workers is not None:
+                self._decide(now, batch, logs)
+            elif now >= self._next_check and self._check(now, batch):
+                self._stop(now, batch, logs)
 
     def epoch_end(self, epoch: int, logs: dict) -> None:
         if self.stop_reason is not None:
             return
         now = self._clock()
         self._val_time = max(self._val_time, now - self._last_batch_time)
-        self._check(now, None, logs)
+        if self._workers is not None:
+            self._decide(now, None, logs)
+        elif self._check(now, None):
+            self._stop(now, None, logs)
 
     def on_train_end(self, logs: dict | None = None) -> None:
         if getattr(self, "_session", None) is None:
@@ -293,12 +333,29 @@ class BudgetStop(StatefulCallback):
         lead = self._lead()
         return min(self._paid_until, self._deadline) - lead
 
-    def _check(self, now: float, batch: int | None, logs: dict | None) -> None:
+    def _decide(self, now: float, batch: int | None, logs: dict | None) -> None:
+        """Several workers: the chief checks, every worker stops where it says.
+
+        One all-reduce per call, on every worker at the same hooks (every
+        train batch end and epoch end), whatever the workers' clocks say.
+        """
+        stop = False
+        if self._workers.is_chief and self.stop_reason is None and (
+                batch is None or now >= self._next_check):
+            stop = self._check(now, batch)
+        reason = _REASONS.index(self._deadline_reason or "daily-budget") + 1 if stop else 0
+        reason = int(round(self._workers.from_chief(reason)))
+        if reason:
+            self._deadline_reason = _REASONS[reason - 1]
+            self._stop(now, batch, logs)
+
+    def _check(self, now: float, batch: int | None) -> bool:
+        """Updates the timings and the reservation; whether training must stop now."""
         if batch is not None and self.replaying(batch):
             # A resume replaying the batches it had trained on: nothing to decide
             # (and replays are no measure of a step's time).
             self._last_check = (now, batch)
-            return
+            return False
         previous, previous_batch = self._last_check
         if batch is not None and previous_batch is not None and batch > previous_batch:
             self._step_time = (now - previous) / (batch - previous_batch)
@@ -308,9 +365,9 @@ class BudgetStop(StatefulCallback):
         if now + self._lead() > self._paid_until and self._deadline == math.inf:
             self._sync(now)
         if now + self._lead() > self._deadline:
-            self._stop(now, batch, logs)
-            return
+            return True
         self._next_check = self._plan(now)
+        return False
 
     def _stop(self, now: float, batch: int | None, logs: dict | None) -> None:
         self.stop_reason = self._deadline_reason or "daily-budget"

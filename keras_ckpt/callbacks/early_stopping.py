@@ -12,7 +12,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from keras_ckpt import registry, storage
+from keras_ckpt import multi_worker, registry, storage
 from keras_ckpt.callbacks.base import (
     StatefulCallback,
     guard_step_functions,
@@ -145,6 +145,7 @@ class EarlyStopping(StatefulCallback):
         self.divergence_threshold = divergence_threshold
         self.restore_on_interrupt = restore_on_interrupt
         self.best_weights_path = best_weights_path
+        self._workers: multi_worker.Workers | None = None
         self._reset()
 
     # ------------------------------------------------------------ state
@@ -224,6 +225,8 @@ class EarlyStopping(StatefulCallback):
         if not self.restored_this_fit():
             self._reset()
         self._monitor.resolve(self.model)
+        # Several workers: the chief writes `best_weights_path`, all read it.
+        self._workers = multi_worker.workers_of(self.model)
         if self.restore_on_interrupt:
             self._install_interrupt_guards()
 
@@ -258,7 +261,7 @@ class EarlyStopping(StatefulCallback):
         self._remove_interrupt_guards()
         if self.stop_reason is not None and self.verbose > 0:
             print_msg(f"Epoch {self.stopped_epoch + 1}: early stopping ({self.stop_message})")
-        self._restore_best()
+        self._restore_best(in_step=True)
 
     # ------------------------------------------------------------ best weights
     def _stop(self, epoch: int, reason: str, why: str) -> None:
@@ -274,6 +277,9 @@ class EarlyStopping(StatefulCallback):
     def _record_best(self, epoch: int) -> None:
         weights = self.model.weights
         if self.best_weights_path is not None:
+            if self._workers is not None and not self._workers.is_chief:
+                self._has_best = True
+                return
             # The file the newest checkpoint knows may be this one: keep it
             # as the previous best (a rename, no copy) until the next one.
             # A crash between a new best and the checkpoint that records it
@@ -307,11 +313,14 @@ class EarlyStopping(StatefulCallback):
             f"({'; '.join(found)}); the model keeps its current weights.", stacklevel=3)
         return None
 
-    def _restore_best(self) -> None:
+    def _restore_best(self, in_step: bool = False) -> None:
+        """`in_step`: every worker is here at once (not an error on one of them)."""
         if not self.restore_best_weights or not self._has_best:
             return
         where = "host memory"
         if self.best_weights_path is not None:
+            if self._workers is not None and in_step:
+                self._workers.any(False)  # every worker waits here until the chief wrote it
             read = self._read_best_file()
             if read is None:
                 return

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import re
 import signal
 import sys
 import time
@@ -16,7 +15,15 @@ from typing import Any
 import keras
 import numpy as np
 
-from keras_ckpt import dirlock, keras_layout, manager, registry, storage
+from keras_ckpt import (
+    dirlock,
+    keras_layout,
+    manager,
+    multi_worker,
+    registry,
+    remote,
+    storage,
+)
 from keras_ckpt import state as state_lib
 from keras_ckpt.callbacks.base import (
     StatefulCallback,
@@ -55,11 +62,22 @@ class ModelCheckpoint(StatefulCallback):
     a crash mid-write leaves the previous one intact. A state whose loss or
     monitored value is not finite is never written.
 
+    Under `tf.distribute.MultiWorkerMirroredStrategy` every worker takes the
+    same snapshots and only the chief writes; all workers resume from the
+    chief's checkpoint (a shared directory) and a signal that reaches one
+    worker stops all at the same step (docs/backends.md).
+
     Args:
         filepath: path template, formatted with `epoch` (1-based), `batch`
             (with an integer `save_freq`) and the log keys, e.g.
             `"ckpt/{epoch:02d}-{val_loss:.2f}.keras"`. Must end in `.keras`
             (or legacy `.h5`), or in `.weights.h5` with `save_weights_only`.
+            A URL (`gs://bucket/run/{epoch}.keras`; any scheme `tf.io.gfile`
+            supports) is served by a local mirror, `directory`: files are
+            written and verified there, then uploaded (a temporary name,
+            then a rename); a fit first downloads what the mirror lacks.
+            Placeholders go in the file name only. The directory lock then
+            covers this machine only.
         monitor: quantity compared by `save_best_only`.
         verbose: 0 (silent) or 1 (a message for each action).
         save_best_only: save only when `monitor` improves on the best so far.
@@ -170,12 +188,18 @@ class ModelCheckpoint(StatefulCallback):
         if not isinstance(filepath, (str, os.PathLike)):
             raise TypeError(f"`filepath` must be a string or path; got {filepath!r}.")
         self.filepath = os.fspath(filepath)
-        if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", self.filepath):
-            raise ValueError(
-                f"`filepath` must be on a local (or mounted) file system; got "
-                f"{self.filepath!r}. keras-ckpt's crash safety needs fsync, an atomic rename "
-                "and file locks, which remote URLs (gs://, s3://, hdfs://) do not give: save "
-                "locally and copy the finished checkpoints (docs/backends.md).")
+        # A URL: written and verified in a local mirror, then uploaded (remote.py).
+        self.remote_filepath: str | None = None
+        self._mirror: remote.Mirror | None = None
+        if remote.is_remote(self.filepath):
+            url, name = self.filepath.rsplit("/", 1)
+            if manager.template_fields(url):
+                raise ValueError(
+                    f"`filepath` {self.filepath!r}: with a URL, placeholders may only be in "
+                    "the file name, not in the directory.")
+            self._mirror = remote.Mirror(url)
+            self.remote_filepath = self.filepath
+            self.filepath = os.path.join(self._mirror.local, name)
         self._fields = manager.template_fields(self.filepath)
         ext = storage.extension(self.filepath)
         if save_weights_only and ext != ".weights.h5":
@@ -263,6 +287,8 @@ class ModelCheckpoint(StatefulCallback):
         # Batch-level work only when asked for, so that Keras keeps its
         # asynchronous batch dispatch on the backends that have it.
         self._layout_cache: tuple | None = None
+        self._workers: multi_worker.Workers | None = None
+        self._writes = True  # False on a worker beside the chief
         self._batch_level = save_freq != "epoch" or save_interval is not None
         self._metric_fields = [f for f in self._fields if f not in ("epoch", "batch")]
         if self._batch_level or self._metric_fields or self._catcher is not None:
@@ -301,7 +327,8 @@ class ModelCheckpoint(StatefulCallback):
     def get_config(self) -> dict:
         """The constructor arguments (as Keras callbacks report them)."""
         return {
-            "filepath": self.filepath, "monitor": self.monitor, "verbose": self.verbose,
+            "filepath": self.remote_filepath or self.filepath, "monitor": self.monitor,
+            "verbose": self.verbose,
             "save_best_only": self.save_best_only, "save_weights_only": self.save_weights_only,
             "mode": self.mode, "save_freq": self.save_freq,
             "initial_value_threshold": self.initial_value_threshold,
@@ -349,11 +376,29 @@ class ModelCheckpoint(StatefulCallback):
                 policy.monitor = self.monitor
                 if policy.mode is None:
                     policy.mode = self._monitor.direction
-        self._check_filepath()
-        if self.lock:
+        # Several worker processes: all take the same snapshots (reading
+        # the metrics is a collective), only the chief writes.
+        self._workers = multi_worker.workers_of(model)
+        self._writes = self._workers is None or self._workers.is_chief
+        if self._workers is not None and self.save_interval is not None:
+            raise ValueError(
+                "ModelCheckpoint: `save_interval` is not supported with several workers "
+                f"({self._workers.count}): each worker's clock would decide a different "
+                "step. Use `save_freq` (steps) or 'epoch'.")
+        if self._writes:
+            self._check_filepath()
+        if self.lock and self._writes:
             dirlock.acquire(self.directory, self)
         try:
-            self._clean_temporaries()
+            if self._writes:
+                self._clean_temporaries()
+            if self._mirror is not None:
+                # The mirror holds what the remote directory holds: resume and
+                # retention then see the same files as in a local directory.
+                fetched = self._mirror.pull(self._own_name)
+                if fetched and self.verbose > 0:
+                    print_msg(f"ModelCheckpoint: downloaded {len(fetched)} file(s) from "
+                              f"{self._mirror.url} to {self.directory}.")
             if self.resume:
                 self._resume()
         except BaseException:
@@ -396,7 +441,7 @@ class ModelCheckpoint(StatefulCallback):
             return
         if self._catcher is not None:
             self._last_logs = logs
-            if self._catcher.pending is not None and self.preempted_by is None:
+            if self._signal_pending() and self.preempted_by is None:
                 if self._hooks_see_state:
                     self._preempt(logs or {}, steps_in_epoch=batch + 1)
                 else:
@@ -418,7 +463,7 @@ class ModelCheckpoint(StatefulCallback):
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         registry.set_replay(self.model, -1)
         train_metrics, self._train_metrics = self._train_metrics, None
-        pending = self._catcher is not None and self._catcher.pending is not None \
+        pending = self._catcher is not None and self._signal_pending() \
             and self.preempted_by is None
         if registry.cut_short(self.model) == epoch:
             # A stop cut the epoch short: its mid-epoch checkpoint is written
@@ -438,6 +483,24 @@ class ModelCheckpoint(StatefulCallback):
     def handles_signal(self, signum: int) -> bool:
         """Whether this callback turns `signum` into a graceful stop during `fit`."""
         return self._catcher is not None and int(signum) in self._catcher.signals
+
+    def _signal_pending(self) -> bool:
+        """Whether a stop signal is pending: here, or (several workers) on any worker.
+
+        With several workers every one calls this at the same hooks (train
+        batch end, epoch end), and a worker the signal did not reach adopts
+        it, so all stop at the same step. Validation does not look: a signal
+        that arrives there is taken at the epoch's end.
+        """
+        pending = self._catcher.pending
+        if self._workers is None:
+            return pending is not None
+        # One all-reduce: 1000 per signalled worker, plus its signal number.
+        total = int(round(self._workers.sum(0 if pending is None else 1000 + pending)))
+        signalled = total // 1000
+        if signalled and pending is None:
+            self._catcher.pending = pending = (total - 1000 * signalled) // signalled
+        return pending is not None
 
     def _on_signal(self, signum: int) -> None:
         if self.verbose > 0:
@@ -461,8 +524,9 @@ class ModelCheckpoint(StatefulCallback):
         stop. The checkpoint is written at the next synchronous hook, with the
         steps actually trained by then (`_save_deferred`).
         """
-        if self._deferred is None:
-            self._deferred = dict(logs or {})
+        with self.hook_lock:  # the first stop's logs, whichever pool thread comes first
+            if self._deferred is None:
+                self._deferred = dict(logs or {})
         registry.set_cut_short(self._model, self._epoch)
         self._model.stop_training = True
 
@@ -475,7 +539,8 @@ class ModelCheckpoint(StatefulCallback):
             self._stop_for_signal(f"at epoch {self._epoch + 1}, step {steps}")
 
     def _on_test_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        if (self._in_fit and self._catcher.pending is not None and self.preempted_by is None
+        if (self._in_fit and self._workers is None and self._catcher.pending is not None
+                and self.preempted_by is None
                 and self._train_metrics is not None):
             # The epoch's steps are all done; stop validating and save them.
             if not self._hooks_see_state:  # possibly on Keras's callback thread
@@ -643,6 +708,14 @@ class ModelCheckpoint(StatefulCallback):
                     f"steps_per_execution={spe} steps; no checkpoint can be resumed from there. "
                     "The previous checkpoints stay as they are.", stacklevel=3)
                 return
+            if self._workers is not None:
+                # A snapshot is a collective: the other workers, still in a
+                # step, would never join it. The last periodic save resumes.
+                warnings.warn(
+                    f"ModelCheckpoint: {type(error).__name__} at {where}; with several workers "
+                    "no checkpoint is written after an error. The previous checkpoints stay as "
+                    "they are.", stacklevel=3)
+                return
             metrics = self._train_metrics if self._train_metrics is not None else None
             print_msg(f"\nModelCheckpoint: {type(error).__name__} at {where}; saving the last "
                       "completed step before it propagates.")
@@ -773,7 +846,6 @@ class ModelCheckpoint(StatefulCallback):
             "loss": encode_float(loss), "written_at": time.time(),
             "keras_version": keras.__version__, "backend": keras.backend.backend(),
         }
-        os.makedirs(os.path.dirname(os.path.abspath(filepath)), exist_ok=True)
         written = filepath if save_regular else self._last_path()
         before = (self.last_saved_path, self.best_path, self._saved_at)
         if save_regular:
@@ -781,6 +853,8 @@ class ModelCheckpoint(StatefulCallback):
             if self.save_best_only:
                 self.best_path = filepath
         self._saved_at = (registry.current_fit(self.model), global_step, written)
+        if not self._writes:
+            return written  # a worker beside the chief: the chief writes this state
         verbose = self.verbose
         # Everything that reads the model is done here, on the training
         # thread: on JAX the model's variables are detached while it trains.
@@ -788,15 +862,21 @@ class ModelCheckpoint(StatefulCallback):
 
         def commit() -> None:
             started = time.monotonic()
+            os.makedirs(os.path.dirname(os.path.abspath(filepath)), exist_ok=True)
             if save_regular:
                 self._write(filepath, snapshot, {**meta, "kind": "regular"}, plan)
                 if verbose > 0:
                     print_msg(f"\n{where}: finished saving model to {filepath}")
             if write_last:
-                self._write_last(filepath if save_regular else None, snapshot, meta, plan)
+                last = self._write_last(filepath if save_regular else None, snapshot, meta, plan)
+            if self._mirror is not None:
+                for path in ([filepath] if save_regular else []) + ([last] if write_last else []):
+                    self._mirror.push(path)
             self.last_save_seconds = time.monotonic() - started
             if self.retention:
                 self._apply_retention()
+                if self._mirror is not None:
+                    self._mirror.prune(lambda name: bool(self._name_pattern.match(name)))
 
         # Keras's own writer (the fallback) reads the live variables, not the
         # snapshot: it cannot run beside training.
@@ -963,6 +1043,11 @@ class ModelCheckpoint(StatefulCallback):
                               "unfinished write of a process that ended mid-save (never a "
                               "checkpoint).", stacklevel=3)
 
+    def _own_name(self, name: str) -> bool:
+        """Whether `name` is one of this callback's checkpoint files (or its `last` file)."""
+        return bool(self._name_pattern.match(name)) or name == os.path.basename(
+            self._last_path())
+
     def _own_checkpoints(self) -> list[manager.CheckpointInfo]:
         return [c for c in manager.list_checkpoints(self.directory)
                 if c.kind == "regular" and self._name_pattern.match(os.path.basename(c.path))]
@@ -997,17 +1082,35 @@ class ModelCheckpoint(StatefulCallback):
         print_msg(message)
         warnings.warn(message, stacklevel=3)
 
+    def _agree_on_resume(self, info: manager.CheckpointInfo | None) -> None:
+        """With several workers: all must resume from the chief's checkpoint, or none."""
+        if self._workers is None:
+            return
+        step = -1.0 if info is None else float(info.global_step)
+        chosen = self._workers.from_chief(step)
+        if self._workers.any(chosen != step):
+            mine = "no checkpoint" if info is None else f"{info.path} (step {info.global_step})"
+            chief = "no checkpoint" if chosen < 0 else f"one of global step {int(chosen)}"
+            raise RuntimeError(
+                f"ModelCheckpoint(resume=True): the workers would resume from different "
+                f"states: this worker ({self._workers.task_type} {self._workers.task_id}) "
+                f"found {mine}, the chief {chief}. Every worker must see the chief's "
+                f"checkpoint directory {self.directory} (a shared file system). Nothing "
+                "was changed.")
+
     def _resume(self) -> None:
         model = self.model
         if self.resume is True:
             found = manager.latest_checkpoint(self.directory)
             if found is None:
+                self._agree_on_resume(None)
                 self._no_valid_checkpoint()
                 return
             info, snapshot = found
         else:
             snapshot = storage.read(self.resume)
             info = manager.info_from_meta(self.resume, snapshot.meta)
+        self._agree_on_resume(info)
         state_lib.check_compatible(snapshot.meta, model)
         progress = snapshot.meta["progress"]
         epoch, step = info.resume_point

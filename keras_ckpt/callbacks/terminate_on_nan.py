@@ -151,6 +151,7 @@ class TerminateOnNaN(StatefulCallback):
         self._epoch = 0
         self._steps = 0
         self._settled_batch: tuple | None = None
+        self._unannounced = ""  # a stop not printed yet: its note, or "."
 
     # ------------------------------------------------------------ state
     def get_state(self) -> dict:
@@ -183,7 +184,7 @@ class TerminateOnNaN(StatefulCallback):
         super().on_train_begin(logs)
         if not self.restored_this_fit():
             self.events, self.retries = [], 0
-        self._tainted = None
+        self._tainted, self._unannounced = None, ""
         if self.lr_factor is not None and not isinstance(
                 getattr(self.model.optimizer, "_learning_rate", None), keras.Variable):
             raise ValueError("TerminateOnNaN: `lr_factor` needs the optimizer's learning rate "
@@ -198,7 +199,15 @@ class TerminateOnNaN(StatefulCallback):
             self._take_snapshot()
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        self.settle_batch_end(batch, logs)
+        with self.hook_lock:  # Keras's callback pool may run two steps' hooks at once
+            self.settle_batch_end(batch, logs)
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self._announce()  # Keras has waited for every batch hook of the epoch
+        super().on_epoch_end(epoch, logs)
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        self._announce()
 
     def settle_batch_end(self, batch: int, logs: dict | None) -> None:
         """Checks step `batch` once (ModelCheckpoint calls it before a batch save)."""
@@ -236,7 +245,13 @@ class TerminateOnNaN(StatefulCallback):
 
     def _handle(self, event: NaNEvent) -> None:
         if self._tainted is not None:
-            return  # already stopping because of an earlier event
+            # Already stopping. On Keras's callback pool a later step's hook
+            # can come first: the earliest non-finite step is the one kept.
+            if self._unannounced and _earlier(event, self._tainted):
+                event.action = self._tainted.action
+                self.events[self.events.index(self._tainted)] = event
+                self._tainted = event
+            return
         event.action, note = self.action, ""
         if self.action == "rollback" and self.retries >= self.max_retries:
             event.action = "stop"
@@ -254,10 +269,17 @@ class TerminateOnNaN(StatefulCallback):
         if event.action == "rollback":
             self._rollback(event)
             return
-        if self.verbose > 0:
-            print_msg(f"\nTerminateOnNaN: non-finite value at {event.describe()}; "
-                      f"stopping training{note}.")
         self._model.stop_training = True
+        self._unannounced = note or "."
+        if self.on_training_thread():
+            self._announce()
+
+    def _announce(self) -> None:
+        """Prints the stop once the event is final (after every pending hook ran)."""
+        if self._unannounced and self._tainted is not None and self.verbose > 0:
+            print_msg(f"\nTerminateOnNaN: non-finite value at {self._tainted.describe()}; "
+                      f"stopping training{self._unannounced.rstrip('.')}.")
+        self._unannounced = ""
 
     def _take_snapshot(self) -> None:
         optimizer = self.model.optimizer
@@ -308,6 +330,12 @@ class TerminateOnNaN(StatefulCallback):
                 self._scale_since_snapshot = 1.0
                 return info.path
         return None
+
+
+def _earlier(event: NaNEvent, than: NaNEvent) -> bool:
+    """Whether `event` is at an earlier step of the same epoch than `than`."""
+    return (event.epoch == than.epoch and event.step is not None
+            and (than.step is None or event.step < than.step))
 
 
 def _first_non_finite(logs: dict | None, epoch: int, step: int | None) -> NaNEvent | None:

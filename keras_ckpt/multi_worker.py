@@ -1,0 +1,159 @@
+"""Training over several worker processes (`tf.distribute.MultiWorkerMirroredStrategy`).
+
+Who writes (the chief only), and decisions all workers must take at the same
+step (a budget stop, a preemption signal that reached one of them), agreed by
+an all-reduce of one number among the workers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import numpy as np
+
+__all__ = ["Workers", "workers_of"]
+
+
+class Workers:
+    """This process's place among the workers of a multi-worker strategy.
+
+    Args:
+        strategy: a `tf.distribute.MultiWorkerMirroredStrategy` over more than
+            one worker.
+        task_type: this worker's task type in the cluster (`"chief"` or
+            `"worker"`).
+        task_id: this worker's index among its task type.
+        count: the number of training workers (chief included).
+        is_chief: whether this worker writes checkpoints, ledgers and logs.
+
+    Example:
+
+    ```python
+    workers = workers_of(model)  # None unless multi-worker
+    if workers is None or workers.is_chief:
+        ...  # write
+    ```
+    """
+
+    def __init__(self, strategy: Any, task_type: str, task_id: int, count: int,
+                 is_chief: bool) -> None:
+        self.strategy = strategy
+        self.task_type = task_type
+        self.task_id = task_id
+        self.count = count
+        self.is_chief = is_chief
+        self._sum = None
+        self._gather: tuple | None = None
+
+    def __repr__(self) -> str:
+        return (f"Workers({self.task_type}:{self.task_id} of {self.count}, "
+                f"{'chief' if self.is_chief else 'not chief'})")
+
+    def sum(self, value: float) -> float:
+        """The sum of `value` over all workers (every worker must call it, in the same order).
+
+        Args:
+            value: this worker's number.
+
+        Returns:
+            The sum over the workers, the same on each.
+        """
+        import tensorflow as tf
+
+        if self._sum is None:
+            strategy = self.strategy
+
+            @tf.function
+            def reduce_sum(x):
+                def replica():
+                    context = tf.distribute.get_replica_context()
+                    # Each of this worker's replicas adds its share of `x`.
+                    share = tf.identity(x) / context.num_replicas_in_sync * self.count
+                    return context.all_reduce("SUM", share)
+                return strategy.run(replica)
+
+            self._sum = reduce_sum
+        result = self._sum(tf.constant(float(value), tf.float64))
+        return float(self.strategy.experimental_local_results(result)[0].numpy())
+
+    def gather(self, variables: list) -> list[np.ndarray]:
+        """Every replica's value of each distributed variable (a collective: every worker calls it).
+
+        Keras updates BatchNormalization's moving statistics on each replica
+        from its own part of the batch, so the "mirrored" copies drift apart
+        between workers; reading one gives this worker's.
+
+        Args:
+            variables: Keras variables created under the strategy.
+
+        Returns:
+            One array per variable, stacked by replica id (all workers' replicas).
+        """
+        import tensorflow as tf
+
+        if not variables:
+            return []
+        key = tuple(id(v) for v in variables)
+        if self._gather is None or self._gather[0] != key:
+
+            @tf.function
+            def gather_all():
+                local = self.strategy.run(
+                    lambda: [tf.expand_dims(tf.identity(v.value), 0) for v in variables])
+                return [self.strategy.gather(x, axis=0) for x in local]
+
+            self._gather = (key, gather_all)
+        return [np.array(x.numpy()) for x in self._gather[1]()]
+
+    def local_replica_ids(self) -> list[int]:
+        """The replica ids (in the whole group) of this worker's devices, in component order."""
+        import tensorflow as tf
+
+        ids = self.strategy.run(
+            lambda: tf.distribute.get_replica_context().replica_id_in_sync_group)
+        return [int(tf.get_static_value(i)) if tf.get_static_value(i) is not None
+                else int(i.numpy()) for i in self.strategy.experimental_local_results(ids)]
+
+    def any(self, flag: bool) -> bool:
+        """Whether `flag` is true on any worker (a collective: every worker calls it)."""
+        return self.sum(1.0 if flag else 0.0) > 0.5
+
+    def from_chief(self, value: float) -> float:
+        """The chief's `value`, on every worker (a collective: every worker calls it)."""
+        return self.sum(value if self.is_chief else 0.0)
+
+
+def workers_of(model: Any) -> Workers | None:
+    """This process's `Workers` when `model` trains under a multi-worker strategy, else None.
+
+    Args:
+        model: a Keras model (TensorFlow backend; other backends give None).
+
+    Returns:
+        A `Workers`, or None for single-process training (one device, or a
+        `MirroredStrategy` on one machine).
+    """
+    if keras.backend.backend() != "tensorflow":
+        return None
+    import tensorflow as tf
+
+    strategy = getattr(model, "_distribute_strategy", None)
+    if strategy is None:
+        strategy = tf.distribute.get_strategy()
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return None
+    resolver = strategy.cluster_resolver
+    spec = resolver.cluster_spec().as_dict() if resolver is not None else {}
+    count = len(spec.get("chief", [])) + len(spec.get("worker", []))
+    if count <= 1:
+        return None
+    known = getattr(strategy, "_keras_ckpt_workers", None)
+    if known is not None:  # one per strategy: it keeps its compiled collectives
+        return known
+    task_type, task_id = resolver.task_type, int(resolver.task_id or 0)
+    is_chief = task_type == "chief" or (task_type == "worker" and task_id == 0
+                                        and "chief" not in spec)
+    workers = Workers(strategy, task_type, task_id, count, is_chief)
+    strategy._keras_ckpt_workers = workers
+    return workers

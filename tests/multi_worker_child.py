@@ -1,0 +1,241 @@
+"""One worker of a two-worker MultiWorkerMirroredStrategy run, for tests/test_multi_worker.py.
+
+Usage: python multi_worker_child.py INDEX PORTS DIRECTORY OUT [--epochs N]
+    [--kill-step S] [--budget-steps B] [--poison-step P] [--signal-step S]
+
+INDEX is this worker's index (0 is the chief), PORTS the two workers' ports
+on 127.0.0.1 ("p0,p1"). Trains a small model (Dropout, BatchNormalization)
+on a tf.data pipeline the strategy shards between the workers, with a
+keras-ckpt ModelCheckpoint (every 3 steps, resume=True) and optionally:
+EarlyStopping (restore_best_weights, the best weights in a file),
+BudgetStop with a simulated clock (one second a step on the chief; worker 1's
+clock runs ten times faster, so a worker deciding by its own clock would
+stop elsewhere), TerminateOnNaN (NaN targets at global step P), a SIGKILL of
+worker 1 after global step S, a SIGTERM sent to worker 1 alone after step S,
+or another checkpoint directory for worker 1 (--worker1-directory).
+
+Everything this process does that changes the checkpoint directory (files
+opened for writing, renames, removals, new folders) is recorded, to show
+that only the chief writes there. Writes the variables, the history and what
+the callbacks report to OUT (an .npz).
+
+Keras 3.15's `fit` does not run under MultiWorkerMirroredStrategy
+(keras-team/keras#20585): `patch_keras_fit` applies the two fixes it needs
+here, in this test process only (see docs/backends.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import builtins
+import io
+import json
+import os
+import signal
+import sys
+
+INDEX = int(sys.argv[1])
+PORTS = sys.argv[2].split(",")
+os.environ["TF_CONFIG"] = json.dumps({
+    "cluster": {"worker": [f"127.0.0.1:{p}" for p in PORTS]},
+    "task": {"type": "worker", "index": INDEX}})
+os.environ["KERAS_BACKEND"] = "tensorflow"
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import h5py  # noqa: E402
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import keras_ckpt  # noqa: E402
+
+
+def patch_keras_fit() -> None:
+    """The two Keras 3.15 fixes `fit` needs under MultiWorkerMirroredStrategy.
+
+    1. `_maybe_symbolic_build` averages a distributed batch across workers to
+       learn its shapes, which fails; the first local replica's part is enough.
+    2. `reduce_per_replica` averages scalar logs with `axis=0`, which fails on
+       scalars; they are averaged with `axis=None`.
+    """
+    from keras.src.backend.tensorflow import trainer
+
+    def symbolic_build(self, iterator=None, data_batch=None):
+        if self._distribute_strategy is None:
+            return
+        if iterator is not None:
+            for _, _, it in iterator:
+                batch = next(it)
+                data_batch = tf.nest.map_structure(
+                    lambda v: self.distribute_strategy.experimental_local_results(v)[0]
+                    if isinstance(v, tf.distribute.DistributedValues) else v, batch)
+                break
+        with self.distribute_strategy.scope():
+            self._symbolic_build(data_batch=data_batch)
+
+    reduce_per_replica = trainer.reduce_per_replica
+
+    def reduce_scalars(values, strategy, reduction):
+        if reduction in ("auto", "mean") and trainer._collective_all_reduce_multi_worker(
+                strategy):
+            return tf.nest.map_structure(
+                lambda v: strategy.reduce("MEAN", v, axis=None)
+                if trainer._is_per_replica_instance(v) else v, values)
+        return reduce_per_replica(values, strategy, reduction)
+
+    trainer.TensorFlowTrainer._maybe_symbolic_build = symbolic_build
+    trainer.reduce_per_replica = reduce_scalars
+
+
+def record_writes(directory: str) -> list[str]:
+    """Records every change this process makes under `directory` (best effort, in Python)."""
+    root = os.path.realpath(directory)
+    changes: list[str] = []
+
+    def note(what, path):
+        if isinstance(path, (str, os.PathLike)):
+            full = os.path.realpath(os.fspath(path))
+            if full == root or full.startswith(root + os.sep):
+                changes.append(f"{what} {os.path.relpath(full, root)}")
+
+    def wrap(module, name, check):
+        original = getattr(module, name)
+
+        def wrapped(*args, **kwargs):
+            check(*args, **kwargs)
+            return original(*args, **kwargs)
+
+        setattr(module, name, wrapped)
+
+    writing = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+
+    def check_open(file, mode="r", *args, **kwargs):
+        if any(c in mode for c in "wax+"):
+            note("open", file)
+
+    wrap(builtins, "open", check_open)
+    wrap(io, "open", check_open)
+    wrap(os, "open", lambda path, flags, *a, **k: note("open", path) if flags & writing else None)
+    wrap(h5py, "File", lambda name, mode="r", *a, **k: note("h5py", name) if mode != "r" else None)
+    for name in ("replace", "rename", "remove", "unlink", "mkdir", "makedirs", "rmdir"):
+        wrap(os, name, lambda path, *a, _name=name, **k: note(_name, path))
+    return changes
+
+
+class Clock(keras.callbacks.Callback):
+    """A simulated clock: `rate` seconds per trained step."""
+
+    def __init__(self, rate):
+        super().__init__()
+        self.now, self.rate = 0.0, rate
+
+    def __call__(self):
+        return self.now
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.now += self.rate
+
+
+class AtStep(keras.callbacks.Callback):
+    """Sends `signum` to this process after global step `step`, once."""
+
+    def __init__(self, step, signum):
+        super().__init__()
+        self.step, self.signum, self.sent = step, signum, False
+
+    def on_train_batch_end(self, batch, logs=None):
+        if not self.sent and int(self.model.optimizer.iterations.numpy()) >= self.step:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("index")
+    p.add_argument("ports")
+    p.add_argument("directory")
+    p.add_argument("out")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--kill-step", type=int)
+    p.add_argument("--budget-steps", type=int)
+    p.add_argument("--poison-step", type=int)
+    p.add_argument("--signal-step", type=int)
+    p.add_argument("--worker1-directory")
+    p.add_argument("--early-stopping", action="store_true")
+    a = p.parse_args()
+    if INDEX == 1 and a.worker1_directory:  # a worker that cannot see the chief's files
+        a.directory = a.worker1_directory
+
+    patch_keras_fit()
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    assert strategy.num_replicas_in_sync == 2
+    changes = record_writes(a.directory)
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(96, 6)).astype("float32")
+    y = (x @ rng.normal(size=(6, 1))).astype("float32")
+    if a.poison_step is not None:  # global batches of 16, 6 an epoch, in order
+        start = 16 * ((a.poison_step - 1) % 6)
+        y[start:start + 16] = np.nan
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+    with strategy.scope():
+        keras.utils.set_random_seed(3)
+        model = keras.Sequential([
+            keras.Input((6,)),
+            keras.layers.Dense(16, activation="relu"),
+            keras.layers.BatchNormalization(),
+            keras.layers.Dropout(0.3),
+            keras.layers.Dense(1),
+        ])
+        model.compile(keras.optimizers.Adam(0.02), loss="mse", metrics=["mae"])
+    checkpoint = keras_ckpt.ModelCheckpoint(
+        os.path.join(a.directory, "c-{epoch:02d}-{batch}.keras"), save_freq=3,
+        resume=True, verbose=0)
+    callbacks = [checkpoint]
+    if a.early_stopping:
+        callbacks.append(keras_ckpt.EarlyStopping(
+            monitor="loss", patience=10, restore_best_weights=True,
+            best_weights_path=os.path.join(a.directory, "best.weights.h5")))
+    budget = guard = None
+    if a.budget_steps is not None:
+        clock = Clock(1.0 if INDEX == 0 else 10.0)
+        budget = keras_ckpt.BudgetStop(max_duration=a.budget_steps + 0.5, clock=clock,
+                                       ledger=os.path.join(a.directory, "ledger.json"),
+                                       verbose=0)
+        callbacks = [clock, *callbacks, budget]
+    if a.poison_step is not None:
+        guard = keras_ckpt.TerminateOnNaN(verbose=0)
+        callbacks.append(guard)
+    if a.kill_step is not None and INDEX == 1:
+        callbacks.append(AtStep(a.kill_step, signal.SIGKILL))
+    if a.signal_step is not None and INDEX == 1:
+        callbacks.append(AtStep(a.signal_step, signal.SIGTERM))
+
+    def report(history):
+        arrays = {f"model/{i}": keras.ops.convert_to_numpy(v)
+                  for i, v in enumerate(model.variables)}
+        arrays.update({f"optimizer/{i}": keras.ops.convert_to_numpy(v)
+                       for i, v in enumerate(model.optimizer.variables)})
+        resumed = checkpoint.resumed_from
+        outcome = {
+            "history": history.history, "epoch": history.epoch,
+            "resumed_from": None if resumed is None else [resumed.epoch, resumed.step],
+            "iterations": int(model.optimizer.iterations.numpy()),
+            "budget": None if budget is None else budget.stop_reason,
+            "nan_events": None if guard is None else [[e.epoch, e.step] for e in guard.events],
+            "preempted_by": checkpoint.preempted_by,
+            "trainable": [i for i, v in enumerate(model.variables) if v.trainable],
+            "changes": changes,
+        }
+        arrays["outcome"] = np.frombuffer(json.dumps(outcome).encode(), dtype=np.uint8)
+        np.savez(a.out, **arrays)
+
+    class Report(keras.callbacks.Callback):  # also reached when a signal makes fit exit
+        def on_train_end(self, logs=None):
+            report(self.model.history)
+
+    model.fit(data, epochs=a.epochs, verbose=0, callbacks=[*callbacks, Report()])
+
+
+if __name__ == "__main__":
+    main()
