@@ -151,7 +151,7 @@ class TerminateOnNaN(StatefulCallback):
         self._epoch = 0
         self._steps = 0
         self._settled_batch: tuple | None = None
-        self._unannounced = ""  # a stop not printed yet: its note, or "."
+        self._unannounced: str | None = None  # a stop not printed yet: its note
 
     # ------------------------------------------------------------ state
     def get_state(self) -> dict:
@@ -184,7 +184,7 @@ class TerminateOnNaN(StatefulCallback):
         super().on_train_begin(logs)
         if not self.restored_this_fit():
             self.events, self.retries = [], 0
-        self._tainted, self._unannounced = None, ""
+        self._tainted, self._unannounced = None, None
         if self.lr_factor is not None and not isinstance(
                 getattr(self.model.optimizer, "_learning_rate", None), keras.Variable):
             raise ValueError("TerminateOnNaN: `lr_factor` needs the optimizer's learning rate "
@@ -247,7 +247,7 @@ class TerminateOnNaN(StatefulCallback):
         if self._tainted is not None:
             # Already stopping. On Keras's callback pool a later step's hook
             # can come first: the earliest non-finite step is the one kept.
-            if self._unannounced and _earlier(event, self._tainted):
+            if self._unannounced is not None and _earlier(event, self._tainted):
                 event.action = self._tainted.action
                 self.events[self.events.index(self._tainted)] = event
                 self._tainted = event
@@ -270,16 +270,16 @@ class TerminateOnNaN(StatefulCallback):
             self._rollback(event)
             return
         self._model.stop_training = True
-        self._unannounced = note or "."
+        self._unannounced = note
         if self.on_training_thread():
             self._announce()
 
     def _announce(self) -> None:
         """Prints the stop once the event is final (after every pending hook ran)."""
-        if self._unannounced and self._tainted is not None and self.verbose > 0:
+        if self._unannounced is not None and self._tainted is not None and self.verbose > 0:
             print_msg(f"\nTerminateOnNaN: non-finite value at {self._tainted.describe()}; "
-                      f"stopping training{self._unannounced.rstrip('.')}.")
-        self._unannounced = ""
+                      f"stopping training{self._unannounced}.")
+        self._unannounced = None
 
     def _take_snapshot(self) -> None:
         optimizer = self.model.optimizer
