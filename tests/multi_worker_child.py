@@ -8,7 +8,8 @@ on 127.0.0.1 ("p0,p1"). Trains a small model (Dropout, BatchNormalization)
 on a tf.data pipeline the strategy shards between the workers, with a
 keras-ckpt ModelCheckpoint (every 3 steps, resume=True) and optionally:
 EarlyStopping (restore_best_weights, the best weights in a file),
-BudgetStop with a simulated clock (one second a step on the chief; worker 1's
+BudgetStop (a daily budget of B steps) with a simulated clock (one second a
+step on the chief, from 0 each run, so the same day; worker 1's
 clock runs ten times faster, so a worker deciding by its own clock would
 stop elsewhere), TerminateOnNaN (NaN targets at global step P), a SIGKILL of
 worker 1 after global step S, a SIGTERM sent to worker 1 alone after step S,
@@ -199,7 +200,7 @@ def main() -> None:
     budget = guard = None
     if a.budget_steps is not None:
         clock = Clock(1.0 if INDEX == 0 else 10.0)
-        budget = keras_ckpt.BudgetStop(max_duration=a.budget_steps + 0.5, clock=clock,
+        budget = keras_ckpt.BudgetStop(daily_budget=a.budget_steps + 0.5, clock=clock,
                                        ledger=os.path.join(a.directory, "ledger.json"),
                                        verbose=0)
         callbacks = [clock, *callbacks, budget]

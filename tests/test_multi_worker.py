@@ -133,7 +133,7 @@ def test_a_budget_stop_on_the_chiefs_clock_is_taken_by_both_workers(tmp_path):
     # Worker 1's clock runs 10x faster: deciding alone, it would stop first.
     chief, outcome, other, other_outcome = run(tmp_path / "a", tmp_path / "a",
                                                "--budget-steps", "7", "--early-stopping")
-    assert outcome["budget"] == other_outcome["budget"] == "max-duration"
+    assert outcome["budget"] == other_outcome["budget"] == "daily-budget"
     # The chief's clock (1 s a step, 7.5 s allowed): step 7 or 8 (one step of
     # overshoot at most), where worker 1's own clock would have stopped at 1.
     assert outcome["iterations"] == other_outcome["iterations"] in (7, 8)
@@ -142,6 +142,15 @@ def test_a_budget_stop_on_the_chiefs_clock_is_taken_by_both_workers(tmp_path):
     assert_same(chief, other)
     newest = manager.list_checkpoints(tmp_path / "a")[-1]
     assert newest.global_step == outcome["iterations"]  # saved where both stopped
+
+    # Started again the same (simulated) day: the chief's ledger says the day's
+    # budget is spent; both workers resume, train no step, and end with the
+    # same best weights as before.
+    again, again_outcome, other, other_outcome = run(tmp_path / "a", tmp_path / "b",
+                                                     "--budget-steps", "7", "--early-stopping")
+    assert again_outcome["budget"] == other_outcome["budget"] == "budget-spent-at-start"
+    assert again_outcome["iterations"] == other_outcome["iterations"] == outcome["iterations"]
+    assert_same(chief, again)
 
 
 @pytest.mark.slow
