@@ -68,8 +68,10 @@ class Workers:
             def reduce_sum(x):
                 def replica():
                     context = tf.distribute.get_replica_context()
-                    # Each of this worker's replicas adds its share of `x`.
-                    share = tf.identity(x) / context.num_replicas_in_sync * self.count
+                    # One replica of each worker adds `x` (exactly: no shares).
+                    local = context.num_replicas_in_sync // self.count
+                    first = tf.equal(context.replica_id_in_sync_group % local, 0)
+                    share = tf.where(first, tf.identity(x), tf.zeros_like(x))
                     return context.all_reduce("SUM", share)
                 return strategy.run(replica)
 
