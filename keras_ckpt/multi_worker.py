@@ -12,7 +12,7 @@ from typing import Any
 import keras
 import numpy as np
 
-__all__ = ["Workers", "workers_of"]
+__all__ = ["Workers", "is_chief", "workers_of"]
 
 
 class Workers:
@@ -126,6 +126,22 @@ class Workers:
         return self.sum(value if self.is_chief else 0.0)
 
 
+def is_chief(task_type: str | None, task_id: int, cluster: dict) -> bool:
+    """Whether a task writes: the `chief`, or worker 0 when the cluster has no chief.
+
+    Args:
+        task_type: the task's type in `TF_CONFIG` (`"chief"`, `"worker"`, ...).
+        task_id: its index among that type.
+        cluster: the cluster spec as a dict (`{"worker": [...], ...}`).
+
+    Returns:
+        True for the one task that writes (TensorFlow's own rule).
+    """
+    if task_type == "chief":
+        return True
+    return task_type == "worker" and task_id == 0 and "chief" not in cluster
+
+
 def workers_of(model: Any) -> Workers | None:
     """This process's `Workers` when `model` trains under a multi-worker strategy, else None.
 
@@ -154,8 +170,6 @@ def workers_of(model: Any) -> Workers | None:
     if known is not None:  # one per strategy: it keeps its compiled collectives
         return known
     task_type, task_id = resolver.task_type, int(resolver.task_id or 0)
-    is_chief = task_type == "chief" or (task_type == "worker" and task_id == 0
-                                        and "chief" not in spec)
-    workers = Workers(strategy, task_type, task_id, count, is_chief)
+    workers = Workers(strategy, task_type, task_id, count, is_chief(task_type, task_id, spec))
     strategy._keras_ckpt_workers = workers
     return workers

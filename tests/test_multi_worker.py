@@ -20,8 +20,9 @@ import time
 
 import numpy as np
 import pytest
+from conftest import make_model
 
-from keras_ckpt import manager
+from keras_ckpt import manager, multi_worker
 
 CHILD = os.path.join(os.path.dirname(__file__), "multi_worker_child.py")
 TIMEOUT = 240
@@ -169,3 +170,24 @@ def test_a_nan_stop_and_a_signal_to_one_worker_stop_both_at_the_same_step(tmp_pa
     assert outcome["iterations"] == other_outcome["iterations"] == 5
     assert_trained_alike(chief, other, outcome)
     assert manager.list_checkpoints(tmp_path / "s")[-1].global_step == 5
+
+
+@pytest.mark.parametrize("task, cluster, chief", [
+    (("worker", 0), {"worker": ["a", "b"]}, True),
+    (("worker", 1), {"worker": ["a", "b"]}, False),
+    (("chief", 0), {"chief": ["c"], "worker": ["a", "b"]}, True),
+    (("worker", 0), {"chief": ["c"], "worker": ["a", "b"]}, False),
+    (("evaluator", 0), {"worker": ["a", "b"], "evaluator": ["e"]}, False),
+])
+def test_the_chief_is_the_chief_task_or_worker_0_without_one(task, cluster, chief):
+    assert multi_worker.is_chief(*task, cluster) is chief
+
+
+def test_single_process_training_has_no_workers():
+    model = make_model()
+    assert multi_worker.workers_of(model) is None  # no strategy
+    import tensorflow as tf
+
+    with tf.distribute.MirroredStrategy(["/cpu:0"]).scope():
+        mirrored = make_model()
+    assert multi_worker.workers_of(mirrored) is None  # one machine
