@@ -2,6 +2,7 @@
 
 Usage: python multi_worker_child.py INDEX PORTS DIRECTORY OUT [--epochs N]
     [--kill-step S] [--budget-steps B] [--poison-step P] [--signal-step S]
+    [--worker1-directory D] [--early-stopping] [--async-write]
 
 INDEX is this worker's index (0 is the chief), PORTS the two workers' ports
 on 127.0.0.1 ("p0,p1"). Trains a small model (Dropout, BatchNormalization)
@@ -13,7 +14,8 @@ step on the chief, from 0 each run, so the same day; worker 1's
 clock runs ten times faster, so a worker deciding by its own clock would
 stop elsewhere), TerminateOnNaN (NaN targets at global step P), a SIGKILL of
 worker 1 after global step S, a SIGTERM sent to worker 1 alone after step S,
-or another checkpoint directory for worker 1 (--worker1-directory).
+or another checkpoint directory for worker 1 (--worker1-directory); with
+--async-write the chief writes on its background writer.
 
 Everything this process does that changes the checkpoint directory (files
 opened for writing, renames, removals, new folders) is recorded, to show
@@ -163,6 +165,7 @@ def main() -> None:
     p.add_argument("--signal-step", type=int)
     p.add_argument("--worker1-directory")
     p.add_argument("--early-stopping", action="store_true")
+    p.add_argument("--async-write", action="store_true")
     a = p.parse_args()
     if INDEX == 1 and a.worker1_directory:  # a worker that cannot see the chief's files
         a.directory = a.worker1_directory
@@ -191,7 +194,7 @@ def main() -> None:
         model.compile(keras.optimizers.Adam(0.02), loss="mse", metrics=["mae"])
     checkpoint = keras_ckpt.ModelCheckpoint(
         os.path.join(a.directory, "c-{epoch:02d}-{batch}.keras"), save_freq=3,
-        resume=True, verbose=0)
+        resume=True, verbose=0, async_write=a.async_write)
     callbacks = [checkpoint]
     if a.early_stopping:
         callbacks.append(keras_ckpt.EarlyStopping(

@@ -163,9 +163,11 @@ def test_a_nan_stop_and_a_signal_to_one_worker_stop_both_at_the_same_step(tmp_pa
     assert [c.global_step for c in manager.list_checkpoints(tmp_path / "n")] == [3]
 
     # SIGTERM reaches worker 1 only, from a callback after the checkpoint's
-    # in step 4: it is seen at step 5's end; both save step 5 and exit 143.
+    # in step 4: it is seen at step 5's end; both save step 5 and exit 143
+    # (the chief's background write committed before it exits).
     chief, outcome, other, other_outcome = run(tmp_path / "s", tmp_path / "s",
-                                               "--signal-step", "4", statuses=(143, 143))
+                                               "--signal-step", "4", "--async-write",
+                                               statuses=(143, 143))
     assert outcome["preempted_by"] == other_outcome["preempted_by"] == "SIGTERM"
     assert outcome["iterations"] == other_outcome["iterations"] == 5
     assert_trained_alike(chief, other, outcome)
