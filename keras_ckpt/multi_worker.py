@@ -117,6 +117,10 @@ class Workers:
         return [int(tf.get_static_value(i)) if tf.get_static_value(i) is not None
                 else int(i.numpy()) for i in self.strategy.experimental_local_results(ids)]
 
+    def barrier(self) -> None:
+        """Returns once every worker has called it (an all-reduce of nothing)."""
+        self.sum(0.0)
+
     def any(self, flag: bool) -> bool:
         """Whether `flag` is true on any worker (a collective: every worker calls it)."""
         return self.sum(1.0 if flag else 0.0) > 0.5

@@ -17,7 +17,6 @@ callbacks report to OUT (an .npz).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -30,24 +29,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 if BACKEND == "jax":
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
 
+import child_setup  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import keras_ckpt  # noqa: E402
-
-
-class Clock(keras.callbacks.Callback):
-    """A simulated clock: one second per trained step."""
-
-    def __init__(self):
-        super().__init__()
-        self.now = 0.0
-
-    def __call__(self):
-        return self.now
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.now += 1.0
 
 
 class Kill(keras.callbacks.Callback):
@@ -89,39 +75,18 @@ def scope():
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("strategy")
-    p.add_argument("directory")
-    p.add_argument("out")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--kill-step", type=int)
-    p.add_argument("--budget-steps", type=int)
-    p.add_argument("--poison-step", type=int)
-    a = p.parse_args()
+    a = child_setup.parser("strategy").parse_args()
 
     keras.utils.set_random_seed(3)
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(96, 6)).astype("float32")
-    y = (x @ rng.normal(size=(6, 1))).astype("float32")
-    if a.poison_step is not None:
-        # batches of 16, 6 an epoch, not shuffled: step P of each epoch (1-6) is NaN
-        start = 16 * (a.poison_step - 1)
-        y[start:start + 16] = np.nan
+    x, y = child_setup.data(a.poison_step)
     with scope():
-        model = keras.Sequential([
-            keras.Input((6,)),
-            keras.layers.Dense(16, activation="relu", name="dense"),
-            keras.layers.BatchNormalization(),
-            keras.layers.Dropout(0.3),
-            keras.layers.Dense(1, name="head"),
-        ])
-        model.compile(keras.optimizers.Adam(0.02), loss="mse", metrics=["mae"])
+        model = child_setup.small_model()
     checkpoint = keras_ckpt.ModelCheckpoint(
         os.path.join(a.directory, "c-{epoch:02d}-{batch}.keras"), save_freq=3, resume=True)
     callbacks = [checkpoint]
     budget = guard = None
     if a.budget_steps is not None:
-        clock = Clock()
+        clock = child_setup.Clock()
         budget = keras_ckpt.BudgetStop(max_duration=a.budget_steps + 0.5, clock=clock, verbose=0)
         callbacks = [clock, checkpoint, budget]
     if a.poison_step is not None:

@@ -29,7 +29,6 @@ here, in this test process only (see docs/backends.md).
 
 from __future__ import annotations
 
-import argparse
 import builtins
 import io
 import json
@@ -45,6 +44,7 @@ os.environ["TF_CONFIG"] = json.dumps({
 os.environ["KERAS_BACKEND"] = "tensorflow"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import child_setup  # noqa: E402
 import h5py  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -125,20 +125,6 @@ def record_writes(directory: str) -> list[str]:
     return changes
 
 
-class Clock(keras.callbacks.Callback):
-    """A simulated clock: `rate` seconds per trained step."""
-
-    def __init__(self, rate):
-        super().__init__()
-        self.now, self.rate = 0.0, rate
-
-    def __call__(self):
-        return self.now
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.now += self.rate
-
-
 class AtStep(keras.callbacks.Callback):
     """Sends `signum` to this process after global step `step`, once."""
 
@@ -153,15 +139,7 @@ class AtStep(keras.callbacks.Callback):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("index")
-    p.add_argument("ports")
-    p.add_argument("directory")
-    p.add_argument("out")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--kill-step", type=int)
-    p.add_argument("--budget-steps", type=int)
-    p.add_argument("--poison-step", type=int)
+    p = child_setup.parser("index", "ports")
     p.add_argument("--signal-step", type=int)
     p.add_argument("--worker1-directory")
     p.add_argument("--early-stopping", action="store_true")
@@ -175,23 +153,11 @@ def main() -> None:
     assert strategy.num_replicas_in_sync == 2
     changes = record_writes(a.directory)
 
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(96, 6)).astype("float32")
-    y = (x @ rng.normal(size=(6, 1))).astype("float32")
-    if a.poison_step is not None:  # global batches of 16, 6 an epoch, in order
-        start = 16 * ((a.poison_step - 1) % 6)
-        y[start:start + 16] = np.nan
+    x, y = child_setup.data(a.poison_step)
     data = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
     with strategy.scope():
         keras.utils.set_random_seed(3)
-        model = keras.Sequential([
-            keras.Input((6,)),
-            keras.layers.Dense(16, activation="relu"),
-            keras.layers.BatchNormalization(),
-            keras.layers.Dropout(0.3),
-            keras.layers.Dense(1),
-        ])
-        model.compile(keras.optimizers.Adam(0.02), loss="mse", metrics=["mae"])
+        model = child_setup.small_model()
     checkpoint = keras_ckpt.ModelCheckpoint(
         os.path.join(a.directory, "c-{epoch:02d}-{batch}.keras"), save_freq=3,
         resume=True, verbose=0, async_write=a.async_write)
@@ -202,7 +168,7 @@ def main() -> None:
             best_weights_path=os.path.join(a.directory, "best.weights.h5")))
     budget = guard = None
     if a.budget_steps is not None:
-        clock = Clock(1.0 if INDEX == 0 else 10.0)
+        clock = child_setup.Clock(1.0 if INDEX == 0 else 10.0)
         budget = keras_ckpt.BudgetStop(daily_budget=a.budget_steps + 0.5, clock=clock,
                                        ledger=os.path.join(a.directory, "ledger.json"),
                                        verbose=0)

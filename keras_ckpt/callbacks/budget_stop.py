@@ -224,7 +224,7 @@ class BudgetStop(StatefulCallback):
         self._sync(now)
         exhausted = self._paid_until <= now or now + self._lead() > self._deadline
         if self._workers is not None:
-            self._workers.any(exhausted)  # tells the other workers (see `_follow_from_start`)
+            self._workers.from_chief(float(exhausted))  # tells the others (`_follow_from_start`)
         if exhausted:
             self._exhausted_at_start(now)
         else:
@@ -236,17 +236,9 @@ class BudgetStop(StatefulCallback):
         self._epoch = 0
         self._next_check = math.inf
         self._step_time = self._val_time = self._last_batch_time = 0.0
-        if not self._workers.any(False):
-            return
-        self.stop_reason = "budget-spent-at-start"
-        message = ("BudgetStop: the chief worker found the budget spent before training; "
-                   "its ledger says why.")
-        if self.raise_if_exhausted:
-            raise BudgetExhaustedError(message)
-        print_msg(message)
-        epochs = (self.params or {}).get("epochs")
-        if epochs is not None:
-            registry.start_at_epoch(self.model, epochs)
+        if self._workers.from_chief(0.0):  # the chief's `exhausted`, sent in on_train_begin
+            self._train_nothing("BudgetStop: the chief worker found the budget spent before "
+                                "training; its ledger says why.")
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         self._epoch = epoch
@@ -386,12 +378,17 @@ class BudgetStop(StatefulCallback):
         # first); on_train_end reads which file it wrote.
 
     def _exhausted_at_start(self, now: float) -> None:
-        self.stop_reason = "budget-spent-at-start"
-        self._next_check = math.inf
         message = self._message(now, stopped=False)
         if self.raise_if_exhausted:
-            self._ledger.end(self._session, now, self.stop_reason, None)
+            self._ledger.end(self._session, now, "budget-spent-at-start", None)
             self._session = None
+        self._train_nothing(message)
+
+    def _train_nothing(self, message: str) -> None:
+        """The budget is spent before the first step: raise, or let `fit` train no epoch."""
+        self.stop_reason = "budget-spent-at-start"
+        self._next_check = math.inf
+        if self.raise_if_exhausted:
             raise BudgetExhaustedError(message)
         print_msg(message)
         epochs = (self.params or {}).get("epochs")

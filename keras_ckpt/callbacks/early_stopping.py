@@ -320,7 +320,7 @@ class EarlyStopping(StatefulCallback):
         where = "host memory"
         if self.best_weights_path is not None:
             if self._workers is not None and in_step:
-                self._workers.any(False)  # every worker waits here until the chief wrote it
+                self._workers.barrier()  # until the chief has written the file
             read = self._read_best_file()
             if read is None:
                 return
