@@ -7,6 +7,7 @@ they have set up the backend's environment (devices, TF_CONFIG).
 from __future__ import annotations
 
 import argparse
+import json
 
 import keras
 import numpy as np
@@ -60,3 +61,20 @@ class Clock(keras.callbacks.Callback):
 
     def on_train_batch_end(self, batch, logs=None):
         self.now += self.rate
+
+
+def write_report(out: str, model: keras.Model, history, checkpoint, guard, **extra) -> None:
+    """Writes the model's and optimizer's variables and what the run reports to OUT (.npz)."""
+    arrays = {f"model/{i}": keras.ops.convert_to_numpy(v) for i, v in enumerate(model.variables)}
+    arrays.update({f"optimizer/{i}": keras.ops.convert_to_numpy(v)
+                   for i, v in enumerate(model.optimizer.variables)})
+    resumed = checkpoint.resumed_from
+    outcome = {
+        "history": history.history, "epoch": history.epoch,
+        "resumed_from": None if resumed is None else [resumed.epoch, resumed.step],
+        "iterations": int(keras.ops.convert_to_numpy(model.optimizer.iterations)),
+        "nan_events": None if guard is None else [[e.epoch, e.step] for e in guard.events],
+        **extra,
+    }
+    arrays["outcome"] = np.frombuffer(json.dumps(outcome).encode(), dtype=np.uint8)
+    np.savez(out, **arrays)

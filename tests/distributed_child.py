@@ -17,7 +17,6 @@ callbacks report to OUT (an .npz).
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -31,7 +30,6 @@ if BACKEND == "jax":
 
 import child_setup  # noqa: E402
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
 
 import keras_ckpt  # noqa: E402
 
@@ -98,20 +96,10 @@ def main() -> None:
     history = model.fit(x, y, batch_size=16, epochs=a.epochs, verbose=0,
                         shuffle=a.poison_step is None, validation_data=(x[:32], y[:32]),
                         callbacks=callbacks)
-    arrays = {f"model/{i}": keras.ops.convert_to_numpy(v) for i, v in enumerate(model.variables)}
-    arrays.update({f"optimizer/{i}": keras.ops.convert_to_numpy(v)
-                   for i, v in enumerate(model.optimizer.variables)})
-    resumed = checkpoint.resumed_from
-    outcome = {
-        "history": history.history, "epoch": history.epoch,
-        "resumed_from": None if resumed is None else [resumed.epoch, resumed.step],
-        "iterations": int(keras.ops.convert_to_numpy(model.optimizer.iterations)),
-        "budget": None if budget is None else [budget.stop_reason, budget.checkpoint],
-        "nan_events": None if guard is None else [[e.epoch, e.step] for e in guard.events],
-        "sharding": str(getattr(model.layers[0].kernel.value, "sharding", "")),
-    }
-    arrays["outcome"] = np.frombuffer(json.dumps(outcome).encode(), dtype=np.uint8)
-    np.savez(a.out, **arrays)
+    child_setup.write_report(
+        a.out, model, history, checkpoint, guard,
+        budget=None if budget is None else [budget.stop_reason, budget.checkpoint],
+        sharding=str(getattr(model.layers[0].kernel.value, "sharding", "")))
 
 
 if __name__ == "__main__":

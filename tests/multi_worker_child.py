@@ -47,7 +47,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import child_setup  # noqa: E402
 import h5py  # noqa: E402
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import keras_ckpt  # noqa: E402
@@ -181,28 +180,14 @@ def main() -> None:
     if a.signal_step is not None and INDEX == 1:
         callbacks.append(AtStep(a.signal_step, signal.SIGTERM))
 
-    def report(history):
-        arrays = {f"model/{i}": keras.ops.convert_to_numpy(v)
-                  for i, v in enumerate(model.variables)}
-        arrays.update({f"optimizer/{i}": keras.ops.convert_to_numpy(v)
-                       for i, v in enumerate(model.optimizer.variables)})
-        resumed = checkpoint.resumed_from
-        outcome = {
-            "history": history.history, "epoch": history.epoch,
-            "resumed_from": None if resumed is None else [resumed.epoch, resumed.step],
-            "iterations": int(model.optimizer.iterations.numpy()),
-            "budget": None if budget is None else budget.stop_reason,
-            "nan_events": None if guard is None else [[e.epoch, e.step] for e in guard.events],
-            "preempted_by": checkpoint.preempted_by,
-            "trainable": [i for i, v in enumerate(model.variables) if v.trainable],
-            "changes": changes,
-        }
-        arrays["outcome"] = np.frombuffer(json.dumps(outcome).encode(), dtype=np.uint8)
-        np.savez(a.out, **arrays)
-
     class Report(keras.callbacks.Callback):  # also reached when a signal makes fit exit
         def on_train_end(self, logs=None):
-            report(self.model.history)
+            child_setup.write_report(
+                a.out, model, model.history, checkpoint, guard,
+                budget=None if budget is None else budget.stop_reason,
+                preempted_by=checkpoint.preempted_by,
+                trainable=[i for i, v in enumerate(model.variables) if v.trainable],
+                changes=changes)
 
     model.fit(data, epochs=a.epochs, verbose=0, callbacks=[*callbacks, Report()])
 
