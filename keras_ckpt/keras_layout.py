@@ -8,7 +8,8 @@ variable (or, for the rare layer that stores a computed array, that array).
 keras-ckpt then writes Keras's layout from its snapshot, in the same pass as
 its own state, sharing each variable's dataset between the two (HDF5 hard
 links): one copy of the data on disk, one pass to write it, and a file that
-`model.load_weights` reads as if Keras had written it.
+`model.load_weights` reads as if Keras had written it (with the attributes
+Keras puts on some dtypes' datasets, see `dtypes.keras_attrs`).
 
 Relies on a private Keras function; `layout` returns None when it is not
 there or the walk does something unexpected, and the caller falls back to
@@ -21,6 +22,8 @@ import dataclasses
 from typing import Any
 
 import numpy as np
+
+from keras_ckpt import dtypes
 
 __all__ = ["Entry", "Layout", "layout", "archive_members", "has_assets"]
 
@@ -89,7 +92,7 @@ def layout(model: Any, names: dict[int, str]) -> Layout | None:
                 self.entries.append(Entry(group, str(key), name))
             else:
                 array = np.array(value, copy=True)
-                if array.dtype.kind not in "biuf":
+                if not dtypes.allowed(array.dtype):
                     raise TypeError(f"unsupported dtype {array.dtype}")
                 self.entries.append(Entry(group, str(key), None, array))
 

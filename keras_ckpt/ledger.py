@@ -29,6 +29,8 @@ import zoneinfo
 from collections.abc import Iterator
 from typing import Any
 
+from keras_ckpt import atomic
+
 __all__ = ["Ledger", "LedgerError", "DayClock", "default_ledger_path", "format_duration"]
 
 _VERSION = 1
@@ -185,18 +187,10 @@ class Ledger:
         return data
 
     def _write(self, data: dict) -> None:
-        directory = os.path.dirname(os.path.abspath(self.path))
-        tmp = os.path.join(directory, f".{os.path.basename(self.path)}.tmp-{secrets.token_hex(4)}")
-        try:
-            with open(tmp, "w") as f:
-                json.dump(data, f, indent=1, allow_nan=False)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-            raise
+        # The temporary name carries this process's id (atomic's format): a
+        # run cleaning the directory leaves a write in flight alone.
+        text = json.dumps(data, indent=1, allow_nan=False)
+        atomic.write_bytes(self.path, text.encode())
 
     # ------------------------------------------------------------ queries
     def used_on(self, day: str) -> tuple[float, float]:

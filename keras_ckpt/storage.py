@@ -21,7 +21,6 @@ import io
 import json
 import os
 import re
-import secrets
 import threading
 import zipfile
 import zlib
@@ -31,6 +30,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from keras_ckpt import atomic, dtypes
 from keras_ckpt.state import Snapshot
 
 __all__ = ["CorruptCheckpointError", "ForeignFileError", "write", "read", "read_meta",
@@ -43,8 +43,7 @@ GROUP = "keras_ckpt"
 ZIP_MEMBER = "keras_ckpt.h5"  # our state beside Keras's archive (Keras wrote its part)
 KERAS_WEIGHTS_MEMBER = "model.weights.h5"  # one-pass archives: our state inside it
 EXTENSIONS = (".weights.h5", ".keras", ".h5")
-_TMP_MARK = ".tmp-"
-_ALLOWED_KINDS = "biuf"  # bool, int, uint, float: nothing that could hold objects
+_TMP_MARK = atomic.MARK  # also the older writers' names (`.last.tmp-PID-link`)
 _DATASET_NAME = re.compile(r"a\d{5,}")
 _MAX_META_BYTES = 256 << 20
 
@@ -70,9 +69,7 @@ def is_temporary(name: str) -> bool:
     return os.path.basename(name).startswith(".") and _TMP_MARK in name
 
 
-def _crc(array: np.ndarray) -> int:
-    data = np.ascontiguousarray(array)
-    return zlib.crc32(memoryview(data).cast("B")) if data.size else 0
+_crc = dtypes.crc
 
 
 def _keras_part_crcs(h5: h5py.File) -> dict[str, int]:
@@ -164,6 +161,7 @@ def _write_group(h5: h5py.File, snapshot: Snapshot, meta: dict, layout: Any = No
     """
 
     def dataset(group: h5py.Group, name: str, array: np.ndarray) -> h5py.Dataset:
+        array = dtypes.as_stored(array)
         if compression is None or array.ndim == 0:
             return group.create_dataset(name, data=array)
         return group.create_dataset(name, data=array, compression=compression)
@@ -178,11 +176,14 @@ def _write_group(h5: h5py.File, snapshot: Snapshot, meta: dict, layout: Any = No
         for entry in layout.entries:
             target = h5[entry.group]
             if entry.array is not None:
-                shared[entry.array] = dataset(target, entry.key,
-                                              np.asarray(snapshot.arrays[entry.array]))
+                array = np.asarray(snapshot.arrays[entry.array])
+                shared[entry.array] = written = dataset(target, entry.key, array)
             else:
-                dataset(target, entry.key, entry.value)
-                keras_values[f"{entry.group}/{entry.key}"] = entry.value
+                array = entry.value
+                written = dataset(target, entry.key, array)
+                keras_values[f"{entry.group}/{entry.key}"] = array
+            for key, value in dtypes.keras_attrs(array.dtype).items():
+                written.attrs[key] = value  # as Keras's H5Entry (bfloat16)
     group = h5.require_group(GROUP)
     arrays_meta: dict[str, dict] = {}
     data = group.create_group("arrays")
@@ -194,7 +195,8 @@ def _write_group(h5: h5py.File, snapshot: Snapshot, meta: dict, layout: Any = No
         array = value if isinstance(value, np.ndarray) else np.asarray(value)
         if name not in shared:
             dataset(data, key, array)
-        entry = {"dataset": key, "shape": list(array.shape), "dtype": array.dtype.str}
+        entry = {"dataset": key, "shape": list(array.shape),
+                 "dtype": dtypes.index_name(array.dtype)}
         arrays_meta[name] = entry
         if isinstance(value, np.ndarray):
             later.append((entry, array))  # already in memory: checksum it later
@@ -224,12 +226,7 @@ def _write_group(h5: h5py.File, snapshot: Snapshot, meta: dict, layout: Any = No
 
 
 def _fsync_path(path: str, directory: bool = False) -> None:
-    flags = os.O_RDONLY if directory else os.O_RDWR
-    fd = os.open(path, flags)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    atomic.fsync_path(path, directory)  # a seam: the crash harness (demo_train) wraps it
 
 
 def write(path: str, snapshot: Snapshot, *, keras_writer: Callable[[str], None] | None = None,
@@ -259,11 +256,9 @@ def write(path: str, snapshot: Snapshot, *, keras_writer: Callable[[str], None] 
         OSError: the write failed; the previous file at `path` is untouched and
             no temporary file is left behind.
     """
-    directory = os.path.dirname(os.path.abspath(path))
-    base = os.path.basename(path)
-    ext = extension(base) or ".h5"
-    tmp = os.path.join(directory, f".{base}{_TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}{ext}")
-    try:
+    ext = extension(os.path.basename(path)) or ".h5"
+
+    def produce(tmp: str) -> int:
         if ext == ".keras" and keras_archive is not None and keras_layout is not None:
             buffer = io.BytesIO()
             with h5py.File(buffer, "w") as h5:
@@ -297,25 +292,17 @@ def write(path: str, snapshot: Snapshot, *, keras_writer: Callable[[str], None] 
                 keras_part = {"keras_part_crc32": _keras_part_crcs(h5)} if keras_writer else {}
                 _write_group(h5, snapshot, {**(meta or {}), **keras_part},
                              compression=compression)
-        if fsync:
-            _fsync_path(tmp)
-        size = os.path.getsize(tmp)
-        os.replace(tmp, path)
-        if fsync:
-            _fsync_path(directory, directory=True)
-        return size
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
+        return os.path.getsize(tmp)
+
+    return atomic.write(path, produce, fsync=fsync, suffix=ext, sync=_fsync_path)
 
 
 @contextlib.contextmanager
-def _open_group(path: str, verify: bool = False):
+def _open_group(path: str, verify: bool = False, fileobj: Any = None):
     raw = None
     try:
         if path.endswith(".keras"):
-            with zipfile.ZipFile(path) as archive:
+            with zipfile.ZipFile(fileobj or path) as archive:
                 bad = archive.testzip() if verify else None
                 if bad is not None:
                     raise CorruptCheckpointError(f"{path}: archive member {bad} fails its CRC.")
@@ -329,11 +316,11 @@ def _open_group(path: str, verify: bool = False):
                     source: Any = io.BytesIO(archive.read(member))
             if window is not None:
                 # Read our member in place: no copy of the state into memory.
-                raw = open(path, "rb")  # noqa: SIM115 - closed below
-                source = io.BufferedReader(_Slice(raw, *window), buffer_size=1 << 20)
+                raw = None if fileobj else open(path, "rb")  # noqa: SIM115 - closed below
+                source = io.BufferedReader(_Slice(fileobj or raw, *window), buffer_size=1 << 20)
             h5 = h5py.File(source, "r")
         else:
-            h5 = h5py.File(path, "r")
+            h5 = h5py.File(fileobj or path, "r")
     except CorruptCheckpointError:
         if raw is not None:
             raw.close()
@@ -397,13 +384,19 @@ def _parse_meta(path: str, group: h5py.Group) -> dict:
     return meta
 
 
-def read_meta(path: str) -> dict[str, Any]:
+def read_meta(path: str, fileobj: Any = None) -> dict[str, Any]:
     """Reads a checkpoint's metadata only (cheap: no array is read).
+
+    Args:
+        path: the checkpoint; its extension picks the layout.
+        fileobj: an open, seekable binary file to read instead of `path` (a
+            remote one: only the few blocks holding the metadata are read);
+            `path` then names it in errors.
 
     Raises:
         CorruptCheckpointError: not a readable keras-ckpt checkpoint.
     """
-    with _open_group(path) as group:
+    with _open_group(path, fileobj=fileobj) as group:
         return _parse_meta(path, group)
 
 
@@ -452,7 +445,7 @@ def _read_arrays(path: str, data: Any, index: dict, arrays: dict, limit: int, to
             raise CorruptCheckpointError(f"{path}: array {name!r} is missing.")
         _check_dataset_storage(path, name, dataset)
         try:
-            declared = np.dtype(entry["dtype"])
+            declared = dtypes.declared(entry["dtype"])
             shape = [int(d) for d in entry["shape"]]
         except (KeyError, TypeError, ValueError):
             raise CorruptCheckpointError(
@@ -462,7 +455,7 @@ def _read_arrays(path: str, data: Any, index: dict, arrays: dict, limit: int, to
             raise CorruptCheckpointError(
                 f"{path}: the arrays declare more than {limit} bytes, this machine's "
                 "memory; refusing to read them.")
-        if declared.kind not in _ALLOWED_KINDS or dataset.dtype != declared:
+        if not dtypes.allowed(declared) or dataset.dtype != dtypes.stored(declared):
             raise CorruptCheckpointError(
                 f"{path}: array {name!r} has dtype {dataset.dtype}, declared {declared}."
             )
@@ -479,7 +472,7 @@ def _read_arrays(path: str, data: Any, index: dict, arrays: dict, limit: int, to
         except (OSError, ValueError) as e:
             raise CorruptCheckpointError(f"{path}: array {name!r} cannot be read: {e}.") \
                 from None
-        array = np.asarray(array)
+        array = dtypes.as_declared(np.asarray(array), declared)
         if pool is not None:
             checks.append((name, pool.submit(_crc, array), entry.get("crc32")))
         arrays[name] = array
