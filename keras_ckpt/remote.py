@@ -9,7 +9,11 @@ rename: readers never see a partial file where the store's rename is atomic,
 as on HDFS and in memory; on `gs://` and `s3://` a rename is a copy then a
 delete, so a crash in between leaves a hidden temporary file, never a partial
 checkpoint under a checkpoint's name). Resuming downloads the remote
-checkpoints the mirror lacks. URLs go through `tf.io.gfile`, as Keras's own
+checkpoints the mirror lacks or holds another version of: a file of the same
+name is compared by content (the metadata keras-ckpt records in it: every
+array's checksum, the step, the time written; only those few blocks of the
+remote file are read), never by size, so a fixed name (`last.keras`)
+rewritten by another machine is pulled again. URLs go through `tf.io.gfile`, as Keras's own
 file utilities do: the schemes are those TensorFlow's file systems register
 (`gs://` built in; `s3://` and `hdfs://` with tensorflow-io; `ram://` for tests).
 """
@@ -17,14 +21,18 @@ file utilities do: the schemes are those TensorFlow's file systems register
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import re
 import tempfile
 from collections.abc import Callable
+from typing import Any
+
+from keras_ckpt import atomic, storage
 
 __all__ = ["Mirror", "is_remote"]
 
-_TMP = ".tmp-"
+_TMP = atomic.MARK  # ours, and older versions' (`.NAME.tmp-PID-upload`)
 
 
 def is_remote(path: str) -> bool:
@@ -42,6 +50,43 @@ def _gfile():
 
 def _os_error(what: str, url: str, error: Exception) -> OSError:
     return OSError(f"{what} {url} failed: {type(error).__name__}: {error}")
+
+
+class _RemoteReader(io.RawIOBase):
+    """A remote file (`tf.io.gfile.GFile`) as a raw binary stream that h5py and zipfile read."""
+
+    def __init__(self, handle: Any) -> None:
+        super().__init__()
+        self._handle = handle
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._handle.tell()
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_END:
+            offset, whence = self._handle.size() + offset, io.SEEK_SET
+        elif whence == io.SEEK_CUR:
+            offset, whence = self._handle.tell() + offset, io.SEEK_SET
+        self._handle.seek(max(0, offset))
+        return self._handle.tell()
+
+    def readinto(self, buffer: Any) -> int:
+        data = self._handle.read(len(buffer))
+        memoryview(buffer)[:len(data)] = data
+        return len(data)
+
+
+def _local_meta(path: str) -> dict | None:
+    try:
+        return storage.read_meta(path)
+    except (storage.CorruptCheckpointError, OSError):
+        return None
 
 
 class Mirror:
@@ -94,9 +139,10 @@ class Mirror:
     def pull(self, matches: Callable[[str], bool]) -> list[str]:
         """Makes the local folder hold the remote files whose names `matches`.
 
-        Downloads those missing locally or of another size (to a temporary
-        name, then renamed); removes local matching files the remote
-        directory does not have (deleted there, or never uploaded).
+        Downloads those missing locally or holding other content (to a
+        temporary name, then renamed; see `same`); removes local matching
+        files the remote directory does not have (deleted there, or never
+        uploaded).
 
         Returns:
             The names downloaded.
@@ -110,16 +156,40 @@ class Mirror:
         for name in remote:
             source, target = self._remote(name), os.path.join(self.local, name)
             try:
-                size = self._gfile.stat(source).length
-                if os.path.exists(target) and os.path.getsize(target) == size:
+                if os.path.exists(target) and self.same(name):
                     continue
-                tmp = os.path.join(self.local, f".{name}{_TMP}{os.getpid()}-pull")
-                self._gfile.copy(source, tmp, overwrite=True)
+                def download(tmp: str, source: str = source) -> None:
+                    self._gfile.copy(source, tmp, overwrite=True)
+
+                atomic.write(target, download, purpose="pull")
             except Exception as e:
                 raise _os_error("Downloading", source, e) from None
-            os.replace(tmp, target)
             fetched.append(name)
         return fetched
+
+    def same(self, name: str) -> bool:
+        """Whether the local file `name` holds what the remote one does, without downloading it.
+
+        Two checkpoints are the same when their sizes and keras-ckpt
+        metadata are (it lists every array's CRC-32, the step and the time
+        written); only the blocks holding the remote file's metadata are
+        read. A file either side cannot read that metadata from is never the
+        same (it is downloaded again).
+        """
+        source, target = self._remote(name), os.path.join(self.local, name)
+        if not os.path.exists(target) or self._gfile.stat(source).length != os.path.getsize(
+                target):
+            return False
+        local = _local_meta(target)
+        if local is None:
+            return False
+        try:
+            with self._gfile.GFile(source, "rb") as handle, io.BufferedReader(
+                    _RemoteReader(handle), buffer_size=1 << 16) as reader:
+                theirs = storage.read_meta(source, fileobj=reader)
+        except storage.CorruptCheckpointError:
+            return False
+        return theirs == local
 
     def push(self, path: str) -> str:
         """Uploads the local file `path` under its name: a temporary copy, then a rename.
@@ -133,7 +203,7 @@ class Mirror:
         """
         name = os.path.basename(path)
         target = self._remote(name)
-        tmp = self._remote(f".{name}{_TMP}{os.getpid()}-upload")
+        tmp = self._remote(atomic.temp_name(name, "upload"))
         try:
             self._gfile.makedirs(self.url)
             self._gfile.copy(path, tmp, overwrite=True)

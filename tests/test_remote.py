@@ -6,7 +6,9 @@ same tf.io.gfile calls); it lives as long as this test process.
 
 from __future__ import annotations
 
+import os
 import shutil
+import tempfile
 
 import keras
 import numpy as np
@@ -15,7 +17,7 @@ import tensorflow as tf
 from conftest import make_data, make_model
 
 import keras_ckpt
-from keras_ckpt import remote
+from keras_ckpt import remote, storage
 
 pytestmark = pytest.mark.skipif(keras.backend.backend() != "tensorflow",
                                 reason="ram:// is TensorFlow's file system")
@@ -92,3 +94,51 @@ def test_bad_urls_fail_at_construction():
         keras_ckpt.ModelCheckpoint("nosuchfs://bucket/c-{epoch}.keras")
     with pytest.raises(ValueError, match="placeholders may only be in the file name"):
         keras_ckpt.ModelCheckpoint("ram://bucket/{epoch}/c.keras")
+
+
+def test_a_fixed_name_rewritten_by_another_machine_is_pulled_again(tmp_path, monkeypatch):
+    """Two machines share one URL; each has its own local disk (its own temporary directory)."""
+    url = f"ram://{tmp_path.name}/run"
+    path = f"{url}/state.keras"  # a fixed name: every save rewrites it
+
+    def on_machine(name, **kwargs):
+        (tmp_path / name).mkdir(exist_ok=True)
+        monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / name))
+        return keras_ckpt.ModelCheckpoint(path, **kwargs)
+
+    def names(name):
+        return name == "state.keras"
+
+    def fit_epoch(model, checkpoint, epoch):
+        x, y = make_data(64, seed=2)
+        model.fit(x, y, batch_size=16, initial_epoch=epoch - 1, epochs=epoch, verbose=0,
+                  shuffle=False, callbacks=[checkpoint])
+
+    straight = make_model(dropout=0.2)
+    fit(straight, [], epochs=3)
+    training = make_model(dropout=0.2)
+    on_a = on_machine("a")
+    fit_epoch(training, on_a, 1)  # machine A writes epoch 1, then is gone
+    stale = os.path.join(on_a.directory, "state.keras")
+    on_b = on_machine("b")
+    fit_epoch(training, on_b, 2)  # machine B writes epoch 2 under the same name
+    # A's copy is stale and of the very same size: only its content differs.
+    assert storage.read_meta(stale)["progress"]["global_step"] == 4
+    assert os.path.getsize(stale) == tf.io.gfile.stat(path).length
+
+    model = make_model(dropout=0.2)
+    back = on_machine("a", resume=True)
+    fit(model, [back], epochs=3)  # A again: resumes from B's epoch 2, not its stale epoch 1
+    assert (back.resumed_from.epoch, back.resumed_from.global_step) == (1, 8)
+    for a, b in zip(straight.variables, model.variables, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=a.path)
+
+    # An identical remote file is never downloaded again; a changed one always is.
+    mirror = remote.Mirror(url, local=str(tmp_path / "c"))
+    assert mirror.pull(names) == ["state.keras"]
+    assert mirror.same("state.keras") and mirror.pull(names) == []
+    fit_epoch(training, on_machine("b"), 3)
+    assert not mirror.same("state.keras")
+    assert mirror.pull(names) == ["state.keras"]
+    assert storage.read_meta(os.path.join(mirror.local, "state.keras"))["progress"][
+        "global_step"] == 12
