@@ -32,7 +32,9 @@ __all__ = ["Temporary", "temp_name", "temp_path", "parse", "is_temporary", "pid_
 MARK = ".tmp-"
 _PURPOSE = re.compile(r"[a-z][a-z0-9_]*")
 _SUFFIX = re.compile(r"(?:\.[A-Za-z0-9_]+)*")
-_FORMAT = re.compile(r"\.(?P<name>.+)\.tmp-(?P<pid>[1-9]\d*)-(?P<token>[0-9a-f]{16})"
+# The token: 16 hex digits; earlier keras-ckpt versions wrote 8 (their
+# temporaries, left by a crash, are recognised and cleaned the same way).
+_FORMAT = re.compile(r"\.(?P<name>.+)\.tmp-(?P<pid>[1-9]\d*)-(?P<token>[0-9a-f]{4,16})"
                      r"(?:-(?P<purpose>[a-z][a-z0-9_]*))?(?P<suffix>(?:\.[A-Za-z0-9_]+)*)")
 
 T = TypeVar("T")

@@ -123,9 +123,9 @@ class Announce(keras.callbacks.Callback):
 
 def die_in_write(n: int, phase: str) -> None:
     """Makes the n-th checkpoint write SIGKILL this process at `phase` (see the docstring)."""
-    from keras_ckpt import storage
+    from keras_ckpt import storage_write
 
-    write_group, fsync_path = storage._write_group, storage._fsync_path
+    write_group, fsync_path = storage_write._write_group, storage_write._fsync_path
     writes = [0]
 
     def die():
@@ -144,7 +144,7 @@ def die_in_write(n: int, phase: str) -> None:
 
     if phase not in ("keras", "state", "rename"):
         raise SystemExit(f"unknown write phase {phase!r}")
-    storage._write_group, storage._fsync_path = group, fsync
+    storage_write._write_group, storage_write._fsync_path = group, fsync
 
 
 class Kill(keras.callbacks.Callback):

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from keras_ckpt import dtypes
+from keras_ckpt import dtypes, keras_compat
 
 __all__ = ["Entry", "Layout", "layout", "archive_members", "has_assets"]
 
@@ -54,11 +54,9 @@ def layout(model: Any, names: dict[int, str]) -> Layout | None:
         names: `id(variable)` to the snapshot array name holding its value.
     """
     try:
-        from keras.src.saving import saving_lib
+        base, save_state, _ = keras_compat.saving_internals()
     except ImportError:  # pragma: no cover - a Keras without it
         return None
-    base = getattr(saving_lib, "H5IOStore", None)
-    save_state = getattr(saving_lib, "_save_state", None)
     if base is None or save_state is None:  # pragma: no cover
         return None
 
@@ -137,14 +135,12 @@ def _map_optimizer(model: Any, groups: list[tuple[str, dict]], entries: list[Ent
 def archive_members(model: Any) -> tuple[str, str] | None:
     """The `config.json` and `metadata.json` texts Keras puts in a `.keras` archive, or None."""
     try:
-        from keras.src.saving import saving_lib
-
-        return saving_lib._serialize_model_as_json(model)
+        return keras_compat.saving_internals()[2](model)
     except Exception:  # noqa: BLE001 - a Keras without it, or a model it cannot serialize
         return None
 
 
 def has_assets(model: Any) -> bool:
     """Whether a layer of `model` saves assets (files) into a `.keras` archive."""
-    layers = list(model._flatten_layers()) if hasattr(model, "_flatten_layers") else [model]
+    layers = keras_compat.flatten_layers(model)
     return any(callable(getattr(layer, "save_assets", None)) for layer in layers)

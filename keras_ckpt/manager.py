@@ -20,7 +20,7 @@ from keras_ckpt import storage
 from keras_ckpt.jsonsafe import decode_float
 
 __all__ = ["CheckpointInfo", "list_checkpoints", "latest_checkpoint", "best_checkpoint",
-           "restore", "template_regex"]
+           "restore", "template_regex", "read_infos", "latest_valid"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,17 +122,35 @@ def list_checkpoints(directory: str | os.PathLike, include_invalid: bool = False
     >>> list_checkpoints("/nonexistent")
     []
     """
+    return read_infos(_candidates(os.fspath(directory)), include_invalid)
+
+
+_LAST_NAMES = ("last.keras", "last.weights.h5", "last.h5")
+
+
+def read_infos(paths: Iterable[str], include_invalid: bool = False) -> list[CheckpointInfo]:
+    """`CheckpointInfo` of each file (metadata only), ordered as `list_checkpoints` orders.
+
+    A file named `last.keras` / `last.weights.h5` is the `save_last` copy of
+    the newest state (often a hard link to a regular checkpoint): its kind is
+    "last", whatever its metadata says.
+    """
     infos = []
-    for path in _candidates(os.fspath(directory)):
+    for path in paths:
         size = os.path.getsize(path)
         try:
-            infos.append(info_from_meta(path, storage.read_meta(path), size))
+            info = info_from_meta(path, storage.read_meta(path), size)
         except storage.ForeignFileError as e:
             if include_invalid:
                 infos.append(CheckpointInfo(path=path, size=size, error=str(e), kind="foreign"))
+            continue
         except storage.CorruptCheckpointError as e:
             if include_invalid:
                 infos.append(CheckpointInfo(path=path, size=size, error=str(e)))
+            continue
+        if os.path.basename(path) in _LAST_NAMES and info.kind != "last":
+            info = dataclasses.replace(info, kind="last")
+        infos.append(info)
     return sorted(infos, key=lambda c: (c.error is None, c.global_step, c.written_at, c.path))
 
 
@@ -147,11 +165,16 @@ def latest_checkpoint(directory: str | os.PathLike, *, verify: bool = True
     Returns:
         `(info, snapshot)`, or None when the directory holds no valid checkpoint.
     """
-    infos = list_checkpoints(directory, include_invalid=True)
+    return latest_valid(list_checkpoints(directory, include_invalid=True), verify=verify)
+
+
+def latest_valid(infos: Sequence[CheckpointInfo], *, verify: bool = True
+                 ) -> tuple[CheckpointInfo, state_lib.Snapshot] | None:
+    """Reads the newest valid, finite checkpoint of `infos` (see `latest_checkpoint`)."""
     for info in infos:
         if info.error is not None and info.kind != "foreign":
             warnings.warn(f"Skipping a damaged checkpoint (left on disk): {info.error}",
-                          stacklevel=2)
+                          stacklevel=3)
     for info in reversed([c for c in infos if c.error is None]):
         if not info.finite:
             continue
@@ -159,7 +182,7 @@ def latest_checkpoint(directory: str | os.PathLike, *, verify: bool = True
             return info, storage.read(info.path, verify=verify)
         except storage.CorruptCheckpointError as e:
             warnings.warn(f"Skipping a checkpoint that fails verification (left on disk): {e}",
-                          stacklevel=2)
+                          stacklevel=3)
     return None
 
 
@@ -251,13 +274,18 @@ def template_fields(template: str) -> list[str]:
     return fields
 
 
-def template_regex(template: str) -> re.Pattern:
-    """A regex that matches the file names a `filepath` template produces."""
+def template_regex(template: str, whole: bool = False) -> re.Pattern:
+    """A regex that matches the file names a `filepath` template produces.
+
+    `whole`: match relative paths produced by the whole `template` (which may
+    have placeholders in directory parts: each stays within one component).
+    """
     parts = []
-    for literal, field, _, _ in string.Formatter().parse(os.path.basename(template)):
+    source = template if whole else os.path.basename(template)
+    for literal, field, _, _ in string.Formatter().parse(source):
         parts.append(re.escape(literal))
         if field is not None:
-            parts.append(".+?")
+            parts.append(r"[^/]+?" if whole else ".+?")
     return re.compile("".join(parts) + r"\Z")
 
 

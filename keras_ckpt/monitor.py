@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from keras_ckpt.jsonsafe import decode_float, encode_float
+from keras_ckpt.metric_direction import infer_mode
 from keras_ckpt.validation import check_choice, check_number
 
 __all__ = ["Monitor", "Decision", "infer_mode"]
@@ -24,16 +25,6 @@ __all__ = ["Monitor", "Decision", "infer_mode"]
 MODES = ("auto", "min", "max")
 MIN_DELTA_MODES = ("absolute", "relative")
 _STATE_VERSION = 1
-
-# Short names that Keras's compile() accepts but `keras.metrics.get` does not.
-_ALIASES = {
-    "acc": "max",
-    "ce": "min",
-    "crossentropy": "min",
-    "bce": "min",
-    "cce": "min",
-}
-
 
 @dataclasses.dataclass(frozen=True)
 class Decision:
@@ -55,104 +46,6 @@ class Decision:
     best_epoch: int | None
     wait: int
     patience_exhausted: bool
-
-
-def _flatten_metrics(metrics: Any) -> list:
-    out = []
-    for m in metrics or []:
-        inner = getattr(m, "metrics", None)
-        if inner is not None and inner is not m and not hasattr(m, "_direction"):
-            out.extend(_flatten_metrics(inner))
-        out.append(m)
-    return out
-
-
-def _user_metric_objects(model: Any) -> list:
-    """The metric objects a user passed to `compile`, before Keras builds them."""
-    compiled = getattr(model, "_compile_metrics", None)
-    found = []
-
-    def walk(obj: Any) -> None:
-        if isinstance(obj, dict):
-            for v in obj.values():
-                walk(v)
-        elif isinstance(obj, (list, tuple)):
-            for v in obj:
-                walk(v)
-        elif obj is not None and not isinstance(obj, str) and hasattr(obj, "name"):
-            found.append(obj)
-
-    for attr in ("_user_metrics", "_user_weighted_metrics"):
-        walk(getattr(compiled, attr, None))
-    return found
-
-
-def _direction_of(metric: Any) -> str | None:
-    direction = getattr(metric, "_direction", None)
-    if direction == "up":
-        return "max"
-    if direction == "down":
-        return "min"
-    return None
-
-
-def _registry_direction(name: str) -> str | None:
-    if name in _ALIASES:
-        return _ALIASES[name]
-    import keras
-
-    try:
-        metric = keras.metrics.get(name)
-    except (ValueError, TypeError):
-        return None
-    if not hasattr(metric, "_direction") and callable(metric):
-        metric = keras.metrics.MeanMetricWrapper(metric)
-    return _direction_of(metric)
-
-
-def infer_mode(monitor: str, model: Any = None) -> str | None:
-    """Infers whether `monitor` should be minimised or maximised.
-
-    Looks, in order, at: the name (`loss`, `val_loss` and any `*_loss`, such
-    as the per-output losses of a multi-output model, are minimised); the
-    model's metrics (built or as passed to `compile`), whose Keras direction is
-    used; and Keras's metric registry, with the model's output names stripped
-    from the front of the name (`out_a_accuracy` -> `accuracy`).
-
-    Args:
-        monitor: the name of the quantity, as it appears in the logs.
-        model: the compiled model, or None to go by the name alone.
-
-    Returns:
-        `"min"`, `"max"`, or None when the direction cannot be told.
-
-    Example:
-    >>> infer_mode("val_loss")
-    'min'
-    >>> infer_mode("val_accuracy")
-    'max'
-    """
-    name = monitor[len("val_"):] if monitor.startswith("val_") else monitor
-    if name == "loss" or name.endswith("_loss"):
-        return "min"
-    names = [name]
-    for output in getattr(model, "output_names", None) or []:
-        if name.startswith(f"{output}_"):
-            names.append(name[len(output) + 1:])
-    if model is not None:
-        candidates = _flatten_metrics(getattr(model, "metrics", None))
-        candidates += _user_metric_objects(model)
-        for candidate in names:
-            for metric in candidates:
-                if getattr(metric, "name", None) == candidate:
-                    direction = _direction_of(metric)
-                    if direction is not None:
-                        return direction
-    for candidate in names:
-        direction = _registry_direction(candidate)
-        if direction is not None:
-            return direction
-    return None
 
 
 class Monitor:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import keras
 import numpy as np
+
+from keras_ckpt import keras_compat
 
 __all__ = ["Workers", "is_chief", "workers_of"]
 
@@ -156,11 +157,13 @@ def workers_of(model: Any) -> Workers | None:
         A `Workers`, or None for single-process training (one device, or a
         `MirroredStrategy` on one machine).
     """
+    import keras
+
     if keras.backend.backend() != "tensorflow":
         return None
     import tensorflow as tf
 
-    strategy = getattr(model, "_distribute_strategy", None)
+    strategy = keras_compat.distribute_strategy(model)
     if strategy is None:
         strategy = tf.distribute.get_strategy()
     if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):

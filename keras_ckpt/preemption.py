@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 __all__ = ["SignalCatcher", "parse_signals", "exit_status"]
@@ -46,28 +46,28 @@ def exit_status(signum: int) -> int:
 class SignalCatcher:
     """Records preemption signals during `fit` instead of dying on them.
 
+    The handler only records the signal number: every action (messages,
+    saving, stopping, releasing) happens on the training thread's normal path,
+    where the training loop reads `pending`. A second delivery while one is
+    pending puts the previous handlers back and hands the signal to them (a
+    second Ctrl-C raises `KeyboardInterrupt` at once; the fit's session then
+    closes on the normal exception path).
+
     Args:
         signals: the signal numbers to catch.
-        on_signal: called (in the main thread, between bytecodes) with the
-            signal number when the first one arrives; keep it short.
-        on_insist: called when a second one arrives, just before the previous
-            handler gets it (which may raise `KeyboardInterrupt` or end the
-            process).
     """
 
-    def __init__(self, signals: Sequence[int],
-                 on_signal: Callable[[int], None] | None = None,
-                 on_insist: Callable[[int], None] | None = None) -> None:
+    def __init__(self, signals: Sequence[int]) -> None:
         self.signals = tuple(signals)
         self.pending: int | None = None
-        self._on_signal = on_signal
-        self._on_insist = on_insist
+        self.insisted = False
         self._previous: dict[int, Any] = {}
 
     def install(self) -> bool:
         """Installs the handlers; returns False (and does nothing) outside the main thread."""
         self.restore()
         self.pending = None
+        self.insisted = False
         if threading.current_thread() is not threading.main_thread():
             return False
         for signum in self.signals:
@@ -83,18 +83,15 @@ class SignalCatcher:
                 signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.pending is not None:
-            # Asked again while stopping: the previous handler decides now.
-            previous = self._previous.get(signum, signal.SIG_DFL)
-            self.restore()
-            if self._on_insist is not None:
-                self._on_insist(signum)
-            if callable(previous):
-                previous(signum, frame)
-            elif previous != signal.SIG_IGN:
-                signal.signal(signum, signal.SIG_DFL)
-                signal.raise_signal(signum)
+        if self.pending is None:
+            self.pending = signum
             return
-        self.pending = signum
-        if self._on_signal is not None:
-            self._on_signal(signum)
+        # Asked again while stopping: the previous handler decides now.
+        previous = self._previous.get(signum, signal.SIG_DFL)
+        self.insisted = True
+        self.restore()
+        if callable(previous):
+            previous(signum, frame)
+        elif previous != signal.SIG_IGN:
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)

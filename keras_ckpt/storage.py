@@ -20,76 +20,50 @@ import contextlib
 import io
 import json
 import os
-import re
-import threading
 import zipfile
 import zlib
-from collections.abc import Callable
 from typing import Any
 
 import h5py
 import numpy as np
 
-from keras_ckpt import atomic, dtypes
+from keras_ckpt import dtypes
 from keras_ckpt.state import Snapshot
+from keras_ckpt.storage_format import (  # noqa: F401 - the format, as before
+    _DATASET_NAME,
+    _MAX_META_BYTES,
+    _TMP_MARK,
+    EXTENSIONS,
+    FORMAT,
+    FORMAT_VERSION,
+    GROUP,
+    KERAS_WEIGHTS_MEMBER,
+    ZIP_MEMBER,
+    CorruptCheckpointError,
+    ForeignFileError,
+    _check_dataset_storage,
+    _crc,
+    _keras_part_crcs,
+    extension,
+    is_temporary,
+)
+from keras_ckpt.storage_write import (  # noqa: F401 - the write side, as before
+    KerasPartFirst,
+    Layout,
+    OnePassArchive,
+    OnePassWeights,
+    _fsync_path,
+    _write_group,
+    choose_layout,
+    write,
+)
 
 __all__ = ["CorruptCheckpointError", "ForeignFileError", "write", "read", "read_meta",
-           "is_temporary",
-           "FORMAT", "FORMAT_VERSION", "EXTENSIONS"]
-
-FORMAT = "keras-ckpt"
-FORMAT_VERSION = 1
-GROUP = "keras_ckpt"
-ZIP_MEMBER = "keras_ckpt.h5"  # our state beside Keras's archive (Keras wrote its part)
-KERAS_WEIGHTS_MEMBER = "model.weights.h5"  # one-pass archives: our state inside it
-EXTENSIONS = (".weights.h5", ".keras", ".h5")
-_TMP_MARK = atomic.MARK  # also the older writers' names (`.last.tmp-PID-link`)
-_DATASET_NAME = re.compile(r"a\d{5,}")
-_MAX_META_BYTES = 256 << 20
+           "is_temporary", "extension", "Layout", "OnePassWeights", "OnePassArchive",
+           "KerasPartFirst", "choose_layout", "FORMAT", "FORMAT_VERSION", "EXTENSIONS"]
 
 
-class CorruptCheckpointError(ValueError):
-    """A file is not a valid keras-ckpt checkpoint (partial, damaged or foreign)."""
 
-
-class ForeignFileError(CorruptCheckpointError):
-    """A readable file that keras-ckpt did not write (e.g. a plain Keras checkpoint)."""
-
-
-def extension(path: str) -> str:
-    """The checkpoint extension of `path` (`.weights.h5`, `.keras`, `.h5`) or ''."""
-    for ext in EXTENSIONS:
-        if path.endswith(ext):
-            return ext
-    return ""
-
-
-def is_temporary(name: str) -> bool:
-    """Whether a file name is one of our in-progress temporary names."""
-    return os.path.basename(name).startswith(".") and _TMP_MARK in name
-
-
-_crc = dtypes.crc
-
-
-def _keras_part_crcs(h5: h5py.File) -> dict[str, int]:
-    """CRC-32 of every dataset Keras wrote (everything outside our group)."""
-    crcs: dict[str, int] = {}
-
-    def visit(name: str, obj: Any) -> None:
-        if isinstance(obj, h5py.Dataset) and not name.startswith(GROUP + "/"):
-            _check_dataset_storage(h5.filename, name, obj)
-            crcs[name] = _crc(np.asarray(obj[()]))
-
-    h5.visititems(visit)
-    return crcs
-
-
-def _check_dataset_storage(path: str, name: str, dataset: h5py.Dataset) -> None:
-    """Refuses a dataset whose data would come from outside this file."""
-    if dataset.external or dataset.is_virtual:
-        raise CorruptCheckpointError(
-            f"{path}: dataset {name!r} takes its data from another file; refusing to read it.")
 
 
 def _memory_limit() -> int:
@@ -147,154 +121,6 @@ def _member_window(path: str, archive: zipfile.ZipFile, member: str) -> tuple[in
     name_len = int.from_bytes(header[26:28], "little")
     extra_len = int.from_bytes(header[28:30], "little")
     return info.header_offset + 30 + name_len + extra_len, info.file_size
-
-
-def _write_group(h5: h5py.File, snapshot: Snapshot, meta: dict, layout: Any = None,
-                 sync_path: str | None = None, compression: str | None = None) -> None:
-    """Writes our group (and, with a `keras_layout.Layout`, Keras's datasets) in one pass.
-
-    With `layout`, each variable's data is written once, where Keras's
-    `load_weights` looks for it, and our group hard-links to it. Checksums
-    come from the arrays in memory, never from reading the file back; with
-    `sync_path` they are computed while the data is being fsynced.
-    `compression` ("gzip" or "lzf") compresses every non-scalar dataset.
-    """
-
-    def dataset(group: h5py.Group, name: str, array: np.ndarray) -> h5py.Dataset:
-        array = dtypes.as_stored(array)
-        if compression is None or array.ndim == 0:
-            return group.create_dataset(name, data=array)
-        return group.create_dataset(name, data=array, compression=compression)
-
-    shared: dict[str, h5py.Dataset] = {}
-    keras_values: dict[str, np.ndarray] = {}
-    if layout is not None:
-        for name, attrs in layout.groups:
-            group = h5.require_group(name)
-            for key, value in attrs.items():
-                group.attrs[key] = value
-        for entry in layout.entries:
-            target = h5[entry.group]
-            if entry.array is not None:
-                array = np.asarray(snapshot.arrays[entry.array])
-                shared[entry.array] = written = dataset(target, entry.key, array)
-            else:
-                array = entry.value
-                written = dataset(target, entry.key, array)
-                keras_values[f"{entry.group}/{entry.key}"] = array
-            for key, value in dtypes.keras_attrs(array.dtype).items():
-                written.attrs[key] = value  # as Keras's H5Entry (bfloat16)
-    group = h5.require_group(GROUP)
-    arrays_meta: dict[str, dict] = {}
-    data = group.create_group("arrays")
-    later: list[tuple[dict, np.ndarray]] = []
-    for i, (name, value) in enumerate(snapshot.arrays.items()):
-        key = f"a{i:05d}"
-        if name in shared:
-            data[key] = shared[name]  # a hard link: the same data, stored once
-        array = value if isinstance(value, np.ndarray) else np.asarray(value)
-        if name not in shared:
-            dataset(data, key, array)
-        entry = {"dataset": key, "shape": list(array.shape),
-                 "dtype": dtypes.index_name(array.dtype)}
-        arrays_meta[name] = entry
-        if isinstance(value, np.ndarray):
-            later.append((entry, array))  # already in memory: checksum it later
-        else:
-            # A value read only here (a variable): one at a time, so the peak
-            # host memory stays one variable, not the whole state.
-            entry["crc32"] = _crc(array)
-    syncing = None
-    if sync_path is not None:
-        h5.flush()
-        syncing = threading.Thread(target=_fsync_path, args=(sync_path,))
-        syncing.start()  # the disk works while the CPU checksums
-    try:
-        for entry, array in later:
-            entry["crc32"] = _crc(array)
-        keras_crcs = {name: _crc(v) for name, v in keras_values.items()}
-    finally:
-        if syncing is not None:
-            syncing.join()
-    extra = {"keras_part_crc32": keras_crcs} if keras_crcs else {}
-    full = {**snapshot.meta, **meta, **extra, "arrays": arrays_meta}
-    text = json.dumps(full, allow_nan=False, separators=(",", ":"))
-    group.attrs["format"] = FORMAT
-    group.attrs["format_version"] = FORMAT_VERSION
-    group.attrs["meta"] = text
-    group.attrs["meta_crc32"] = zlib.crc32(text.encode())
-
-
-def _fsync_path(path: str, directory: bool = False) -> None:
-    atomic.fsync_path(path, directory)  # a seam: the crash harness (demo_train) wraps it
-
-
-def write(path: str, snapshot: Snapshot, *, keras_writer: Callable[[str], None] | None = None,
-          keras_layout: Any = None, keras_archive: tuple[str, str] | None = None,
-          meta: dict | None = None, fsync: bool = True, compression: str | None = None) -> int:
-    """Writes one checkpoint atomically; returns its size in bytes.
-
-    Args:
-        path: the final file name; its extension picks the layout.
-        snapshot: the state to store.
-        keras_writer: writes Keras's own part to the path it is given (e.g.
-            `model.save_weights`); None for a file only keras-ckpt reads.
-        keras_layout: for `.weights.h5`, a `keras_layout.Layout`: Keras's
-            part is written from the snapshot in the same pass, sharing the
-            data (instead of `keras_writer`); with `keras_archive`, the same
-            for a `.keras` file.
-        keras_archive: for `.keras`, Keras's `(config.json, metadata.json)`
-            texts: the archive is written in one pass, our state inside its
-            `model.weights.h5` member.
-        meta: extra JSON-safe metadata (progress, monitor, time written).
-        fsync: flush file and directory to stable storage before returning.
-        compression: None (default), "gzip" or "lzf" for keras-ckpt's arrays
-            and, in one-pass files, Keras's datasets (smaller files, slower
-            writes; Keras reads them as usual).
-
-    Raises:
-        OSError: the write failed; the previous file at `path` is untouched and
-            no temporary file is left behind.
-    """
-    ext = extension(os.path.basename(path)) or ".h5"
-
-    def produce(tmp: str) -> int:
-        if ext == ".keras" and keras_archive is not None and keras_layout is not None:
-            buffer = io.BytesIO()
-            with h5py.File(buffer, "w") as h5:
-                _write_group(h5, snapshot, meta or {}, layout=keras_layout,
-                             compression=compression)
-            config_json, metadata_json = keras_archive
-            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as archive:
-                archive.writestr("metadata.json", metadata_json)
-                archive.writestr("config.json", config_json)
-                archive.writestr(KERAS_WEIGHTS_MEMBER, buffer.getbuffer())
-            del buffer
-        elif ext == ".keras":
-            if keras_writer is not None:
-                keras_writer(tmp)
-            buffer = io.BytesIO()
-            with h5py.File(buffer, "w") as h5:
-                _write_group(h5, snapshot, meta or {}, compression=compression)
-            mode = "a" if keras_writer is not None else "w"
-            with zipfile.ZipFile(tmp, mode, compression=zipfile.ZIP_STORED) as archive:
-                archive.writestr(ZIP_MEMBER, buffer.getbuffer())
-        elif keras_layout is not None:
-            with h5py.File(tmp, "w") as h5:
-                _write_group(h5, snapshot, meta or {}, layout=keras_layout,
-                             sync_path=tmp if fsync else None, compression=compression)
-        else:
-            if keras_writer is not None:
-                keras_writer(tmp)
-            with h5py.File(tmp, "a" if keras_writer is not None else "w") as h5:
-                if GROUP in h5:
-                    del h5[GROUP]
-                keras_part = {"keras_part_crc32": _keras_part_crcs(h5)} if keras_writer else {}
-                _write_group(h5, snapshot, {**(meta or {}), **keras_part},
-                             compression=compression)
-        return os.path.getsize(tmp)
-
-    return atomic.write(path, produce, fsync=fsync, suffix=ext, sync=_fsync_path)
 
 
 @contextlib.contextmanager

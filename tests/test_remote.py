@@ -122,9 +122,20 @@ def test_a_fixed_name_rewritten_by_another_machine_is_pulled_again(tmp_path, mon
     stale = os.path.join(on_a.directory, "state.keras")
     on_b = on_machine("b")
     fit_epoch(training, on_b, 2)  # machine B writes epoch 2 under the same name
-    # A's copy is stale and of the very same size: only its content differs.
+    # A's copy is stale; make it the very same size (zero bytes after a zip's end are
+    # ignored by every reader): only its content differs.
     assert storage.read_meta(stale)["progress"]["global_step"] == 4
+    remote_size = tf.io.gfile.stat(path).length
+    if os.path.getsize(stale) < remote_size:
+        with open(stale, "ab") as f:
+            f.write(bytes(remote_size - os.path.getsize(stale)))
+    elif os.path.getsize(stale) > remote_size:
+        with tf.io.gfile.GFile(path, "rb") as f:
+            data = f.read()
+        with tf.io.gfile.GFile(path, "wb") as f:
+            f.write(data + bytes(os.path.getsize(stale) - remote_size))
     assert os.path.getsize(stale) == tf.io.gfile.stat(path).length
+    assert storage.read_meta(stale)["progress"]["global_step"] == 4
 
     model = make_model(dropout=0.2)
     back = on_machine("a", resume=True)

@@ -8,11 +8,16 @@ import os
 import time
 from collections.abc import Callable
 
-from keras_ckpt import multi_worker, registry
+from keras_ckpt import keras_compat, multi_worker, registry
 from keras_ckpt.callbacks.base import StatefulCallback, print_msg
+from keras_ckpt.callbacks.budget_report import (
+    BudgetExhaustedError,
+    budget_message,
+    check_seconds,
+)
 from keras_ckpt.callbacks.model_checkpoint import ModelCheckpoint
+from keras_ckpt.fit.protocol import steps_done
 from keras_ckpt.ledger import DayClock, Ledger, default_ledger_path
-from keras_ckpt.ledger import format_duration as _fmt
 from keras_ckpt.validation import check_bool, check_number
 
 # Why a run stops; with several workers the chief sends the index to the others.
@@ -20,17 +25,6 @@ _REASONS = ("daily-budget", "daily-cost-limit", "max-duration", "run-cost-limit"
 
 __all__ = ["BudgetStop", "BudgetExhaustedError"]
 
-
-
-class BudgetExhaustedError(RuntimeError):
-    """Raised at train begin when the budget is already spent and `raise_if_exhausted=True`."""
-
-
-def _seconds(name: str, value: float | datetime.timedelta | None) -> float | None:
-    if isinstance(value, datetime.timedelta):
-        value = value.total_seconds()
-    check_number(name, value, allow_none=True, minimum=0, exclusive=True)
-    return None if value is None else float(value)
 
 
 class BudgetStop(StatefulCallback):
@@ -123,8 +117,8 @@ class BudgetStop(StatefulCallback):
         verbose: int = 1,
     ) -> None:
         super().__init__()
-        self.max_duration = _seconds("max_duration", max_duration)
-        self.daily_budget = _seconds("daily_budget", daily_budget)
+        self.max_duration = check_seconds("max_duration", max_duration)
+        self.daily_budget = check_seconds("daily_budget", daily_budget)
         check_number("price_per_hour", price_per_hour, allow_none=True, minimum=0,
                      exclusive=True)
         check_number("devices", devices, minimum=1, integer=True)
@@ -363,16 +357,17 @@ class BudgetStop(StatefulCallback):
 
     def _stop(self, now: float, batch: int | None, logs: dict | None) -> None:
         self.stop_reason = self._deadline_reason or "daily-budget"
-        self.stopped_at = (self._epoch, None if batch is None else batch + 1)
+        done = None if batch is None else steps_done(self.params, batch)
+        self.stopped_at = (self._epoch, done)
         # `_model`, not `model`: possibly on Keras's callback thread (JAX, torch).
-        self._model.stop_training = True
+        keras_compat.callback_model(self).stop_training = True
         self._next_check = math.inf
-        if batch is not None:
+        if done is not None:
             steps = (self.params or {}).get("steps")
-            if steps is None or batch + 1 < steps:
-                registry.set_cut_short(self._model, self._epoch)
+            if steps is None or done < steps:
+                registry.set_cut_short(keras_compat.callback_model(self), self._epoch)
             for checkpoint in self._checkpoints():
-                written = checkpoint.save_now(logs, steps_in_epoch=batch + 1)
+                written = checkpoint.save_now(logs, steps_in_epoch=done)
                 self.checkpoint = written or self.checkpoint
         # At an epoch end a ModelCheckpoint saves after us (it settles us
         # first); on_train_end reads which file it wrote.
@@ -396,27 +391,4 @@ class BudgetStop(StatefulCallback):
             registry.start_at_epoch(self.model, epochs)
 
     def _message(self, now: float, stopped: bool) -> str:
-        day = self.days.day(now - 1e-6)
-        seconds, cost = self._ledger.used_on(day.isoformat())
-        parts = []
-        if self.daily_budget is not None:
-            parts.append(f"used {_fmt(seconds)} of {_fmt(self.daily_budget)} for {day} "
-                         f"({self.timezone})")
-        if self.daily_cost_limit is not None:
-            parts.append(f"spent {cost:.2f} of {self.daily_cost_limit:.2f} for {day}")
-        if self.max_duration is not None or self.run_cost_limit is not None:
-            parts.append(f"this run used {_fmt(now - self._start)}")
-        head = "BudgetStop: " + "; ".join(parts)
-        if not stopped:
-            return (f"{head}. The budget is spent: no step was trained. The next window "
-                    f"opens {self.days.format(self.days.next_start(now))}.")
-        epoch, step = self.stopped_at
-        where = f"after epoch {epoch + 1}" + (f", step {step}" if step else "")
-        saved = f"; checkpoint {self.checkpoint}" if self.checkpoint else \
-            "; no keras-ckpt ModelCheckpoint in this fit, so no checkpoint was written"
-        window = ""
-        if self.stop_reason in ("daily-budget", "daily-cost-limit"):
-            window = f"; next window opens {self.days.format(self.days.next_start(now))}"
-        return f"{head}; stopped {where} ({self.stop_reason}){saved}{window}."
-
-
+        return budget_message(self, now, stopped)

@@ -4,21 +4,14 @@ from __future__ import annotations
 
 import math
 import os
-import signal
-import threading
 import warnings
 from typing import Any
 
 import keras
 import numpy as np
 
-from keras_ckpt import multi_worker, registry, storage
-from keras_ckpt.callbacks.base import (
-    StatefulCallback,
-    guard_step_functions,
-    print_msg,
-    unguard_step_functions,
-)
+from keras_ckpt import multi_worker, storage
+from keras_ckpt.callbacks.base import StatefulCallback, print_msg
 from keras_ckpt.monitor import Monitor
 from keras_ckpt.state import Snapshot
 from keras_ckpt.validation import check_bool, check_number
@@ -258,7 +251,6 @@ class EarlyStopping(StatefulCallback):
                        f"no improvement in {self.monitor} for {self.wait} epochs")
 
     def on_train_end(self, logs: dict | None = None) -> None:
-        self._remove_interrupt_guards()
         if self.stop_reason is not None and self.verbose > 0:
             print_msg(f"Epoch {self.stopped_epoch + 1}: early stopping ({self.stop_message})")
         self._restore_best(in_step=True)
@@ -337,41 +329,12 @@ class EarlyStopping(StatefulCallback):
 
     # ------------------------------------------------------------ interrupts
     def _install_interrupt_guards(self) -> None:
-        self._remove_interrupt_guards()  # left over from a fit that ended in an error
-        model = self.model
-        self._guarded = guard_step_functions(model, lambda name, error: self._restore_on_error())
-        self._previous_sigint = None
-        graceful = any(getattr(obj, "handles_signal", lambda _: False)(signal.SIGINT)
-                       for obj in registry.objects_for(model).values())
-        # With a ModelCheckpoint that turns SIGINT into a graceful stop, fit
-        # ends normally and on_train_end restores the best weights.
-        if not graceful and threading.current_thread() is threading.main_thread():
-            previous = signal.getsignal(signal.SIGINT)
+        # Whatever ends the fit with an exception (a step's error, Ctrl-C, a
+        # sibling's raise) closes the fit's session, which calls this first.
+        # Nothing runs in a signal handler.
+        self.fit_session.on_error(self._restore_on_error)
 
-            def on_sigint(signum, frame):
-                self._restore_on_error()
-                if callable(previous):
-                    previous(signum, frame)
-                else:
-                    raise KeyboardInterrupt
-
-            self._previous_sigint = previous
-            signal.signal(signal.SIGINT, on_sigint)
-
-    def _remove_interrupt_guards(self) -> None:
-        unguard_step_functions(self.model, getattr(self, "_guarded", []))
-        self._guarded = []
-        if getattr(self, "_previous_sigint", None) is not None:
-            signal.signal(signal.SIGINT, self._previous_sigint)
-            self._previous_sigint = None
-
-    def on_abort(self, reason: str) -> None:
-        """With `restore_on_interrupt`, restores the best weights before `fit` raises."""
-        if self.restore_on_interrupt:
-            self._restore_on_error()
-
-    def _restore_on_error(self) -> None:
-        self._remove_interrupt_guards()
+    def _restore_on_error(self, error: BaseException | None = None) -> None:
         if self.verbose > 0:
             print_msg("EarlyStopping: training was interrupted; restoring the best weights.")
         self._restore_best()

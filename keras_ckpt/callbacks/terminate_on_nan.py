@@ -6,7 +6,7 @@ import dataclasses
 
 import keras
 
-from keras_ckpt import manager, registry
+from keras_ckpt import keras_compat, manager, registry
 from keras_ckpt import state as state_lib
 from keras_ckpt.callbacks.base import StatefulCallback, non_finite_logs, print_msg
 from keras_ckpt.callbacks.model_checkpoint import ModelCheckpoint
@@ -186,7 +186,7 @@ class TerminateOnNaN(StatefulCallback):
             self.events, self.retries = [], 0
         self._tainted, self._unannounced = None, None
         if self.lr_factor is not None and not isinstance(
-                getattr(self.model.optimizer, "_learning_rate", None), keras.Variable):
+                keras_compat.learning_rate_variable(self.model.optimizer), keras.Variable):
             raise ValueError("TerminateOnNaN: `lr_factor` needs the optimizer's learning rate "
                              "to be a float (a variable), not a schedule.")
         self._snapshot = None
@@ -261,15 +261,13 @@ class TerminateOnNaN(StatefulCallback):
         if event.action == "raise":
             message = (f"TerminateOnNaN: non-finite value at {event.describe()}. "
                        "Training stopped; the checkpoints keep the last finite state.")
-            # `_model`, not `model`: possibly on Keras's callback thread (JAX, torch).
-            for obj in registry.objects_for(self._model).values():
-                if isinstance(obj, StatefulCallback) and obj is not self:
-                    obj.on_abort(message)
+            # The fit's session closes on it: siblings restore (EarlyStopping), the
+            # lock and signal handlers are released.
             raise RuntimeError(message)
         if event.action == "rollback":
             self._rollback(event)
             return
-        self._model.stop_training = True
+        keras_compat.callback_model(self).stop_training = True
         self._unannounced = note
         if self.on_training_thread():
             self._announce()
@@ -300,7 +298,7 @@ class TerminateOnNaN(StatefulCallback):
             return
         if self.lr_factor is not None:
             self._scale_since_snapshot *= self.lr_factor
-            lr = self.model.optimizer._learning_rate
+            lr = keras_compat.learning_rate_variable(self.model.optimizer)
             lr.assign(lr.numpy() * self._scale_since_snapshot)
         self._tainted = None
         if self.verbose > 0:

@@ -1,0 +1,183 @@
+"""Resume: choose a checkpoint, agree on it across workers, check it, apply it, replay.
+
+At train begin (`resume(owner)`): the newest valid checkpoint of the
+directory (or the file `resume=` names) is read and verified, every worker
+must have found the chief's, the model must match it, and the state goes into
+the model, the optimizer and every stateful object of the fit. Keras's `fit`
+is told where to start; a checkpoint written mid-epoch makes the first calls
+of the resumed epoch consume the batches trained before without training
+(`Replay`), so the epoch sees the same data in the same order.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import keras
+
+from keras_ckpt import keras_compat, manager, registry, storage
+from keras_ckpt import state as state_lib
+from keras_ckpt.callbacks.base import StatefulCallback
+from keras_ckpt.jsonsafe import decode_float
+from keras_ckpt.keras_compat import print_msg
+
+__all__ = ["resume", "Replay"]
+
+
+def _no_valid_checkpoint(owner: Any) -> None:
+    directory = owner.files
+    files = [c for c in directory.resumable() if c.kind != "foreign"]
+    if not files:
+        if owner.options.verbose > 0:
+            print_msg(f"ModelCheckpoint: no checkpoint in {directory.path}; "
+                      "starting from scratch.")
+        return
+    names = "; ".join(f"{os.path.basename(c.path)}: "
+                      f"{c.error or 'its recorded loss or metric is not finite'}"
+                      for c in files)
+    if owner.options.if_none_valid == "raise":
+        raise storage.CorruptCheckpointError(
+            f"ModelCheckpoint(resume=True): {directory.path} holds {len(files)} checkpoint "
+            f"file(s), and none can be resumed from ({names}). Nothing was deleted. Move "
+            "them away, or pass if_none_valid='start_fresh' to train from scratch.")
+    import warnings
+
+    message = (f"ModelCheckpoint: none of the {len(files)} checkpoint file(s) in "
+               f"{directory.path} can be resumed from ({names}); starting from scratch "
+               "(if_none_valid='start_fresh'). They stay on disk until a save of the same "
+               "name replaces them.")
+    print_msg(message)
+    warnings.warn(message, stacklevel=4)
+
+
+def _agree(owner: Any, info: manager.CheckpointInfo | None) -> None:
+    """With several workers: all must resume from the chief's checkpoint, or none."""
+    workers = owner.workers
+    if workers is None:
+        return
+    step = -1.0 if info is None else float(info.global_step)
+    chosen = workers.from_chief(step)
+    if workers.any(chosen != step):
+        mine = "no checkpoint" if info is None else f"{info.path} (step {info.global_step})"
+        chief = "no checkpoint" if chosen < 0 else f"one of global step {int(chosen)}"
+        raise RuntimeError(
+            f"ModelCheckpoint(resume=True): the workers would resume from different "
+            f"states: this worker ({workers.task_type} {workers.task_id}) "
+            f"found {mine}, the chief {chief}. Every worker must see the chief's "
+            f"checkpoint directory {owner.files.path} (a shared file system). Nothing "
+            "was changed.")
+
+
+def resume(owner: Any) -> None:
+    """Restores the newest valid checkpoint into `owner`'s model and fit (at train begin)."""
+    model, fit = owner.model, owner.fit
+    if owner.options.resume is True:
+        found = owner.files.latest()
+        if found is None:
+            _agree(owner, None)
+            _no_valid_checkpoint(owner)
+            return
+        info, snapshot = found
+    else:
+        snapshot = storage.read(owner.options.resume)
+        info = manager.info_from_meta(owner.options.resume, snapshot.meta)
+    _agree(owner, info)
+    state_lib.check_compatible(snapshot.meta, model)
+    progress = snapshot.meta["progress"]
+    epoch, step = info.resume_point
+    spe = int(getattr(model, "steps_per_execution", 1) or 1)
+    if step and step % spe and step != (owner.params or {}).get("steps"):
+        raise ValueError(
+            f"The checkpoint {info.path} was written after step {step} of epoch "
+            f"{epoch + 1}, which is not a multiple of this model's steps_per_execution="
+            f"{spe}. Compile with the steps_per_execution the run used "
+            f"({progress.get('steps_per_execution')}).")
+    objects = registry.objects_for(model)
+    state_lib.apply(snapshot, model, objects, metrics=False)
+    owner.resumed_from = info
+    finished = [obj.finished() for obj in objects.values()
+                if isinstance(obj, StatefulCallback) and obj.finished()]
+    epochs = (owner.params or {}).get("epochs")
+    if finished and epochs is not None:
+        print_msg(f"ModelCheckpoint: resumed from {info.path}. " + " ".join(finished))
+        step = 0
+        epoch = max(epoch, epochs)
+    saved = progress.get("history", {})
+    history = keras.callbacks.History
+    keras_history = getattr(model, "history", None)
+    if isinstance(keras_history, history):
+        keras_history.history.clear()
+        for k, v in saved.get("values", {}).items():
+            keras_history.history[k] = [decode_float(x) for x in v]
+        fit.pending_epochs = list(saved.get("epoch", []))
+    session = registry.current_fit(model)
+    if step:
+        session.replay_until = step
+        fit.resume_step = step
+        session.guards.replay = Replay(model, -(-step // spe), snapshot)
+    session.start_at_epoch(epoch)
+    fit.last_save_step = info.global_step
+    if owner.options.verbose > 0 and not finished:
+        where = f"epoch {epoch + 1}" + (f", step {step + 1}" if step else "")
+        print_msg(f"ModelCheckpoint: resumed from {info.path}; continuing at {where}.")
+    if epochs is not None and epoch >= epochs and not finished:
+        print_msg(f"ModelCheckpoint: the checkpoint already completed all {epochs} "
+                  "epochs; nothing left to train.")
+
+
+class Replay:
+    """The first `calls` train-function calls consume their batches without training.
+
+    The resumed epoch then sees exactly the batches the interrupted run had not
+    trained on yet, in the same order. At the first call (after Keras has reset
+    the metrics for the epoch) the compiled metrics get the interrupted epoch's
+    running state back, so the epoch ends with the same logs. Afterwards calls
+    pass through, and the snapshot is let go. Keras calls the train function as
+    `f(iterator)` on TensorFlow, `f(state, iterator)` on JAX (the state is
+    passed in and returned) and `f(batches)` on torch (already fetched).
+    """
+
+    def __init__(self, model: Any, calls: int, snapshot: state_lib.Snapshot) -> None:
+        self.model = model
+        self.calls = calls
+        self.remaining = calls
+        self.snapshot: state_lib.Snapshot | None = snapshot
+        self.backend = keras.backend.backend()
+        self.spe = int(getattr(model, "steps_per_execution", 1) or 1)
+        # Keras's JAX loop detaches the variables from the model while it
+        # trains: the logs' names are read now, their values at epoch end.
+        self.logs = dict(model.get_metrics_result()) if self.backend == "jax" else {}
+
+    def __call__(self, original: Any, *args: Any) -> Any:
+        if self.remaining <= 0:
+            self.snapshot = None
+            return original(*args)
+        model, snapshot = self.model, self.snapshot
+        first = self.remaining == self.calls
+        self.remaining -= 1
+        if self.backend == "torch":
+            if first:
+                state_lib.apply_metrics(snapshot, model)
+            if self.remaining == 0:  # the data order is drawn: the step's RNG state now
+                state_lib.restore_rng_at_step(snapshot)
+            return model.get_metrics_result()
+        iterator = args[-1]
+        for i in range(self.spe):
+            try:
+                batch = next(iterator)
+            except StopIteration:  # the epoch's last execution can be short
+                break
+            if first and i == 0 and self.backend != "jax":
+                compiled = keras_compat.compiled_metrics(model)
+                if compiled is not None and not compiled.built:
+                    keras_compat.symbolic_build(model, batch)
+                state_lib.apply_metrics(snapshot, model)
+        if self.backend != "jax":
+            return model.get_metrics_result()
+        state = args[0]
+        if first:
+            saved = state_lib.saved_metrics(snapshot, model)
+            if saved is not None:
+                state = (*state[:3], [keras.ops.convert_to_tensor(a) for a in saved])
+        return self.logs, state

@@ -1,0 +1,310 @@
+"""ModelCheckpoint's saver: snapshot, layout, write, commit, and undoing a failed save.
+
+One save: the policies (or a forced stop) decided; `Saver.save` checks the
+state is finite and that no sibling blocks it, captures a snapshot on the
+training thread, and commits it (sync, or on the background writer): the
+regular file, the `last` copy, the mirror upload, retention. The bookkeeping
+a save changes (`last_saved_path`, `best_path`, the best monitored value)
+is undone if its write fails, sync or background, so it always names what a
+file holds.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from typing import Any
+
+import keras
+import numpy as np
+
+from keras_ckpt import keras_layout, registry, storage
+from keras_ckpt import state as state_lib
+from keras_ckpt.callbacks.base import StatefulCallback, non_finite_logs
+from keras_ckpt.jsonsafe import encode_float
+from keras_ckpt.keras_compat import print_msg
+from keras_ckpt.writer import BackgroundWriter
+
+__all__ = ["Saver"]
+
+
+def history_of(model: Any) -> Any:
+    history = getattr(model, "history", None)
+    return history if isinstance(history, keras.callbacks.History) else None
+
+
+def global_step(model: Any) -> int:
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is None or not getattr(optimizer, "built", False):
+        return 0
+    return int(keras.ops.convert_to_numpy(optimizer.iterations))
+
+
+class Saver:
+    """Writes the checkpoints of one ModelCheckpoint (its `owner`)."""
+
+    def __init__(self, owner: Any) -> None:
+        self.owner = owner
+        self.options = owner.options
+        self.writer = BackgroundWriter() if self.options.async_write else None
+        self._in_flight: tuple[str, str, tuple] | None = None
+        self._layout_cache: tuple | None = None
+        self.last_saved_path: str | None = None
+        self.best_path: str | None = None
+        self.last_save_seconds: float | None = None
+        self.save_errors: list[str] = []
+
+    # ------------------------------------------------------------ deciding
+    def save(self, logs: dict, steps_in_epoch: int | None, force: bool = False,
+             metrics: list[np.ndarray] | None = None) -> str | None:
+        """Saves if the rules say so; returns the path written (regular or `last`), or None.
+
+        `force` (a stop: a sibling's, a signal's, an exception's): save
+        regardless of `save_best_only`, into the `last` file when the regular
+        one is reserved for the best; nothing new if this very step is saved.
+        `metrics`: the compiled metrics' values to store (see `capture`).
+        """
+        owner, o, fit, model = self.owner, self.options, self.owner.fit, self.owner.model
+        session = registry.current_fit(model)
+        step_now = global_step(model)
+        if force and fit.saved_at is not None and fit.saved_at[:2] == (session, step_now):
+            return fit.saved_at[2]
+        self.wait()  # the write in flight decides what the best saved value is
+        epoch = fit.epoch
+        value = logs.get(o.monitor)
+        where = f"Epoch {epoch + 1}" + (f", step {steps_in_epoch}" if steps_in_epoch else "")
+        fit.last_save_time = o.now()
+        if steps_in_epoch is not None:
+            # Siblings with batch-level work (TerminateOnNaN) check this step first.
+            for obj in registry.objects_for(model).values():
+                settle = getattr(obj, "settle_batch_end", None)
+                if settle is not None:
+                    settle(steps_in_epoch - 1, logs)
+        bad = non_finite_logs(logs)
+        if bad:
+            shown = ", ".join(f"{k}={v}" for k, v in bad.items())
+            warnings.warn(
+                f"ModelCheckpoint: not saving at {where}: the state is not finite ({shown}). "
+                "The previous checkpoints stay as they are.", stacklevel=3)
+            return None
+        for obj in registry.objects_for(model).values():
+            reason = obj.blocks_saving() if isinstance(obj, StatefulCallback) else None
+            if reason:
+                if o.verbose > 0:
+                    print_msg(f"\n{where}: not saving: {reason}")
+                return None
+        fit.last_save_step = step_now
+        filepath = owner.file_path(logs, steps_in_epoch)
+        save_regular = not (force and o.save_best_only)
+        write_last = o.save_last or not save_regular
+        undo_best = None
+        if o.save_best_only and not force:
+            previous = owner.best
+            improved, undo_best = owner.best_only.decide(logs, epoch, steps_in_epoch)
+            if improved:
+                if o.verbose > 0:
+                    before = "None" if previous is None else f"{previous:.5f}"
+                    print_msg(f"\n{where}: {o.monitor} improved from {before} to "
+                              f"{float(value):.5f}, saving model to {filepath}")
+            elif improved is False:
+                save_regular = False
+                if o.verbose > 0:
+                    print_msg(f"\n{where}: {o.monitor} did not improve from {owner.best:.5f}")
+        elif o.verbose > 0:
+            print_msg(f"\n{where}: saving model to {filepath}")
+        if not save_regular and not write_last:
+            return None
+        snapshot, meta = self._capture(logs, steps_in_epoch, step_now, value, metrics)
+        written = filepath if save_regular else owner.files.last_path
+        before = (self.last_saved_path, self.best_path, fit.saved_at, undo_best)
+        if save_regular:
+            self.last_saved_path = filepath
+            if o.save_best_only:
+                self.best_path = filepath
+        fit.saved_at = (session, step_now, written)
+        if not owner.writes:
+            return written  # a worker beside the chief: the chief writes this state
+        # Everything that reads the model is done here, on the training
+        # thread: on JAX the model's variables are detached while it trains.
+        plan = self._write_plan()
+
+        def commit() -> None:
+            self._commit(filepath if save_regular else None, write_last, snapshot, meta, plan,
+                         where)
+
+        # Keras's own writer (the fallback) reads the live variables, not the
+        # snapshot: it cannot run beside training.
+        if self.writer is not None and not plan.reads_model:
+            self._in_flight = (where, filepath, before)
+            self.writer.submit(commit)
+            return written
+        try:
+            commit()
+        except OSError as e:
+            self._undo(before)
+            self._failed(where, filepath, e)
+            return None
+        return written
+
+    def _capture(self, logs: dict, steps_in_epoch: int | None, step_now: int, value: Any,
+                 metrics: list[np.ndarray] | None) -> tuple[state_lib.Snapshot, dict]:
+        fit, model = self.owner.fit, self.owner.model
+        loss = logs.get("loss")
+        progress = {
+            "epoch": fit.epoch,
+            "step": steps_in_epoch if steps_in_epoch is not None else (
+                step_now - fit.epoch_start_step),
+            "epoch_complete": steps_in_epoch is None,
+            "global_step": step_now,
+            "steps_per_execution": int(getattr(model, "steps_per_execution", 1) or 1),
+            "history": self._history_for(fit.epoch, logs, steps_in_epoch is None),
+        }
+        states = state_lib.object_states(registry.objects_for(model))
+        rng = None
+        if steps_in_epoch is not None:
+            rng = fit.epoch_rng
+            states.update(fit.epoch_data_states)
+        # Synchronous: written before training goes on, so read without copies.
+        # In the background: without copies only where later steps cannot
+        # change what was read (TensorFlow copies on write, JAX never writes).
+        snapshot = state_lib.capture(
+            model, states, progress, rng, metrics=metrics,
+            copy=self.writer is not None and not state_lib.view_is_stable())
+        meta = {
+            "monitor": self.options.monitor,
+            "monitor_value": encode_float(None if value is None else float(value)),
+            "loss": encode_float(None if loss is None else float(loss)),
+            "written_at": time.time(),
+            "keras_version": keras.__version__, "backend": keras.backend.backend(),
+        }
+        return snapshot, meta
+
+    # ------------------------------------------------------------ committing
+    def _commit(self, regular: str | None, write_last: bool, snapshot: state_lib.Snapshot,
+                meta: dict, plan: storage.Layout, where: str) -> None:
+        directory = self.owner.files
+        started = time.monotonic()
+        written = []
+        if regular is not None:
+            os.makedirs(os.path.dirname(os.path.abspath(regular)), exist_ok=True)
+            self._write(regular, snapshot, {**meta, "kind": "regular"}, plan)
+            written.append(regular)
+            if self.options.verbose > 0:
+                print_msg(f"\n{where}: finished saving model to {regular}")
+        if write_last:
+            written.append(self._write_last(regular, snapshot, meta, plan))
+        directory.push(written)
+        self.last_save_seconds = time.monotonic() - started
+        if self.options.retention:
+            directory.apply_retention(self.options.retention,
+                                      [self.best_path, self.last_saved_path])
+
+    def wait(self) -> None:
+        """Waits for the write in flight; a failure undoes it and follows `on_save_error`."""
+        if self.writer is None:
+            return
+        try:
+            self.writer.wait()
+        except OSError as e:
+            where, filepath, before = self._in_flight or ("?", "?", None)
+            if before is not None:
+                self._undo(before)
+            self._failed(where, filepath, e)
+        finally:
+            self._in_flight = None
+
+    def _undo(self, before: tuple) -> None:
+        self.last_saved_path, self.best_path, self.owner.fit.saved_at, undo_best = before
+        self.owner.best_only.undo(undo_best)
+
+    def _failed(self, where: str, filepath: str, error: Exception) -> None:
+        message = (f"ModelCheckpoint: saving at {where} to {filepath} FAILED: "
+                   f"{type(error).__name__}: {error}. The previous checkpoints are intact and "
+                   "no partial file was left.")
+        self.save_errors.append(message)
+        if self.options.on_save_error == "raise":
+            raise error
+        print_msg(f"\n{message} Training continues (on_save_error='warn').")
+        warnings.warn(message, stacklevel=4)
+
+    def _keras_writer(self) -> Any:
+        model = self.owner.model
+        if self.options.save_weights_only:
+            return lambda path: model.save_weights(path, overwrite=True)
+        return lambda path: model.save(path, overwrite=True)
+
+    def _write_plan(self) -> storage.Layout:
+        """The file layout of this save (a `storage.Layout`), read from the model now."""
+        model = self.owner.model
+        if self.options.save_weights_only:
+            layout = self._keras_layout()
+            if layout is not None:
+                return storage.OnePassWeights(layout)
+        elif self.options.filepath.endswith(".keras") and not keras_layout.has_assets(model):
+            archive = keras_layout.archive_members(model)
+            layout = self._keras_layout() if archive is not None else None
+            if layout is not None:
+                return storage.OnePassArchive(layout, archive)
+        return storage.KerasPartFirst(self._keras_writer())
+
+    def _write(self, filepath: str, snapshot: state_lib.Snapshot, meta: dict,
+               plan: storage.Layout) -> None:
+        fit = self.owner.fit
+        if os.path.isdir(filepath):
+            raise IsADirectoryError(
+                f"ModelCheckpoint: filepath {filepath!r} is a directory; give a file name.")
+        if filepath not in fit.written and os.path.exists(filepath):
+            try:
+                storage.read_meta(filepath)
+            except storage.CorruptCheckpointError as e:
+                warnings.warn(f"ModelCheckpoint: replacing {filepath}, which is not a valid "
+                              f"keras-ckpt checkpoint ({e}).", stacklevel=4)
+        storage.write(filepath, snapshot, layout=plan, meta=meta, fsync=self.options.fsync,
+                      compression=self.options.compression)
+        fit.written.add(filepath)
+
+    def _keras_layout(self) -> keras_layout.Layout | None:
+        """Keras's `.weights.h5` layout for this model (cached while the variables stay)."""
+        model = self.owner.model
+        optimizer = getattr(model, "optimizer", None)
+        variables = [("model", list(model.variables)),
+                     ("optimizer", list(getattr(optimizer, "variables", []) or []))]
+        key = tuple(id(v) for _, group in variables for v in group)
+        if self._layout_cache is not None and self._layout_cache[0] == key:
+            return self._layout_cache[1]
+        names = {id(v): f"{g}/{i:05d}" for g, group in variables for i, v in enumerate(group)}
+        layout = keras_layout.layout(model, names)
+        if layout is not None and all(e.array is not None for e in layout.entries):
+            self._layout_cache = (key, layout)  # every dataset is a variable: reusable
+        return layout
+
+    def _write_last(self, regular: str | None, snapshot: state_lib.Snapshot, meta: dict,
+                    plan: storage.Layout) -> str:
+        from keras_ckpt import atomic
+
+        last = self.owner.files.last_path
+        if regular is not None:
+            # The newest regular file is the same state: link it into place.
+            tmp = atomic.temp_path(last, "link")
+            try:
+                os.link(regular, tmp)
+                os.replace(tmp, last)
+                return last
+            except OSError:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+        self._write(last, snapshot, {**meta, "kind": "last"}, plan)
+        return last
+
+    def _history_for(self, epoch: int, logs: dict, epoch_complete: bool) -> dict:
+        history = history_of(self.owner.model)
+        values = {k: list(v) for k, v in (history.history if history else {}).items()}
+        epochs = list(history.epoch) if history else []
+        if epoch_complete and epoch not in epochs:
+            # Keras's History runs after us: add this epoch's logs ourselves.
+            epochs.append(epoch)
+            for k, v in logs.items():
+                values.setdefault(k, []).append(v)
+        return {"epoch": epochs,
+                "values": {k: [encode_float(float(x)) for x in v] for k, v in values.items()}}

@@ -1,0 +1,1 @@
+"""The per-fit machinery: one session per `fit`, the stateful-callback protocol, step guards."""

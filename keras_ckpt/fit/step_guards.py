@@ -1,0 +1,104 @@
+"""The one wrapper around a fit's `train_function` and `test_function`.
+
+A session installs it when the fit begins and removes it when the fit ends.
+It lets keras-ckpt see what escapes a step (an exception ends the fit: the
+listeners run, then the session closes), what each call returns, and lets a
+mid-epoch resume replace the first calls of the resumed epoch (`replay`).
+The end of the data (`StopIteration`, TensorFlow's `OutOfRangeError`) is how
+Keras learns an epoch of unknown length is over: it passes untouched.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from keras_ckpt import keras_compat
+
+__all__ = ["StepGuards"]
+
+_NAMES = ("train_function", "test_function")
+
+
+class StepGuards:
+    """Wraps the model's step functions for one fit.
+
+    Attributes:
+        replay: None, or `replay(original, *args)` called instead of the
+            train function while a resume consumes the batches it had trained.
+    """
+
+    def __init__(self, model: Any, session: Any) -> None:
+        self._model = weakref.ref(model)
+        self._session = weakref.ref(session)
+        self.replay: Callable[..., Any] | None = None
+        self._result_listeners: list[Callable[[str, Any], None]] = []
+        self._error_listeners: list[Callable[[str, BaseException], None]] = []
+        self._installed: list[tuple[str, Any, Any]] = []
+        if getattr(model, "compiled", False):
+            try:
+                keras_compat.make_test_function(model)
+            except Exception:  # a model Keras cannot evaluate yet: nothing to guard there
+                pass
+        for name in _NAMES:
+            original = getattr(model, name, None)
+            if original is None:
+                continue
+            wrapper = self._wrap(name, original)
+            setattr(model, name, wrapper)
+            self._installed.append((name, original, wrapper))
+        self._fetch = keras_compat.guard_torch_fetch(model, self.step_failed)
+
+    def on_result(self, listener: Callable[[str, Any], None]) -> None:
+        """Calls `listener(name, result)` after each call that returns."""
+        self._result_listeners.append(listener)
+
+    def on_step_error(self, listener: Callable[[str, BaseException], None]) -> None:
+        """Calls `listener(name, error)` when a step raises, before the fit closes."""
+        self._error_listeners.append(listener)
+
+    def _wrap(self, name: str, original: Callable) -> Callable:
+        guards = weakref.ref(self)
+        training = name == "train_function"
+
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            live = guards()
+            try:
+                if training and live is not None and live.replay is not None:
+                    result = live.replay(original, *args)
+                else:
+                    result = original(*args, **kwargs)
+            except BaseException as e:
+                if live is not None and not keras_compat.is_end_of_data(e):
+                    live.step_failed(name, e)
+                raise
+            if live is not None:
+                for listener in live._result_listeners:
+                    listener(name, result)
+            return result
+
+        return guarded
+
+    def step_failed(self, name: str, error: BaseException) -> None:
+        """A step (or, on torch, its data fetch) raised `error`: listeners, then close."""
+        listeners, self._error_listeners = self._error_listeners, []
+        for listener in listeners:
+            listener(name, error)
+        session = self._session()
+        if session is not None:
+            session.close(error)
+
+    def remove(self) -> None:
+        """Puts the original functions back (where nobody wrapped them further since)."""
+        model = self._model()
+        for name, original, wrapper in reversed(self._installed):
+            if model is not None and getattr(model, name, None) is wrapper:
+                setattr(model, name, original)
+        self._installed = []
+        if self._fetch is not None:
+            keras_compat.unguard_torch_fetch(self._fetch)
+            self._fetch = None
+        self.replay = None
+        self._result_listeners = []
+        self._error_listeners = []

@@ -1,0 +1,215 @@
+"""Every private Keras (and TensorFlow) API keras-ckpt touches, in one place.
+
+Each function names what it relies on; `tests/test_keras_compat.py` pins each
+one against the installed Keras, so a Keras release that changes any of them
+fails there first, with the name of the function, instead of somewhere in a
+resume. Nothing here imports a backend at import time.
+"""
+
+from __future__ import annotations
+
+import sys
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+__all__ = [
+    "print_msg", "get_initial_epoch", "set_initial_epoch", "calling_callback_list",
+    "set_instance_attr", "get_private", "set_private", "make_test_function",
+    "guard_torch_fetch", "unguard_torch_fetch", "is_end_of_data", "callback_model",
+    "compiled_metrics", "symbolic_build", "learning_rate_variable", "distribute_strategy",
+    "metric_direction", "saving_internals", "flatten_layers", "tf_tensor_view",
+]
+
+
+def print_msg(message: str) -> None:
+    """Prints through Keras's logging (`keras.src.utils.io_utils.print_msg`).
+
+    It honours `keras.config.disable_interactive_logging()` (absl logging).
+    """
+    try:
+        from keras.src.utils.io_utils import print_msg as keras_print_msg
+    except ImportError:  # pragma: no cover - pinned by a test
+        print(message)
+        return
+    keras_print_msg(message)
+
+
+# ------------------------------------------------------------ fit's start epoch
+def get_initial_epoch(model: Any) -> Any:
+    """`model._initial_epoch`: Keras's `fit` reads it right after `on_train_begin`."""
+    return getattr(model, "_initial_epoch", None)
+
+
+def set_initial_epoch(model: Any, epoch: Any) -> None:
+    """Sets `model._initial_epoch` (None: `fit`'s own `initial_epoch` argument applies)."""
+    model._initial_epoch = epoch
+
+
+# ------------------------------------------------------------ the fit's CallbackList
+def calling_callback_list(max_depth: int = 12) -> Any:
+    """The `keras.callbacks.CallbackList` whose `set_model` is running up the stack, or None.
+
+    Keras's `fit` builds one `CallbackList`, which calls `set_model` on every
+    callback from its constructor; keras-ckpt wraps that list's hooks to see
+    every way a fit ends. Found by walking the calling frames (no public API
+    hands a callback its list).
+    """
+    import keras
+
+    frame = sys._getframe(1)
+    for _ in range(max_depth):
+        if frame is None:
+            return None
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, keras.callbacks.CallbackList):
+            return owner
+        frame = frame.f_back
+    return None
+
+
+def set_instance_attr(obj: Any, name: str, value: Any) -> None:
+    """Shadows a method of one object (a `CallbackList`'s hook) with an instance attribute."""
+    obj.__dict__[name] = value
+
+
+def get_private(model: Any, name: str) -> Any:
+    """An attribute keras-ckpt keeps on a Keras object, bypassing Keras's tracking."""
+    return model.__dict__.get(name)
+
+
+def set_private(model: Any, name: str, value: Any) -> None:
+    """Sets such an attribute without Keras's (or torch's) attribute tracking."""
+    object.__setattr__(model, name, value)
+
+
+# ------------------------------------------------------------ step functions
+def make_test_function(model: Any) -> None:
+    """`model.make_test_function()`: built now so that it can be wrapped for the fit."""
+    make = getattr(model, "make_test_function", None)
+    if callable(make):
+        make()
+
+
+def is_end_of_data(error: BaseException) -> bool:
+    """Whether `error` is how a step says the data ran out (not a failure)."""
+    if isinstance(error, StopIteration):
+        return True
+    return type(error).__name__ == "OutOfRangeError"  # tf.errors.OutOfRangeError
+
+
+_GUARDED_CLASSES: dict[type, type] = {}
+
+
+def guard_torch_fetch(model: Any, on_error: Callable[[str, BaseException], None]) -> Any:
+    """On torch, reports errors of the data fetch, which Keras does outside the step.
+
+    Keras's torch `fit` takes each batch from its epoch iterator (a local
+    `epoch_iterator` of the running `fit`, found through the calling frames)
+    before it calls `train_function`. The iterator's class is swapped for a
+    subclass whose `__next__` reports errors. Returns a handle for
+    `unguard_torch_fetch`, or None (not torch, or no iterator found).
+    """
+    import keras
+
+    if keras.backend.backend() != "torch":
+        return None
+    frame = sys._getframe(1)
+    iterator = None
+    while frame is not None:
+        if frame.f_code.co_name == "fit" and frame.f_locals.get("self") is model:
+            iterator = frame.f_locals.get("epoch_iterator")
+            break
+        frame = frame.f_back
+    if iterator is None:
+        return None
+    if type(iterator) not in _GUARDED_CLASSES.values():
+        base = type(iterator)
+        if base not in _GUARDED_CLASSES:
+            def __next__(self, _base=base):
+                try:
+                    return _base.__next__(self)
+                except StopIteration:
+                    raise
+                except BaseException as e:
+                    for handler in list(self._keras_ckpt_on_error):
+                        handler("train_function", e)
+                    raise
+
+            _GUARDED_CLASSES[base] = type(base.__name__, (base,), {"__next__": __next__})
+        iterator._keras_ckpt_on_error = []
+        iterator._keras_ckpt_base = base
+        iterator.__class__ = _GUARDED_CLASSES[base]
+    iterator._keras_ckpt_on_error.append(on_error)
+    return (weakref.ref(iterator), on_error)
+
+
+def unguard_torch_fetch(handle: Any) -> None:
+    """Undoes `guard_torch_fetch`."""
+    ref, on_error = handle
+    iterator = ref()
+    if iterator is None:
+        return
+    handlers = iterator._keras_ckpt_on_error
+    if on_error in handlers:
+        handlers.remove(on_error)
+    if not handlers:
+        iterator.__class__ = iterator._keras_ckpt_base
+
+
+# ------------------------------------------------------------ model internals
+def callback_model(callback: Any) -> Any:
+    """`Callback._model`: the model without `Callback.model`'s JAX state sync.
+
+    Safe from Keras's callback thread pool (JAX, torch).
+    """
+    return callback._model
+
+
+def compiled_metrics(model: Any) -> Any:
+    """`model._compile_metrics` (the `CompileMetrics` of `compile(metrics=...)`), or None."""
+    return getattr(model, "_compile_metrics", None)
+
+
+def symbolic_build(model: Any, batch: Any) -> None:
+    """`model._symbolic_build(data_batch=...)`: builds the compiled metrics from a batch."""
+    model._symbolic_build(data_batch=batch)
+
+
+def learning_rate_variable(optimizer: Any) -> Any:
+    """`optimizer._learning_rate`: the variable (or schedule) behind `learning_rate`."""
+    return getattr(optimizer, "_learning_rate", None)
+
+
+def distribute_strategy(model: Any) -> Any:
+    """`model._distribute_strategy`: the `tf.distribute` strategy it was built under."""
+    return getattr(model, "_distribute_strategy", None)
+
+
+def metric_direction(metric: Any) -> Any:
+    """`metric._direction` ("up"/"down") where Keras records it, else None."""
+    return getattr(metric, "_direction", None)
+
+
+def saving_internals() -> tuple[Any, Any, Callable[[Any], tuple[str, str]]]:
+    """`(H5IOStore, _save_state, _serialize_model_as_json)` of `keras.src.saving.saving_lib`.
+
+    `_save_state` is Keras's walk over a model's trackables that writes
+    `.weights.h5`; keras-ckpt runs it against a recording store to learn the
+    layout without copying any variable.
+    """
+    from keras.src.saving import saving_lib
+
+    return (getattr(saving_lib, "H5IOStore", None), getattr(saving_lib, "_save_state", None),
+            saving_lib._serialize_model_as_json)
+
+
+def flatten_layers(model: Any) -> list:
+    """`model._flatten_layers()`: every layer, nested ones included."""
+    flatten = getattr(model, "_flatten_layers", None)
+    return list(flatten()) if callable(flatten) else [model]
+
+
+def tf_tensor_view(tensor: Any) -> Any:
+    """`EagerTensor._numpy()`: a numpy array sharing the tensor's buffer (no copy)."""
+    return tensor._numpy()

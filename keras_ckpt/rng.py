@@ -1,0 +1,82 @@
+"""The global RNG states (Python, NumPy, and torch's on the torch backend) a checkpoint holds."""
+
+from __future__ import annotations
+
+import random
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from keras_ckpt.snapshot import Snapshot, StateMismatchError
+
+__all__ = ["rng_state", "torch_if_used", "rng_tuples", "restore_rng_at_step", "capture_rng"]
+
+
+def rng_state() -> tuple[dict, dict[str, np.ndarray]]:
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    meta = {
+        "python": {"version": version, "internal": list(internal), "gauss": gauss},
+        "numpy": {"kind": kind, "pos": int(pos), "has_gauss": int(has_gauss),
+                  "cached": float(cached)},
+    }
+    arrays = {"rng/numpy_keys": np.array(keys, dtype=np.uint32)}
+    torch = torch_if_used()
+    if torch is not None:
+        # Keras's torch backend shuffles arrays with torch's global generator
+        # (its DataLoader's RandomSampler draws a seed from it every epoch).
+        arrays["rng/torch_cpu"] = torch.get_rng_state().numpy().copy()
+    return meta, arrays
+
+
+def torch_if_used() -> Any:
+    """The torch module when Keras runs on torch, else None."""
+    if "torch" not in sys.modules:
+        return None
+    import keras
+
+    return sys.modules["torch"] if keras.backend.backend() == "torch" else None
+
+
+def rng_tuples(meta: Any, arrays: Mapping[str, np.ndarray]) -> tuple:
+    """The Python, NumPy (and torch) RNG states a checkpoint holds (checked, not yet set)."""
+    try:
+        py = meta["python"]
+        python_state = (int(py["version"]), tuple(int(v) for v in py["internal"]),
+                        None if py["gauss"] is None else float(py["gauss"]))
+        nps = meta["numpy"]
+        keys = arrays["rng/numpy_keys"]
+        numpy_state = (str(nps["kind"]), keys, int(nps["pos"]), int(nps["has_gauss"]),
+                       float(nps["cached"]))
+        random.Random().setstate(python_state)
+        np.random.RandomState().set_state(numpy_state)
+        torch_state = arrays.get("rng/torch_cpu")
+        torch = torch_if_used()
+        if torch is None:
+            torch_state = None
+        else:
+            expected = torch.get_rng_state().numel()
+            for state in (torch_state, arrays.get("rng/torch_cpu_at_step")):
+                if state is not None and (state.dtype != np.uint8
+                                          or state.shape != (expected,)):
+                    raise ValueError(f"torch RNG state of shape {state.shape}, "
+                                     f"{state.dtype}; expected ({expected},), uint8")
+    except (KeyError, TypeError, ValueError) as e:
+        raise StateMismatchError(f"The checkpoint's RNG state is malformed ({e!r}).") from None
+    return python_state, numpy_state, torch_state
+
+
+def restore_rng_at_step(snapshot: Snapshot) -> None:
+    """Sets the RNG state a mid-epoch snapshot holds for its step (torch's), if any."""
+    state = snapshot.arrays.get("rng/torch_cpu_at_step")
+    torch = torch_if_used()
+    if state is not None and torch is not None:  # checked by `apply` (`rng_tuples`)
+        torch.set_rng_state(torch.from_numpy(state.copy()))
+
+
+def capture_rng() -> tuple[dict, dict[str, np.ndarray]]:
+    """The global Python and NumPy RNG states, as (JSON meta, arrays)."""
+    return rng_state()
+

@@ -1,0 +1,70 @@
+"""A captured training state (`Snapshot`), its protocol and the variables it covers."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+__all__ = ["Stateful", "StateMismatchError", "Snapshot", "GROUPS", "normalise", "comparable",
+           "model_variables", "describe"]
+
+
+@runtime_checkable
+class Stateful(Protocol):
+    """The protocol every object whose state rides in a checkpoint follows.
+
+    `get_state()` returns a dict whose values are JSON values (numbers,
+    strings, booleans, None, lists, dicts) or numpy arrays (top level only);
+    `set_state(state)` takes such a dict back.
+    """
+
+    def get_state(self) -> dict: ...
+
+    def set_state(self, state: dict) -> None: ...
+
+
+class StateMismatchError(ValueError):
+    """A checkpoint does not fit the model or optimizer it is applied to."""
+
+
+@dataclasses.dataclass
+class Snapshot:
+    """A captured training state: `arrays` by name and JSON-safe `meta`."""
+
+    arrays: dict[str, np.ndarray]
+    meta: dict[str, Any]
+
+
+GROUPS = ("model", "optimizer", "metrics")
+
+
+def normalise(path: str) -> str:
+    # Layer names carry per-process counters ("dense_3"); a model rebuilt in
+    # the same process gets new numbers but is the same model.
+    return re.sub(r"_\d+(?=[_/]|$)", "", path)
+
+
+def comparable(group: str, path: str) -> str:
+    # An optimizer's variables take the scope of whoever built it (a wrapping
+    # LossScaleOptimizer, a rebuild); their own names identify them.
+    return normalise(path.rsplit("/", 1)[-1] if group == "optimizer" else path)
+
+
+def model_variables(model: Any) -> dict[str, list]:
+    optimizer = getattr(model, "optimizer", None)
+    return {
+        "model": list(model.variables),
+        "optimizer": list(optimizer.variables) if optimizer is not None else [],
+        "metrics": list(getattr(model, "metrics_variables", []) or []),
+    }
+
+
+def describe(variables: list) -> list[dict]:
+    return [
+        {"path": v.path, "shape": [int(d) for d in v.shape], "dtype": str(v.dtype)}
+        for v in variables
+    ]
+

@@ -1,0 +1,121 @@
+"""Whether a checkpoint fits a model: checked before anything is assigned."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from keras_ckpt.snapshot import (
+    GROUPS,
+    Snapshot,
+    StateMismatchError,
+    comparable,
+    describe,
+    model_variables,
+)
+
+__all__ = ["check_compatible", "check_arrays"]
+
+
+def check_compatible(meta: Mapping[str, Any], model: Any, *, weights_only: bool = False) -> None:
+    """Raises `StateMismatchError` naming the first difference between a checkpoint and `model`.
+
+    Compares, in order, the model variables (count, then each path, shape and
+    dtype; layer-name counters such as `dense_3` are ignored), the optimizer
+    class, and the optimizer variables where the optimizer is built. With
+    `weights_only`, only the model variables. Metadata of the wrong shape (a
+    hostile or damaged file) raises `StateMismatchError` too.
+    """
+    _check_structure(meta)
+    if not weights_only:
+        saved_class = meta.get("optimizer_class")
+        optimizer = getattr(model, "optimizer", None)
+        current_class = type(optimizer).__name__ if optimizer is not None else None
+        if saved_class != current_class:
+            raise StateMismatchError(
+                f"The checkpoint was written with optimizer {saved_class}, but the model is "
+                f"compiled with {current_class}. Compile the model with the same optimizer "
+                "to resume, or restore the weights alone (restore(..., weights_only=True))."
+            )
+
+    current = model_variables(model)
+    optimizer = getattr(model, "optimizer", None)
+    groups = ["model"]
+    if not weights_only and getattr(optimizer, "built", False):
+        groups.append("optimizer")  # an unbuilt one is built by apply(), then checked
+    for group in groups:
+        _compare(group, meta["variables"][group], describe(current[group]))
+
+
+def _check_structure(meta: Any) -> None:
+    """Checks the types of everything `apply` reads from a checkpoint's metadata."""
+
+    def bad(what: str) -> StateMismatchError:
+        return StateMismatchError(f"The checkpoint's metadata is malformed: {what}.")
+
+    if not isinstance(meta, Mapping):
+        raise bad("it is not a mapping")
+    variables = meta.get("variables")
+    if not isinstance(variables, Mapping):
+        raise bad("no variable list")
+    for group in GROUPS:
+        entries = variables.get(group)
+        if not isinstance(entries, list):
+            raise bad(f"no list of {group} variables")
+        for entry in entries:
+            if not (isinstance(entry, Mapping) and isinstance(entry.get("path"), str)
+                    and isinstance(entry.get("dtype"), str)
+                    and isinstance(entry.get("shape"), list)
+                    and all(isinstance(d, int) and d >= 0 for d in entry["shape"])):
+                raise bad(f"a {group} variable entry is {entry!r}")
+    objects = meta.get("objects", {})
+    if not isinstance(objects, Mapping) or not all(
+            isinstance(o, Mapping) and isinstance(o.get("json", {}), Mapping)
+            and isinstance(o.get("arrays", []), list)
+            and all(isinstance(n, str) for n in o.get("arrays", []))
+            for o in objects.values()):
+        raise bad("the callback states are not a mapping of states")
+
+
+def check_arrays(snapshot: Snapshot) -> None:
+    """Every array the metadata refers to is present (checked before anything is assigned)."""
+    meta = snapshot.meta
+    needed = [f"{g}/{i:05d}" for g in GROUPS for i in range(len(meta["variables"][g]))]
+    for key, saved in meta.get("objects", {}).items():
+        needed += [f"objects/{key}/{n}" for n in saved.get("arrays", [])]
+    replicas = meta.get("replicas", {})
+    if not isinstance(replicas, dict):
+        raise StateMismatchError("The checkpoint's replica table is malformed.")
+    for key, count in replicas.items():
+        match = re.fullmatch(r"model/(\d{5})", str(key))
+        if (match is None or int(match.group(1)) >= len(meta["variables"]["model"])
+                or not isinstance(count, int) or not 2 <= count <= 4096):
+            raise StateMismatchError(f"The checkpoint's replica entry {key!r}: {count!r} is "
+                                     "malformed.")
+        needed += [f"replicas/{key}/{r}" for r in range(count)]
+    missing = [n for n in needed if n not in snapshot.arrays]
+    if missing:
+        raise StateMismatchError(
+            f"The checkpoint's metadata lists the array {missing[0]!r}, which it does not hold.")
+
+
+def _compare(group: str, saved: list[dict], now: list[dict]) -> None:
+    for i, (a, b) in enumerate(zip(saved, now, strict=False)):
+        if (comparable(group, a["path"]) != comparable(group, b["path"])
+                or a["shape"] != b["shape"]
+                or a["dtype"] != b["dtype"]):
+            raise StateMismatchError(
+                f"The checkpoint does not fit this model: {group} variable {i} is "
+                f"{a['path']} {tuple(a['shape'])} {a['dtype']} in the checkpoint but "
+                f"{b['path']} {tuple(b['shape'])} {b['dtype']} in the model."
+            )
+    if len(saved) != len(now):
+        longer, where = (saved, "checkpoint") if len(saved) > len(now) else (now, "model")
+        extra = longer[min(len(saved), len(now))]
+        raise StateMismatchError(
+            f"The checkpoint does not fit this model: it has {len(saved)} {group} "
+            f"variables and the model {len(now)}; the first unmatched one is "
+            f"{extra['path']} {tuple(extra['shape'])} in the {where}."
+        )
+

@@ -1,0 +1,70 @@
+"""The checkpoint file format: its names, limits and errors, and the checksums both sides use."""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+import h5py
+import numpy as np
+
+from keras_ckpt import atomic, dtypes
+
+__all__ = ["CorruptCheckpointError", "ForeignFileError", "FORMAT", "FORMAT_VERSION",
+           "EXTENSIONS", "GROUP", "ZIP_MEMBER", "KERAS_WEIGHTS_MEMBER", "extension",
+           "is_temporary"]
+
+FORMAT = "keras-ckpt"
+FORMAT_VERSION = 1
+GROUP = "keras_ckpt"
+ZIP_MEMBER = "keras_ckpt.h5"  # our state beside Keras's archive (Keras wrote its part)
+KERAS_WEIGHTS_MEMBER = "model.weights.h5"  # one-pass archives: our state inside it
+EXTENSIONS = (".weights.h5", ".keras", ".h5")
+_TMP_MARK = atomic.MARK  # also the older writers' names (`.last.tmp-PID-link`)
+_DATASET_NAME = re.compile(r"a\d{5,}")
+_MAX_META_BYTES = 256 << 20
+
+
+class CorruptCheckpointError(ValueError):
+    """A file is not a valid keras-ckpt checkpoint (partial, damaged or foreign)."""
+
+
+class ForeignFileError(CorruptCheckpointError):
+    """A readable file that keras-ckpt did not write (e.g. a plain Keras checkpoint)."""
+
+
+_crc = dtypes.crc
+
+
+def _keras_part_crcs(h5: h5py.File) -> dict[str, int]:
+    """CRC-32 of every dataset Keras wrote (everything outside our group)."""
+    crcs: dict[str, int] = {}
+
+    def visit(name: str, obj: Any) -> None:
+        if isinstance(obj, h5py.Dataset) and not name.startswith(GROUP + "/"):
+            _check_dataset_storage(h5.filename, name, obj)
+            crcs[name] = _crc(np.asarray(obj[()]))
+
+    h5.visititems(visit)
+    return crcs
+
+
+def _check_dataset_storage(path: str, name: str, dataset: h5py.Dataset) -> None:
+    """Refuses a dataset whose data would come from outside this file."""
+    if dataset.external or dataset.is_virtual:
+        raise CorruptCheckpointError(
+            f"{path}: dataset {name!r} takes its data from another file; refusing to read it.")
+
+
+def extension(path: str) -> str:
+    """The checkpoint extension of `path` (`.weights.h5`, `.keras`, `.h5`) or ''."""
+    for ext in EXTENSIONS:
+        if path.endswith(ext):
+            return ext
+    return ""
+
+
+def is_temporary(name: str) -> bool:
+    """Whether a file name is one of our in-progress temporary names."""
+    return os.path.basename(name).startswith(".") and _TMP_MARK in name

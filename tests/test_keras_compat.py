@@ -1,0 +1,155 @@
+"""Pins every private Keras API keras-ckpt uses (keras_ckpt/keras_compat.py) to the installed Keras.
+
+A Keras release that changes one of them fails here, naming it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+from conftest import make_data, make_model
+
+from keras_ckpt import keras_compat
+
+X, Y = make_data(16)
+
+
+class Recorder(keras.callbacks.Callback):
+    """Records what the compatibility functions see from inside a real fit."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = {}
+
+    def set_model(self, model):
+        super().set_model(model)
+        self.seen["callback_list"] = keras_compat.calling_callback_list()
+
+    def on_train_begin(self, logs=None):
+        keras_compat.set_initial_epoch(self.model, 1)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.seen.setdefault("epochs", []).append(epoch)
+
+
+def test_fit_reads_the_initial_epoch_set_in_train_begin_and_builds_one_callback_list():
+    model = make_model()
+    recorder = Recorder()
+    history = model.fit(X, Y, epochs=3, verbose=0, callbacks=[recorder])
+    assert recorder.seen["epochs"] == [1, 2] and history.epoch == [1, 2]
+    callbacks = recorder.seen["callback_list"]
+    assert isinstance(callbacks, keras.callbacks.CallbackList)
+    assert recorder in callbacks.callbacks
+    assert keras_compat.get_initial_epoch(model) == 1
+    keras_compat.set_initial_epoch(model, None)
+    assert model.fit(X, Y, epochs=2, verbose=0).epoch == [0, 1]
+
+
+def test_callback_list_hooks_can_be_shadowed_per_instance():
+    calls = []
+    callbacks = keras.callbacks.CallbackList([], model=make_model())
+    original = callbacks.on_epoch_begin
+    keras_compat.set_instance_attr(callbacks, "on_epoch_begin",
+                                   lambda *a, **k: calls.append(a) or original(*a, **k))
+    callbacks.on_epoch_begin(0)
+    assert calls == [(0,)]
+    del callbacks.__dict__["on_epoch_begin"]
+    assert callbacks.on_epoch_begin.__func__ is keras.callbacks.CallbackList.on_epoch_begin
+
+
+def test_private_attributes_bypass_tracking():
+    model = make_model()
+    keras_compat.set_private(model, "_keras_ckpt_probe", [1, 2])
+    assert keras_compat.get_private(model, "_keras_ckpt_probe") == [1, 2]
+    assert "_keras_ckpt_probe" not in [v.path for v in model.variables]
+
+
+def test_model_internals_exist():
+    model = make_model()
+    model.fit(X, Y, epochs=1, verbose=0)
+    assert keras_compat.compiled_metrics(model) is not None
+    assert isinstance(keras_compat.learning_rate_variable(model.optimizer), keras.Variable)
+    assert keras_compat.callback_model(keras.callbacks.Callback()) is None
+    assert keras_compat.metric_direction(keras.metrics.AUC()) == "up"
+    assert any(isinstance(layer, keras.layers.Dense)
+               for layer in keras_compat.flatten_layers(model))
+    model._compile_metrics = None
+    fresh = make_model()
+    fresh.compile(optimizer="adam", loss="mse", metrics=["mae"])
+    keras_compat.symbolic_build(fresh, (X[:4], Y[:4]))
+    assert keras_compat.compiled_metrics(fresh).built
+
+
+def test_saving_internals_exist():
+    store, save_state, serialize = keras_compat.saving_internals()
+    assert store is not None and callable(save_state)
+    config_json, metadata_json = serialize(make_model())  # (config, metadata) JSON strings
+    assert '"class_name"' in config_json and '"keras_version"' in metadata_json
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="a TensorFlow tensor view")
+def test_tf_tensor_view_shares_the_buffer():
+    import tensorflow as tf
+
+    tensor = tf.constant([1.0, 2.0])
+    view = keras_compat.tf_tensor_view(tensor)
+    assert isinstance(view, np.ndarray) and view.tolist() == [1.0, 2.0]
+
+
+def test_end_of_data_errors_are_recognised():
+    assert keras_compat.is_end_of_data(StopIteration())
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        assert keras_compat.is_end_of_data(tf.errors.OutOfRangeError(None, None, "end"))
+    assert not keras_compat.is_end_of_data(ValueError("bad record"))
+
+
+def test_keras_print_msg_is_importable(capsys):
+    from keras.src.utils.io_utils import print_msg
+
+    assert callable(print_msg)
+    keras_compat.print_msg("hello from keras-ckpt")
+    assert "hello from keras-ckpt" in capsys.readouterr().out
+
+
+def run_without_backend(*argv):
+    """Runs `python -m keras_ckpt ARGV` in a fresh process; its output and what it loaded."""
+    probe = ("import sys, runpy\n"
+             "import keras_ckpt\n"
+             "sys.argv = ['keras_ckpt', *sys.argv[1:]]\n"
+             "code = 0\n"
+             "try:\n    runpy.run_module('keras_ckpt', run_name='__main__')\n"
+             "except SystemExit as e:\n    code = e.code\n"
+             "loaded = sorted({m.split('.')[0] for m in sys.modules}"
+             " & {'tensorflow', 'jax', 'torch', 'keras'})\n"
+             "print('LOADED', loaded, code)\n")
+    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
+    proc = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+def test_the_cli_runs_without_a_backend(tmp_path):
+    import datetime
+
+    import keras_ckpt
+
+    model = make_model()
+    ledger = str(tmp_path / "ledger.json")
+    model.fit(X, Y, epochs=1, verbose=0, callbacks=[
+        keras_ckpt.ModelCheckpoint(str(tmp_path / "e{epoch}.keras")),
+        keras_ckpt.BudgetStop(daily_budget=datetime.timedelta(hours=1), ledger=ledger,
+                              verbose=0)])
+    out = run_without_backend("inspect", str(tmp_path))
+    assert "e1.keras" in out and "LOADED [] 0" in out
+    out = run_without_backend("budget", ledger)
+    assert "sessions" in out and "LOADED [] 0" in out
+    out = run_without_backend("--help")
+    assert "inspect" in out and "LOADED [] 0" in out
