@@ -41,13 +41,16 @@ def drifted(values: list[np.ndarray]) -> list[np.ndarray] | None:
 
 
 def assign_replicas(model: Any, variables: list, replicas: Mapping[str, int],
-                     arrays: Mapping[str, np.ndarray]) -> None:
-    """Gives each replica of a distributed variable its own saved value back.
+                    arrays: Mapping[str, np.ndarray], group: str = "model") -> None:
+    """Gives each replica of a distributed variable of `group` its own saved value back.
 
     Where the model now runs with another number of replicas (or none), the
-    variable keeps the value `_assign` gave it (replica 0's).
+    variable keeps the value the plain assignment gave it.
     """
+    replicas = {k: c for k, c in replicas.items() if k.startswith(f"{group}/")}
     workers = multi_worker.workers_of(model) if replicas else None
+    if workers is not None and group != "model":
+        return  # several workers: only model variables are gathered per replica
     ids = workers.local_replica_ids() if workers is not None else None
     for key, count in replicas.items():
         variable = variables[int(key.split("/")[1])]

@@ -84,11 +84,18 @@ def capture(model: Any, states: Mapping[str, Mapping[str, Any]] | None = None,
     else:
         per_variable = ((i, None if v.trainable else replica_arrays(v))
                         for i, v in enumerate(groups["model"]))
-    for i, values in per_variable:
-        if values is not None:
-            replicas[f"model/{i:05d}"] = len(values)
-            for r, value in enumerate(values):
-                arrays[f"replicas/model/{i:05d}/{r}"] = value
+    per_group = [("model", per_variable)]
+    if workers is None and metrics is None:
+        # Compiled metrics under MirroredStrategy accumulate per replica
+        # (sync-on-read): each replica's running total comes back as it was.
+        per_group.append(("metrics", ((i, replica_arrays(v))
+                                      for i, v in enumerate(groups["metrics"]))))
+    for group, entries in per_group:
+        for i, values in entries:
+            if values is not None:
+                replicas[f"{group}/{i:05d}"] = len(values)
+                for r, value in enumerate(values):
+                    arrays[f"replicas/{group}/{i:05d}/{r}"] = value
     object_meta: dict[str, Any] = {}
     for key, state in (states or {}).items():
         json_part = {}
@@ -211,7 +218,7 @@ def apply(snapshot: Snapshot, model: Any, objects: Mapping[str, Stateful] | None
         return
     groups = model_variables(model)
     _assign(groups["model"], "model", snapshot.arrays)
-    assign_replicas(model, groups["model"], meta.get("replicas", {}), snapshot.arrays)
+    assign_replicas(model, groups["model"], meta.get("replicas", {}), snapshot.arrays, "model")
     optimizer = getattr(model, "optimizer", None)
     saved_opt = meta["variables"]["optimizer"]
     if optimizer is not None and saved_opt:
@@ -258,5 +265,7 @@ def apply_metrics(snapshot: Snapshot, model: Any) -> bool:
         return False
     for v, array in zip(model.metrics_variables, saved, strict=True):
         v.assign(array)
+    assign_replicas(model, list(model.metrics_variables), snapshot.meta.get("replicas", {}),
+                    snapshot.arrays, "metrics")
     return True
 

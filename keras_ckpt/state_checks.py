@@ -88,8 +88,8 @@ def check_arrays(snapshot: Snapshot) -> None:
     if not isinstance(replicas, dict):
         raise StateMismatchError("The checkpoint's replica table is malformed.")
     for key, count in replicas.items():
-        match = re.fullmatch(r"model/(\d{5})", str(key))
-        if (match is None or int(match.group(1)) >= len(meta["variables"]["model"])
+        match = re.fullmatch(r"(model|metrics)/(\d{5})", str(key))
+        if (match is None or int(match.group(2)) >= len(meta["variables"][match.group(1)])
                 or not isinstance(count, int) or not 2 <= count <= 4096):
             raise StateMismatchError(f"The checkpoint's replica entry {key!r}: {count!r} is "
                                      "malformed.")
