@@ -17,7 +17,8 @@ __all__ = [
     "print_msg", "get_initial_epoch", "set_initial_epoch", "calling_callback_list",
     "set_instance_attr", "get_private", "set_private", "make_test_function",
     "guard_torch_fetch", "unguard_torch_fetch", "is_end_of_data", "callback_model",
-    "compiled_metrics", "symbolic_build", "learning_rate_variable", "distribute_strategy",
+    "compiled_metrics", "symbolic_build", "step_counter", "learning_rate_variable",
+    "distribute_strategy",
     "metric_direction", "saving_internals", "flatten_layers", "tf_tensor_view",
 ]
 
@@ -174,6 +175,22 @@ def compiled_metrics(model: Any) -> Any:
 def symbolic_build(model: Any, batch: Any) -> None:
     """`model._symbolic_build(data_batch=...)`: builds the compiled metrics from a batch."""
     model._symbolic_build(data_batch=batch)
+
+
+def step_counter(optimizer: Any) -> Any:
+    """The variable counting the optimizer's training steps (one per batch).
+
+    `optimizer.iterations` counts updates: with `gradient_accumulation_steps=N`
+    it is a computed `_iterations // N`, not a variable, and counts one per N
+    batches. The batch count is `optimizer._iterations` then; wrappers such
+    as `LossScaleOptimizer` count in their inner optimizer.
+    """
+    inner = getattr(optimizer, "inner_optimizer", None)
+    if inner is not None:
+        return step_counter(inner)
+    if getattr(optimizer, "gradient_accumulation_steps", None):
+        return optimizer._iterations
+    return optimizer.iterations
 
 
 def learning_rate_variable(optimizer: Any) -> Any:

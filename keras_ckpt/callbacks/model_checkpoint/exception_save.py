@@ -17,7 +17,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from keras_ckpt import registry
+from keras_ckpt import keras_compat, registry
 from keras_ckpt.callbacks.model_checkpoint.preemption import logs_dict
 from keras_ckpt.callbacks.model_checkpoint.saver import global_step
 from keras_ckpt.keras_compat import print_msg
@@ -41,7 +41,7 @@ class ExceptionSave:
         optimizer = getattr(model, "optimizer", None)
         found = [v for v in model.variables if v.path.endswith("seed_generator_state")]
         if optimizer is not None and getattr(optimizer, "built", False):
-            found.append(optimizer.iterations)
+            found.append(keras_compat.step_counter(optimizer))
         return found
 
     def read_counters(self) -> list[np.ndarray]:

@@ -19,7 +19,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from keras_ckpt import keras_layout, registry, storage
+from keras_ckpt import keras_compat, keras_layout, registry, storage
 from keras_ckpt import state as state_lib
 from keras_ckpt.callbacks.base import StatefulCallback, non_finite_logs
 from keras_ckpt.jsonsafe import encode_float
@@ -38,7 +38,7 @@ def global_step(model: Any) -> int:
     optimizer = getattr(model, "optimizer", None)
     if optimizer is None or not getattr(optimizer, "built", False):
         return 0
-    return int(keras.ops.convert_to_numpy(optimizer.iterations))
+    return int(keras.ops.convert_to_numpy(keras_compat.step_counter(optimizer)))
 
 
 class Saver:
