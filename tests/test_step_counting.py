@@ -1,4 +1,4 @@
-"""Steps are what `fit` ran: gradient accumulation and steps_per_execution count batches, not updates."""
+"""Steps are what `fit` ran: with gradient accumulation, batches count, not updates."""
 
 from __future__ import annotations
 
