@@ -24,8 +24,8 @@ from keras_ckpt.callbacks.model_checkpoint.exception_save import ExceptionSave
 from keras_ckpt.callbacks.model_checkpoint.fit_state import FitState
 from keras_ckpt.callbacks.model_checkpoint.options import legacy_argument_error, parse_options
 from keras_ckpt.callbacks.model_checkpoint.preemption import Preemption
-from keras_ckpt.callbacks.model_checkpoint.resume import resume
-from keras_ckpt.callbacks.model_checkpoint.saver import Saver, global_step, history_of
+from keras_ckpt.callbacks.model_checkpoint.resume import restore_history_epochs, resume
+from keras_ckpt.callbacks.model_checkpoint.saver import Saver, global_step
 from keras_ckpt.fit.protocol import keep_default_hooks, overrides, steps_done
 from keras_ckpt.monitor import Monitor
 
@@ -240,10 +240,7 @@ class ModelCheckpoint(StatefulCallback):
         fit.epoch_rng = state_lib.capture_rng()
         fit.epoch_data_states = state_lib.object_states(
             {k: o for k, o in registry.objects_for(model).items() if k.startswith("data:")})
-        history = history_of(model)
-        if fit.pending_epochs is not None and history is not None:
-            history.epoch[:0] = fit.pending_epochs
-            fit.pending_epochs = None
+        restore_history_epochs(model, fit)
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
         fit = self.fit
@@ -303,6 +300,7 @@ class ModelCheckpoint(StatefulCallback):
 
     def on_train_end(self, logs: dict | None = None) -> None:
         session = self.fit_session
+        restore_history_epochs(self.model, self.fit)  # a finished run trained no epoch
         if self._signals and self.stops.catcher.pending is not None and (
                 self.preemption == "exit"):
             session.exit_status = 128 + self.stops.catcher.pending

@@ -22,7 +22,7 @@ from keras_ckpt.callbacks.base import StatefulCallback
 from keras_ckpt.jsonsafe import decode_float
 from keras_ckpt.keras_compat import print_msg
 
-__all__ = ["resume", "Replay"]
+__all__ = ["resume", "Replay", "restore_history_epochs"]
 
 
 def _no_valid_checkpoint(owner: Any) -> None:
@@ -72,6 +72,7 @@ def _agree(owner: Any, info: manager.CheckpointInfo | None) -> None:
 def resume(owner: Any) -> None:
     """Restores the newest valid checkpoint into `owner`'s model and fit (at train begin)."""
     model, fit = owner.model, owner.fit
+    own = owner.files.latest() if owner.options.resume is not True else None
     if owner.options.resume is True:
         found = owner.files.latest()
         if found is None:
@@ -79,6 +80,12 @@ def resume(owner: Any) -> None:
             _no_valid_checkpoint(owner)
             return
         info, snapshot = found
+    elif own is not None:
+        # `resume=<file>` starts a run; once the run has checkpoints of its
+        # own, a restart continues from the newest of them.
+        info, snapshot = own
+        print_msg(f"ModelCheckpoint: {owner.files.path} already holds this run's "
+                  f"checkpoints; continuing from {info.path}, not from {owner.options.resume}.")
     else:
         snapshot = storage.read(owner.options.resume)
         info = manager.info_from_meta(owner.options.resume, snapshot.meta)
@@ -124,6 +131,14 @@ def resume(owner: Any) -> None:
     if epochs is not None and epoch >= epochs and not finished:
         print_msg(f"ModelCheckpoint: the checkpoint already completed all {epochs} "
                   "epochs; nothing left to train.")
+
+
+def restore_history_epochs(model: Any, fit: Any) -> None:
+    """Puts the resumed epochs back into Keras's `History` (it resets them at train begin)."""
+    history = getattr(model, "history", None)
+    if fit.pending_epochs is not None and isinstance(history, keras.callbacks.History):
+        history.epoch[:0] = fit.pending_epochs
+        fit.pending_epochs = None
 
 
 class Replay:

@@ -1,0 +1,62 @@
+"""Resume cases real scripts meet: fine-tuning from another run, a finished script run again."""
+
+from __future__ import annotations
+
+import keras
+from conftest import make_data, make_model
+from test_preemption import same_state
+
+import keras_ckpt
+from keras_ckpt import manager
+
+X, Y = make_data(64, seed=11)
+
+
+def fit(model, callbacks, epochs, **kwargs):
+    return model.fit(X, Y, batch_size=16, epochs=epochs, shuffle=False, verbose=0,
+                     validation_data=(X[:16], Y[:16]), callbacks=callbacks, **kwargs)
+
+
+class Crash(keras.callbacks.Callback):
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise RuntimeError("killed")
+
+
+def test_a_fine_tune_restarted_continues_from_its_own_checkpoints(tmp_path, capsys):
+    fit(make_model(seed=2), [keras_ckpt.ModelCheckpoint(str(tmp_path / "run1" / "c{epoch}.keras"))],
+        epochs=2)
+    start = str(tmp_path / "run1" / "c2.keras")
+    template = str(tmp_path / "run2" / "c{epoch}.keras")
+    straight = make_model(seed=2)
+    reference = fit(straight, [keras_ckpt.ModelCheckpoint(str(tmp_path / "s" / "c{epoch}.keras"),
+                                                          resume=start)], epochs=5)
+    first = make_model(seed=2)
+    try:
+        fit(first, [keras_ckpt.ModelCheckpoint(template, resume=start), Crash(epoch=3)], epochs=5)
+    except RuntimeError:
+        pass
+    assert [c.epoch for c in manager.list_checkpoints(tmp_path / "run2")] == [2, 3]
+    capsys.readouterr()
+    again = make_model(seed=2)
+    cb = keras_ckpt.ModelCheckpoint(template, resume=start)
+    history = fit(again, [cb], epochs=5)
+    assert cb.resumed_from.path.endswith("run2/c4.keras")  # its own newest, not run1's
+    assert "continuing from" in capsys.readouterr().out
+    assert history.epoch == reference.epoch == [0, 1, 2, 3, 4]
+    same_state(straight, again)
+    assert history.history == reference.history
+
+
+def test_running_a_finished_script_again_returns_its_history(tmp_path, capsys):
+    template = str(tmp_path / "c{epoch}.keras")
+    first = fit(make_model(seed=3), [keras_ckpt.ModelCheckpoint(template, resume=True)], epochs=3)
+    capsys.readouterr()
+    again = fit(make_model(seed=3), [keras_ckpt.ModelCheckpoint(template, resume=True)], epochs=3)
+    assert "nothing left to train" in capsys.readouterr().out
+    assert again.epoch == first.epoch == [0, 1, 2]
+    assert again.history == first.history
