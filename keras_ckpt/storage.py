@@ -41,6 +41,7 @@ from keras_ckpt.storage_format import (  # noqa: F401 - the format, as before
     ZIP_MEMBER,
     CorruptCheckpointError,
     ForeignFileError,
+    NonFiniteStateError,
     _check_dataset_storage,
     _crc,
     _keras_part_crcs,
@@ -58,7 +59,8 @@ from keras_ckpt.storage_write import (  # noqa: F401 - the write side, as before
     write,
 )
 
-__all__ = ["CorruptCheckpointError", "ForeignFileError", "write", "read", "read_meta",
+__all__ = ["CorruptCheckpointError", "ForeignFileError", "NonFiniteStateError", "write", "read",
+           "read_meta",
            "is_temporary", "extension", "Layout", "OnePassWeights", "OnePassArchive",
            "KerasPartFirst", "choose_layout", "FORMAT", "FORMAT_VERSION", "EXTENSIONS"]
 

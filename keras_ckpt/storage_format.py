@@ -13,6 +13,7 @@ from keras_ckpt import atomic, dtypes
 
 __all__ = ["CorruptCheckpointError", "ForeignFileError", "FORMAT", "FORMAT_VERSION",
            "EXTENSIONS", "GROUP", "ZIP_MEMBER", "KERAS_WEIGHTS_MEMBER", "extension",
+           "NonFiniteStateError",
            "is_temporary"]
 
 FORMAT = "keras-ckpt"
@@ -30,11 +31,33 @@ class CorruptCheckpointError(ValueError):
     """A file is not a valid keras-ckpt checkpoint (partial, damaged or foreign)."""
 
 
+class NonFiniteStateError(ValueError):
+    """A state about to be written holds NaN or infinity in a model or optimizer variable."""
+
+
 class ForeignFileError(CorruptCheckpointError):
     """A readable file that keras-ckpt did not write (e.g. a plain Keras checkpoint)."""
 
 
 _crc = dtypes.crc
+_CHECKED_GROUPS = ("model/", "optimizer/")
+
+
+def _crc_finite(name: str, array: np.ndarray, variables: Any) -> int:
+    """CRC-32 of `array`; refuses a non-finite model or optimizer variable (same pass)."""
+    if name.startswith(_CHECKED_GROUPS) and array.dtype.kind in "fVc" and array.size:
+        try:
+            finite = bool(np.isfinite(array).all())
+        except TypeError:  # a dtype without isfinite: nothing to check
+            finite = True
+        if not finite:
+            group, index = name.split("/", 1)
+            try:
+                what = variables[group][int(index)]["path"]
+            except (KeyError, IndexError, TypeError, ValueError):
+                what = name
+            raise NonFiniteStateError(f"the variable {what} holds NaN or infinite values")
+    return _crc(array)
 
 
 def _keras_part_crcs(h5: h5py.File) -> dict[str, int]:

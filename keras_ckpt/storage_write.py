@@ -29,6 +29,7 @@ from keras_ckpt.storage_format import (
     KERAS_WEIGHTS_MEMBER,
     ZIP_MEMBER,
     _crc,
+    _crc_finite,
     _keras_part_crcs,
     extension,
 )
@@ -75,6 +76,7 @@ def _write_group(h5: h5py.File, snapshot: Snapshot, meta: dict, layout: Any = No
             for key, value in dtypes.keras_attrs(array.dtype).items():
                 written.attrs[key] = value  # as Keras's H5Entry (bfloat16)
     group = h5.require_group(GROUP)
+    variables = snapshot.meta.get("variables", {})
     arrays_meta: dict[str, dict] = {}
     data = group.create_group("arrays")
     later: list[tuple[dict, np.ndarray]] = []
@@ -89,19 +91,19 @@ def _write_group(h5: h5py.File, snapshot: Snapshot, meta: dict, layout: Any = No
                  "dtype": dtypes.index_name(array.dtype)}
         arrays_meta[name] = entry
         if isinstance(value, np.ndarray):
-            later.append((entry, array))  # already in memory: checksum it later
+            later.append((name, entry, array))  # already in memory: checksum it later
         else:
             # A value read only here (a variable): one at a time, so the peak
             # host memory stays one variable, not the whole state.
-            entry["crc32"] = _crc(array)
+            entry["crc32"] = _crc_finite(name, array, variables)
     syncing = None
     if sync_path is not None:
         h5.flush()
         syncing = threading.Thread(target=_fsync_path, args=(sync_path,))
         syncing.start()  # the disk works while the CPU checksums
     try:
-        for entry, array in later:
-            entry["crc32"] = _crc(array)
+        for name, entry, array in later:
+            entry["crc32"] = _crc_finite(name, array, variables)
         keras_crcs = {name: _crc(v) for name, v in keras_values.items()}
     finally:
         if syncing is not None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import keras
+import numpy as np
+import pytest
 from conftest import make_data, make_model
 from test_preemption import same_state
 
@@ -60,3 +62,31 @@ def test_running_a_finished_script_again_returns_its_history(tmp_path, capsys):
     assert "nothing left to train" in capsys.readouterr().out
     assert again.epoch == first.epoch == [0, 1, 2]
     assert again.history == first.history
+
+
+class PoisonKernel(keras.callbacks.Callback):
+    """Puts one NaN into the first kernel at the end of `epoch` (the loss logged stays finite)."""
+
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.epoch:
+            kernel = self.model.layers[0].kernel
+            value = kernel.numpy()
+            value[0, 0] = float("nan")
+            kernel.assign(value)
+
+
+@pytest.mark.parametrize("async_write", [False, True])
+def test_a_non_finite_variable_is_never_checkpointed(tmp_path, async_write):
+    template = str(tmp_path / "c{epoch}.keras")
+    cb = keras_ckpt.ModelCheckpoint(template, async_write=async_write)
+    with pytest.warns(UserWarning, match=r"not saving at Epoch 2: the variable .*kernel holds NaN"):
+        fit(make_model(seed=5), [PoisonKernel(epoch=1), cb], epochs=2)
+    assert [c.epoch for c in manager.list_checkpoints(tmp_path)] == [0]
+    assert cb.last_saved_path.endswith("c1.keras") and cb.save_errors == []
+    resumed = make_model(seed=5)
+    fit(resumed, [keras_ckpt.ModelCheckpoint(template, resume=True)], epochs=1)
+    assert all(np.isfinite(v.numpy()).all() for v in resumed.variables)

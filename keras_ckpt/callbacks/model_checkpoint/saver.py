@@ -141,7 +141,7 @@ class Saver:
             return written
         try:
             commit()
-        except OSError as e:
+        except (OSError, storage.NonFiniteStateError) as e:
             self._undo(before)
             self._failed(where, filepath, e)
             return None
@@ -206,7 +206,7 @@ class Saver:
             return
         try:
             self.writer.wait()
-        except OSError as e:
+        except (OSError, storage.NonFiniteStateError) as e:
             where, filepath, before = self._in_flight or ("?", "?", None)
             if before is not None:
                 self._undo(before)
@@ -219,6 +219,10 @@ class Saver:
         self.owner.best_only.undo(undo_best)
 
     def _failed(self, where: str, filepath: str, error: Exception) -> None:
+        if isinstance(error, storage.NonFiniteStateError):  # refused: never a checkpoint
+            warnings.warn(f"ModelCheckpoint: not saving at {where}: {error}. The previous "
+                          "checkpoints stay as they are.", stacklevel=4)
+            return
         message = (f"ModelCheckpoint: saving at {where} to {filepath} FAILED: "
                    f"{type(error).__name__}: {error}. The previous checkpoints are intact and "
                    "no partial file was left.")
