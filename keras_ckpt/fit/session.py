@@ -32,6 +32,7 @@ from collections.abc import Callable
 from typing import Any
 
 from keras_ckpt import keras_compat
+from keras_ckpt.fit import keras_callbacks
 from keras_ckpt.fit.step_guards import StepGuards
 
 __all__ = ["FitSession", "session_of", "join", "seal", "track_data"]
@@ -59,6 +60,9 @@ class FitSession:
         self.initial_epoch: int | None = None
         self.exit_status: int | None = None  # exit after the last on_train_end (preemption)
         self.guards: StepGuards | None = None
+        self.adapters: list = []  # Keras's own stateful callbacks (fit/keras_callbacks.py)
+        self.before_epoch: list[Callable[[], None]] = []  # run at the next epoch begin
+        self.resumed_mid_epoch: int | None = None
         self._initial_before: Any = _UNSET
         self._cleanups: list[tuple[str, Callable[[], None]]] = []
         self._error_listeners: list[tuple[int, Callable[[BaseException], None]]] = []
@@ -93,6 +97,12 @@ class FitSession:
                 n += 1
                 key = f"{obj.state_key}_{n}"
             result[key] = obj
+        for adapter in self.adapters:
+            key, n = adapter.state_key, 0
+            while key in result:
+                n += 1
+                key = f"{adapter.state_key}_{n}"
+            result[key] = adapter
         model = self.model
         for name, obj in (_data_of(model) if model is not None else {}).items():
             result[f"data:{name}"] = obj
@@ -182,6 +192,9 @@ class FitSession:
                     live = session()
                     if live is not None:
                         live.release_initial_epoch()
+                        pending, live.before_epoch = live.before_epoch, []
+                        for apply in pending:
+                            apply()
                 try:
                     return original(*args, **kwargs)
                 except BaseException as e:
@@ -268,6 +281,7 @@ def seal(model: Any) -> FitSession:
         session.sealed = True
         _claim_data(model)
         session.guards = StepGuards(model, session)
+        session.adapters = keras_callbacks.attach(session)
     return session
 
 

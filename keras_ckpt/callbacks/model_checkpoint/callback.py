@@ -292,7 +292,7 @@ class ModelCheckpoint(StatefulCallback):
             # The other keras-ckpt callbacks finish the epoch first, so the
             # checkpoint holds their state after it, whatever the order.
             for obj in registry.objects_for(self.model).values():
-                if isinstance(obj, StatefulCallback) and not isinstance(obj, ModelCheckpoint):
+                if hasattr(obj, "settle_epoch_end") and not isinstance(obj, ModelCheckpoint):
                     obj.settle_epoch_end(epoch, logs)
             self.saver.save(logs or {}, steps_in_epoch=None, force=pending)
         if pending:

@@ -120,6 +120,7 @@ def resume(owner: Any) -> None:
         fit.pending_epochs = list(saved.get("epoch", []))
     session = registry.current_fit(model)
     if step:
+        session.resumed_mid_epoch = epoch  # a LearningRateScheduler already set its rate
         session.replay_until = step
         fit.resume_step = step
         session.guards.replay = Replay(model, -(-step // spe), snapshot)

@@ -1,0 +1,151 @@
+"""Keras's own stateful callbacks ride in keras-ckpt's checkpoints.
+
+A `fit` that uses keras-ckpt's `ModelCheckpoint` beside Keras's callbacks gets
+their state saved and restored with the rest of the training state:
+
+| Keras callback | what rides along |
+| --- | --- |
+| `ReduceLROnPlateau` | `wait`, `cooldown_counter`, `best` (the learning rate is the optimizer's) |
+| `EarlyStopping` | `wait`, `stopped_epoch`, `best`, `best_epoch`, `best_weights` |
+| `ModelCheckpoint` | `best` |
+| `LearningRateScheduler` | nothing; not applied twice to a resumed epoch (its rate is restored) |
+
+Each one's epoch end runs once per epoch: a checkpoint written at an epoch
+end runs it first ("settles" it) wherever the callback stands in the list, so
+the checkpoint holds its state after the epoch. Restored states are applied
+at the first epoch begin, after the callbacks' own `on_train_begin` reset.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from typing import Any
+
+import numpy as np
+
+from keras_ckpt import keras_compat
+
+__all__ = ["attach", "KerasCallbackState"]
+
+
+def _counters() -> dict[type, tuple[str, ...]]:
+    import keras
+
+    return {keras.callbacks.ReduceLROnPlateau: ("wait", "cooldown_counter", "best"),
+            keras.callbacks.EarlyStopping: ("wait", "stopped_epoch", "best", "best_epoch"),
+            keras.callbacks.ModelCheckpoint: ("best",),
+            keras.callbacks.LearningRateScheduler: ()}  # its epoch end writes the logs
+
+
+def _encode(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, (int, np.integer)):
+        return int(value)
+    number = float(value)
+    return number if math.isfinite(number) else {"float": repr(number)}
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, dict) and "float" in value:
+        return float(value["float"])
+    return value
+
+
+class KerasCallbackState:
+    """The state of one Keras callback of the fit, under `keras.<ClassName>`."""
+
+    def __init__(self, callback: Any, names: tuple[str, ...], session: Any) -> None:
+        self.callback = callback
+        self.names = names
+        self.state_key = f"keras.{type(callback).__name__}"
+        self._session = weakref.ref(session)
+        self._ran: int | None = None
+        original = callback.on_epoch_end
+
+        def on_epoch_end(epoch: int, logs: dict | None = None) -> Any:
+            if self._ran == epoch:
+                return None  # settled before a checkpoint of this epoch's end
+            self._ran = epoch
+            return original(epoch, logs)
+
+        keras_compat.set_instance_attr(callback, "on_epoch_end", on_epoch_end)
+        session.on_close(f"{self.state_key} epoch end",
+                         lambda: callback.__dict__.pop("on_epoch_end", None))
+
+    def settle_epoch_end(self, epoch: int, logs: dict | None) -> None:
+        """Runs the callback's epoch end now (once), before a checkpoint captures it."""
+        self.callback.on_epoch_end(epoch, logs)
+
+    def get_state(self) -> dict:
+        state = {name: _encode(getattr(self.callback, name, None)) for name in self.names
+                 if name != "best_weights"}
+        weights = getattr(self.callback, "best_weights", None)
+        if isinstance(self.callback, _keras_early_stopping()) and weights is not None:
+            state["n_best"] = len(weights)
+            for i, array in enumerate(weights):
+                state[f"best_{i:05d}"] = np.asarray(array)
+        return state
+
+    def set_state(self, state: dict) -> None:
+        """Applied at the first epoch begin (after the callback's `on_train_begin` reset)."""
+        session = self._session()
+
+        def apply() -> None:
+            for name in self.names:
+                if name in state:
+                    setattr(self.callback, name, _decode(state[name]))
+            n = int(state.get("n_best", 0) or 0)
+            if n:
+                self.callback.best_weights = [state[f"best_{i:05d}"] for i in range(n)]
+
+        if session is None or session.closed:
+            apply()
+        else:
+            session.before_epoch.append(apply)
+
+
+def _keras_early_stopping() -> type:
+    import keras
+
+    return keras.callbacks.EarlyStopping
+
+
+def attach(session: Any) -> list[KerasCallbackState]:
+    """The state adapters of the Keras callbacks in the session's fit (wrapping their hooks)."""
+    import keras
+
+    from keras_ckpt.fit.protocol import StatefulCallback
+
+    callbacks = session.callback_list()
+    if callbacks is None:
+        return []
+    counters = _counters()
+    adapters = []
+    for callback in callbacks.callbacks:
+        if isinstance(callback, StatefulCallback):
+            continue
+        names = next((n for cls, n in counters.items() if type(callback) is cls), None)
+        if names is not None:
+            adapters.append(KerasCallbackState(callback, names, session))
+        if type(callback) is keras.callbacks.LearningRateScheduler:
+            _apply_schedule_once(callback, session)
+    return adapters
+
+
+def _apply_schedule_once(scheduler: Any, session: Any) -> None:
+    """After a mid-epoch resume, the resumed epoch's learning rate is the checkpoint's."""
+    original = scheduler.on_epoch_begin
+
+    def on_epoch_begin(epoch: int, logs: dict | None = None) -> Any:
+        live = session_ref()
+        if live is not None and live.resumed_mid_epoch == epoch:
+            live.resumed_mid_epoch = None
+            return None
+        return original(epoch, logs)
+
+    session_ref = weakref.ref(session)
+    keras_compat.set_instance_attr(scheduler, "on_epoch_begin", on_epoch_begin)
+    session.on_close("LearningRateScheduler epoch begin",
+                     lambda: scheduler.__dict__.pop("on_epoch_begin", None))

@@ -1,0 +1,72 @@
+"""Keras's own stateful callbacks beside ours: their state resumes, schedules apply once."""
+
+from __future__ import annotations
+
+import keras
+import pytest
+from conftest import make_data, make_model
+from test_preemption import same_state
+
+import keras_ckpt
+from keras_ckpt import manager
+
+X, Y = make_data(64, seed=13)
+
+
+def fit(model, callbacks, epochs=6):
+    return model.fit(X, Y, batch_size=16, epochs=epochs, shuffle=False, verbose=0,
+                     validation_data=(X[:16], Y[:16]), callbacks=callbacks)
+
+
+class CrashAt(keras.callbacks.Callback):
+    """Raises after `steps` training batches (the process dies between checkpoints)."""
+
+    def __init__(self, steps):
+        super().__init__()
+        self.steps, self.seen = steps, 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.seen += 1
+        if self.seen == self.steps:
+            raise RuntimeError("crash")
+
+
+def plateau():
+    # A min_delta no epoch meets: it waits, reduces every 2 epochs, cools down for 1.
+    return keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=2,
+                                             min_delta=10.0, cooldown=1, verbose=0)
+
+
+def scheduler():
+    return keras.callbacks.LearningRateScheduler(lambda epoch, lr: lr * 0.7)
+
+
+@pytest.mark.parametrize("save_freq, crash", [("epoch", 13), (3, 14)],
+                         ids=["epoch-end", "mid-epoch"])
+@pytest.mark.parametrize("keras_first", [True, False], ids=["keras-first", "ours-first"])
+@pytest.mark.parametrize("make", [plateau, scheduler], ids=["ReduceLROnPlateau",
+                                                             "LearningRateScheduler"])
+def test_a_resumed_run_equals_the_uninterrupted_one(tmp_path, save_freq, crash, keras_first,
+                                                    make):
+    def callbacks(checkpoint, keras_callback):
+        return [keras_callback, checkpoint] if keras_first else [checkpoint, keras_callback]
+
+    straight_callback = make()
+    straight = make_model(seed=6)
+    reference = fit(straight, [straight_callback])
+    name = "c-{epoch}.keras" if save_freq == "epoch" else "c-{epoch}-{batch}.keras"
+    template = str(tmp_path / name)
+    crashed = make_model(seed=6)
+    with pytest.raises(RuntimeError, match="crash"):
+        fit(crashed, callbacks(keras_ckpt.ModelCheckpoint(template, save_freq=save_freq),
+                               make()) + [CrashAt(crash)])
+    newest = manager.list_checkpoints(tmp_path)[-1]
+    assert newest.epoch_complete == (save_freq == "epoch")
+    resumed_callback = make()
+    resumed = make_model(seed=6)
+    history = fit(resumed, callbacks(keras_ckpt.ModelCheckpoint(template, save_freq=save_freq,
+                                                                resume=True), resumed_callback))
+    same_state(straight, resumed)
+    assert history.history == reference.history
+    for name in ("wait", "cooldown_counter", "best"):
+        assert getattr(resumed_callback, name, None) == getattr(straight_callback, name, None)
