@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["encode_float", "decode_float", "to_json_value"]
+__all__ = ["encode_float", "decode_float", "to_json_value", "encode_log", "decode_log"]
 
 _NON_FINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
 
@@ -64,3 +64,39 @@ def to_json_value(value: Any) -> Any:
         f"Cannot store a value of type {type(value).__name__} as JSON; "
         "use numbers, strings, booleans, None, lists and dicts."
     )
+
+
+def encode_log(value: Any) -> Any:
+    """A logged value as strict JSON: a float, an array of floats, or (anything else) its text.
+
+    Keras keeps scalar logs as Python floats and vector-valued ones (e.g.
+    `F1Score(average=None)`) as numpy arrays; both come back exactly.
+    """
+    import numpy as np
+
+    try:
+        return encode_float(float(value))
+    except (TypeError, ValueError):
+        pass
+    try:
+        array = np.asarray(value)
+        if array.dtype.kind in "fiu":
+            return {"array": [encode_float(float(v)) for v in array.reshape(-1)],
+                    "shape": list(array.shape), "dtype": str(array.dtype)}
+    except (TypeError, ValueError):
+        pass
+    return {"text": str(value)}
+
+
+def decode_log(value: Any) -> Any:
+    """Reverses `encode_log`."""
+    import numpy as np
+
+    if isinstance(value, dict):
+        if "array" in value:
+            flat = [decode_float(v) for v in value["array"]]
+            return np.array(flat, dtype=str(value.get("dtype", "float64"))).reshape(
+                [int(d) for d in value.get("shape", [len(flat)])])
+        return str(value.get("text", ""))
+    return decode_float(value)
+

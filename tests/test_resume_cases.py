@@ -90,3 +90,41 @@ def test_a_non_finite_variable_is_never_checkpointed(tmp_path, async_write):
     resumed = make_model(seed=5)
     fit(resumed, [keras_ckpt.ModelCheckpoint(template, resume=True)], epochs=1)
     assert all(np.isfinite(v.numpy()).all() for v in resumed.variables)
+
+
+def f1_model(seed=8):
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="softmax")])
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="categorical_crossentropy",
+                  metrics=[keras.metrics.F1Score()])  # average=None: a vector per class
+    return model
+
+
+def test_vector_valued_logs_never_crash_and_resume_exactly(tmp_path):
+    x = make_data(64, seed=9)[0]
+    y = keras.utils.to_categorical(np.arange(64) % 3, 3)
+
+    def run(model, epochs, callbacks):
+        return model.fit(x, y, batch_size=16, epochs=epochs, verbose=0, shuffle=False,
+                         validation_split=0.25, callbacks=callbacks)
+
+    def ours(**kwargs):
+        return [keras_ckpt.ModelCheckpoint(str(tmp_path / "c-{epoch}-{batch}.keras"),
+                                           save_freq=2, **kwargs),
+                keras_ckpt.EarlyStopping(monitor="loss", patience=5),
+                keras_ckpt.TerminateOnNaN(),
+                keras_ckpt.BudgetStop(max_duration=3600, verbose=0,
+                                      ledger=str(tmp_path / "ledger.json"))]
+
+    straight = f1_model()
+    reference = run(straight, 4, [])
+    run(f1_model(), 2, ours())  # a run stopped after two epochs (a mid-epoch save at step 2)
+    resumed = f1_model()
+    history = run(resumed, 4, ours(resume=True))
+    same_state(straight, resumed)
+    assert history.history.keys() == reference.history.keys()
+    for key, values in reference.history.items():
+        assert len(history.history[key]) == len(values) == 4
+        for a, b in zip(values, history.history[key], strict=True):
+            np.testing.assert_array_equal(a, b, err_msg=key)
+            assert type(a) is type(b)

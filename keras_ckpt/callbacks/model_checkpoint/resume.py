@@ -19,7 +19,7 @@ import keras
 from keras_ckpt import keras_compat, manager, registry, storage
 from keras_ckpt import state as state_lib
 from keras_ckpt.callbacks.base import StatefulCallback
-from keras_ckpt.jsonsafe import decode_float
+from keras_ckpt.jsonsafe import decode_log
 from keras_ckpt.keras_compat import print_msg
 
 __all__ = ["resume", "Replay", "restore_history_epochs"]
@@ -116,7 +116,7 @@ def resume(owner: Any) -> None:
     if isinstance(keras_history, history):
         keras_history.history.clear()
         for k, v in saved.get("values", {}).items():
-            keras_history.history[k] = [decode_float(x) for x in v]
+            keras_history.history[k] = [decode_log(x) for x in v]
         fit.pending_epochs = list(saved.get("epoch", []))
     session = registry.current_fit(model)
     if step:

@@ -22,7 +22,7 @@ import numpy as np
 from keras_ckpt import keras_compat, keras_layout, registry, storage
 from keras_ckpt import state as state_lib
 from keras_ckpt.callbacks.base import StatefulCallback, non_finite_logs
-from keras_ckpt.jsonsafe import encode_float
+from keras_ckpt.jsonsafe import encode_float, encode_log
 from keras_ckpt.keras_compat import print_msg
 from keras_ckpt.writer import BackgroundWriter
 
@@ -39,6 +39,14 @@ def global_step(model: Any) -> int:
     if optimizer is None or not getattr(optimizer, "built", False):
         return 0
     return int(keras.ops.convert_to_numpy(keras_compat.step_counter(optimizer)))
+
+
+def _scalar(value: Any) -> float | str | None:
+    """A log value for the metadata: a float, or None when absent or not a scalar."""
+    try:
+        return encode_float(None if value is None else float(value))
+    except (TypeError, ValueError):
+        return None
 
 
 class Saver:
@@ -173,8 +181,7 @@ class Saver:
             copy=self.writer is not None and not state_lib.view_is_stable())
         meta = {
             "monitor": self.options.monitor,
-            "monitor_value": encode_float(None if value is None else float(value)),
-            "loss": encode_float(None if loss is None else float(loss)),
+            "monitor_value": _scalar(value), "loss": _scalar(loss),
             "written_at": time.time(),
             "keras_version": keras.__version__, "backend": keras.backend.backend(),
         }
@@ -311,4 +318,4 @@ class Saver:
             for k, v in logs.items():
                 values.setdefault(k, []).append(v)
         return {"epoch": epochs,
-                "values": {k: [encode_float(float(x)) for x in v] for k, v in values.items()}}
+                "values": {k: [encode_log(x) for x in v] for k, v in values.items()}}
