@@ -128,3 +128,21 @@ def test_vector_valued_logs_never_crash_and_resume_exactly(tmp_path):
         for a, b in zip(values, history.history[key], strict=True):
             np.testing.assert_array_equal(a, b, err_msg=key)
             assert type(a) is type(b)
+
+
+def test_a_changed_batch_size_is_an_error_mid_epoch_and_a_warning_at_an_epoch_end(tmp_path):
+    template = str(tmp_path / "mid" / "c-{epoch}-{batch}.keras")
+    with pytest.raises(RuntimeError, match="killed"):
+        fit(make_model(seed=4), [keras_ckpt.ModelCheckpoint(template, save_freq=3),
+                                 Crash(epoch=1)], epochs=3)  # 4 steps an epoch: 3, 6 saved
+    assert manager.list_checkpoints(tmp_path / "mid")[-1].step == 2  # mid-epoch 2
+    with pytest.raises(ValueError, match=r"steps_per_epoch=4, this fit has steps_per_epoch=8 "
+                                         r"\(batch_size"):
+        make_model(seed=4).fit(X, Y, batch_size=8, epochs=3, verbose=0, callbacks=[
+            keras_ckpt.ModelCheckpoint(template, save_freq=3, resume=True)])
+    template = str(tmp_path / "end" / "e-{epoch}.keras")
+    fit(make_model(seed=4), [keras_ckpt.ModelCheckpoint(template)], epochs=1)
+    with pytest.warns(UserWarning, match="steps_per_epoch=4, this fit has steps_per_epoch=8"):
+        history = make_model(seed=4).fit(X, Y, batch_size=8, epochs=3, verbose=0, callbacks=[
+            keras_ckpt.ModelCheckpoint(template, resume=True)])
+    assert history.epoch == [0, 1, 2]

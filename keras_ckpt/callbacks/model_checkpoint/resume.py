@@ -69,6 +69,33 @@ def _agree(owner: Any, info: manager.CheckpointInfo | None) -> None:
             "was changed.")
 
 
+_CHANGED = {"steps_per_epoch": "batch_size, steps_per_epoch or the training data changed",
+            "gradient_accumulation_steps": "the optimizer's gradient_accumulation_steps changed"}
+
+
+def _check_fit_arguments(owner: Any, info: Any, progress: dict, step: int) -> None:
+    """What a step means must match the checkpoint's: an error mid-epoch, a warning at an end."""
+    optimizer = getattr(owner.model, "optimizer", None)
+    now = {"steps_per_epoch": (owner.params or {}).get("steps"),
+           "gradient_accumulation_steps": getattr(optimizer, "gradient_accumulation_steps",
+                                                  None)}
+    for name, value in now.items():
+        saved = progress.get(name)
+        if saved is None or value is None or int(saved) == int(value):
+            continue
+        message = (f"ModelCheckpoint: the checkpoint {info.path} was written with {name}="
+                   f"{saved}, this fit has {name}={value} ({_CHANGED[name]}).")
+        if step:
+            raise ValueError(
+                f"{message} Resuming in the middle of an epoch would skip other batches than "
+                "the interrupted run trained. Run with the arguments of the interrupted run, "
+                "or resume from a checkpoint written at an epoch end.")
+        import warnings
+
+        warnings.warn(f"{message} Training continues from the end of epoch {info.epoch + 1}; "
+                      "the run will differ from an uninterrupted one.", stacklevel=5)
+
+
 def resume(owner: Any) -> None:
     """Restores the newest valid checkpoint into `owner`'s model and fit (at train begin)."""
     model, fit = owner.model, owner.fit
@@ -100,6 +127,7 @@ def resume(owner: Any) -> None:
             f"{epoch + 1}, which is not a multiple of this model's steps_per_execution="
             f"{spe}. Compile with the steps_per_execution the run used "
             f"({progress.get('steps_per_execution')}).")
+    _check_fit_arguments(owner, info, progress, step)
     objects = registry.objects_for(model)
     state_lib.apply(snapshot, model, objects, metrics=False)
     owner.resumed_from = info

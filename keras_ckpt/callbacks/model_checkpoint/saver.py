@@ -166,6 +166,10 @@ class Saver:
             "epoch_complete": steps_in_epoch is None,
             "global_step": step_now,
             "steps_per_execution": int(getattr(model, "steps_per_execution", 1) or 1),
+            # What a step means: a resume with other values would skip other batches.
+            "steps_per_epoch": (self.owner.params or {}).get("steps"),
+            "gradient_accumulation_steps": getattr(
+                getattr(model, "optimizer", None), "gradient_accumulation_steps", None),
             "history": self._history_for(fit.epoch, logs, steps_in_epoch is None),
         }
         states = state_lib.object_states(registry.objects_for(model))
