@@ -16,15 +16,41 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+
 from keras_ckpt.jsonsafe import decode_float, encode_float
 from keras_ckpt.metric_direction import infer_mode
 from keras_ckpt.validation import check_choice, check_number
 
-__all__ = ["Monitor", "Decision", "infer_mode"]
+__all__ = ["Monitor", "Decision", "infer_mode", "keras_mode"]
 
 MODES = ("auto", "min", "max")
 MIN_DELTA_MODES = ("absolute", "relative")
 _STATE_VERSION = 1
+
+
+def keras_mode(mode: Any, owner: str, stacklevel: int = 3) -> str:
+    """A callback's `mode` as Keras takes it: an unknown one warns and becomes `"auto"`.
+
+    Keras's monitoring callbacks do not refuse an unknown `mode`; they warn
+    (`"<Class> mode '<mode>' is unknown, fallback to auto mode."`) and infer
+    the direction. keras-ckpt's drop-ins do the same; `Monitor` itself stays
+    strict.
+
+    Args:
+        mode: the `mode` argument as passed.
+        owner: the callback's class name, for the warning.
+        stacklevel: the frame the warning points at (the callback's caller).
+
+    Returns:
+        `mode` when it is `"auto"`, `"min"` or `"max"`; otherwise `"auto"`.
+    """
+    if isinstance(mode, str) and mode in MODES:
+        return mode
+    warnings.warn(f"{owner} mode '{mode}' is unknown, fallback to auto mode.",
+                  stacklevel=stacklevel)
+    return "auto"
+
 
 @dataclasses.dataclass(frozen=True)
 class Decision:
@@ -169,7 +195,7 @@ class Monitor:
 
     # ------------------------------------------------------------- decisions
     def get_value(self, logs: Mapping[str, Any] | None) -> float | None:
-        """Reads the monitored value from `logs` as a Python float.
+        """Reads the monitored value from `logs` as a Python float (one-element arrays too).
 
         Returns:
             The value, or None when it is missing (a warning, once per fit,
@@ -177,7 +203,7 @@ class Monitor:
 
         Raises:
             KeyError: the value is missing and `strict=True`.
-            ValueError: the value is not a scalar.
+            ValueError: the value is not a scalar (nor an array of one element).
         """
         logs = logs or {}
         value = logs.get(self.monitor)
@@ -194,7 +220,12 @@ class Monitor:
                 warnings.warn(message, stacklevel=3)
             return None
         try:
-            return float(value)
+            # A one-element array (F1Score of one class) is a scalar, as
+            # Keras's comparison takes it.
+            array = np.asarray(value, dtype=np.float64)
+            if array.size != 1:
+                raise ValueError(array.shape)
+            return float(array.reshape(()))
         except (TypeError, ValueError):
             raise ValueError(
                 f"{self.owner} monitors {self.monitor!r}, which must be a scalar; "

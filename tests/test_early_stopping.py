@@ -293,7 +293,6 @@ def test_killed_run_stops_at_the_same_epoch_with_the_same_weights(tmp_path, disk
 @pytest.mark.parametrize("kwargs, error, match", [
     ({"patience": -1}, ValueError, "`patience` must be >= 0"),
     ({"min_delta": -0.5}, ValueError, "`min_delta` must be >= 0"),
-    ({"mode": "up"}, ValueError, "`mode` must be one of"),
     ({"restore_best_weights": "yes"}, TypeError, "`restore_best_weights`"),
     ({"stopping_threshold": "low"}, TypeError, "`stopping_threshold`"),
     ({"best_weights_path": "best.h5", "restore_best_weights": True}, ValueError, ".weights.h5"),
@@ -302,6 +301,64 @@ def test_killed_run_stops_at_the_same_epoch_with_the_same_weights(tmp_path, disk
 def test_bad_arguments_fail_at_construction(kwargs, error, match):
     with pytest.raises(error, match=match):
         keras_ckpt.EarlyStopping(**kwargs)
+
+
+def test_unknown_mode_warns_and_falls_back_to_auto_as_keras_does():
+    # Keras's MonitorCallback warns and infers the direction; it does not refuse.
+    with pytest.warns(UserWarning, match="EarlyStopping mode 'up' is unknown, fallback to auto"):
+        cb = keras_ckpt.EarlyStopping(monitor="val_loss", mode="up")
+    assert cb.mode == "auto" and cb.get_config()["mode"] == "auto"
+    model = make_model()
+    x, y = make_data(16)
+    model.fit(x, y, validation_split=0.5, epochs=1, verbose=0, callbacks=[cb])
+    assert cb.monitor_op is keras.ops.less
+
+
+def test_keras_attributes_read_and_write_the_comparator():
+    model = make_model(metrics=["accuracy"])
+    cb = keras_ckpt.EarlyStopping(monitor="val_loss", patience=2)
+    assert cb.monitor_op is None  # mode="auto": known at train begin, as in Keras
+    cb.set_model(model)
+    cb._set_monitor_op()
+    assert cb.monitor_op is keras.ops.less
+    assert keras_ckpt.EarlyStopping(monitor="loss", mode="max").monitor_op is keras.ops.greater
+    cb.best, cb.wait = 0.25, 1
+    assert (cb.best, cb.wait) == (0.25, 1)
+    assert cb._monitor.get_state()["best"] == 0.25 and cb._monitor.wait == 1
+    cb.epoch_end(1, {"val_loss": 0.3})  # no improvement on the best that was set
+    assert (cb.best, cb.wait, model.stop_training) == (0.25, 2, True)
+
+
+def test_best_weights_come_from_get_weights_and_go_back_through_set_weights():
+    class Weights:  # a model only through its public weights API, as Keras's test uses
+        stop_training = False
+        weights = "epoch 0"
+
+        def get_weights(self):
+            return self.weights
+
+        def set_weights(self, weights):
+            self.weights = weights
+
+    cb = keras_ckpt.EarlyStopping(monitor="val_loss", patience=1, restore_best_weights=True)
+    cb.set_model(Weights())
+    cb.on_train_begin()
+    for epoch, loss in enumerate([0.2, 0.1, 0.3, 0.4]):
+        cb.model.weights = f"epoch {epoch}"
+        cb.on_epoch_end(epoch, {"val_loss": loss})
+        if cb.model.stop_training:
+            break
+    cb.on_train_end()
+    assert (cb.stopped_epoch, cb.model.weights) == (2, "epoch 1")
+
+
+def test_a_one_element_array_is_a_scalar_value():
+    model = make_model(classes=2, metrics=[keras.metrics.F1Score(name="f1", threshold=0.5)])
+    x, y = make_data(32, classes=2)
+    cb = keras_ckpt.EarlyStopping(monitor="val_f1", patience=5)
+    model.fit(x, y.reshape(-1, 1).astype("float32"), validation_split=0.5, epochs=2, verbose=0,
+              callbacks=[cb])
+    assert cb.monitor_op is keras.ops.greater and isinstance(cb.best, float)
 
 
 def test_unknown_direction_fails_at_train_begin():

@@ -278,7 +278,6 @@ def test_foreign_files_are_refused(tmp_path):
     ({"filepath": "c/e.ckpt"}, ValueError, "must end in `.keras`"),
     ({"filepath": "c/e.keras", "save_freq": "batch"}, ValueError, "`save_freq`"),
     ({"filepath": "c/e.keras", "save_freq": 0}, ValueError, "`save_freq` must be >= 1"),
-    ({"filepath": "c/e.keras", "mode": "bigger"}, ValueError, "`mode` must be one of"),
     ({"filepath": "c/e.keras", "retention": [3]}, TypeError, "`retention`"),
     ({"filepath": "c/e.keras", "save_interval": -1}, ValueError, "`save_interval`"),
     ({"filepath": "c/e.keras", "resume": "nope.keras"}, FileNotFoundError, "`resume`"),
@@ -287,6 +286,35 @@ def test_foreign_files_are_refused(tmp_path):
 def test_bad_arguments_fail_at_construction(kwargs, error, match):
     with pytest.raises(error, match=match):
         keras_ckpt.ModelCheckpoint(**kwargs)
+
+
+def test_unknown_mode_warns_and_falls_back_to_auto_as_keras_does(tmp_path):
+    with pytest.warns(UserWarning, match="ModelCheckpoint mode 'bigger' is unknown, fallback to"):
+        cb = keras_ckpt.ModelCheckpoint(str(tmp_path / "e.keras"), mode="bigger",
+                                        save_best_only=True)
+    assert cb.mode == "auto" and cb.get_config()["mode"] == "auto"
+    model = make_model()
+    fit(model, [cb], epochs=1)
+    assert cb.monitor_op is keras.ops.less and (tmp_path / "e.keras").exists()
+    cb.best = 0.5
+    assert cb.best == 0.5 and cb._monitor.best == 0.5
+
+
+def test_an_unrecognized_save_freq_says_so_in_keras_words():
+    with pytest.raises(ValueError, match="Unrecognized save_freq"):
+        keras_ckpt.ModelCheckpoint("c/e.keras", save_freq="batch")
+
+
+def test_integer_save_freq_counts_from_the_callback_s_first_fit(tmp_path):
+    # Keras counts the batches a callback has seen since its last save, across
+    # its fits: a model trained before does not make the first step "due".
+    model = make_model()
+    fit(model, [], epochs=1, validation=False)  # 6 steps an epoch
+    cb = keras_ckpt.ModelCheckpoint(str(tmp_path / "s-{epoch}-{batch}.keras"), save_freq=5)
+    fit(model, [cb], epochs=2, validation=False)
+    assert sorted(os.listdir(tmp_path)) == ["s-1-5.keras", "s-2-4.keras"]
+    fit(model, [cb], epochs=1, validation=False)  # 2 steps left over from the last fit
+    assert sorted(os.listdir(tmp_path)) == ["s-1-3.keras", "s-1-5.keras", "s-2-4.keras"]
 
 
 def test_unknown_placeholder_fails_after_the_first_step(tmp_path):

@@ -108,9 +108,19 @@ def test_checkpoints_after_the_stop_are_finite_and_loadable(tmp_path):
 def test_raise_mode_names_the_step_and_key():
     model = make_model()
     guard = keras_ckpt.TerminateOnNaN(raise_error=True)
-    with pytest.raises(RuntimeError, match=r"epoch 2, step 2: loss = nan"):
+    with pytest.raises(RuntimeError, match=r"epoch 2, step 2: loss = nan") as raised:
         fit(model, Poisoned(at=8), [guard])
     assert guard.events[0].action == "raise"
+    # Keras's words and 0-based batch index first, for code that matches on them.
+    assert str(raised.value).startswith("NaN or Inf loss encountered at batch 1. ")
+
+
+def test_the_stop_message_says_what_keras_prints(capsys):
+    model = make_model()
+    fit(model, Poisoned(at=9), [keras_ckpt.TerminateOnNaN()])
+    printed = capsys.readouterr().out
+    assert "Batch 2: Invalid loss, terminating training" in printed
+    assert "TerminateOnNaN: non-finite value at epoch 2, step 3: loss = nan" in printed
 
 
 def test_weight_check_catches_a_nan_weight_before_the_loss():

@@ -7,20 +7,18 @@ import os
 import warnings
 from typing import Any
 
-import keras
 import numpy as np
 
 from keras_ckpt import multi_worker, storage
-from keras_ckpt.callbacks.base import StatefulCallback, print_msg
-from keras_ckpt.monitor import Monitor
+from keras_ckpt.callbacks.base import MonitorAttributes, StatefulCallback, print_msg
+from keras_ckpt.monitor import Monitor, keras_mode
 from keras_ckpt.state import Snapshot
 from keras_ckpt.validation import check_bool, check_number
 
 __all__ = ["EarlyStopping"]
 
 
-
-class EarlyStopping(StatefulCallback):
+class EarlyStopping(MonitorAttributes, StatefulCallback):
     """Stops training when a monitored quantity stops improving; restores the best weights.
 
     A drop-in for `keras.callbacks.EarlyStopping`: the same arguments,
@@ -48,7 +46,8 @@ class EarlyStopping(StatefulCallback):
         patience: epochs without improvement after which training stops.
         verbose: 0 (silent) or 1 (say why training stopped, which epoch was
             best, and where restored weights came from).
-        mode: `"auto"`, `"min"` or `"max"`.
+        mode: `"auto"`, `"min"` or `"max"`. Another value warns and falls
+            back to `"auto"`, as in Keras.
         baseline: patience restarts only when the value beats both the best
             so far and this baseline; so training stops after `patience`
             epochs unless the quantity beats the baseline.
@@ -73,7 +72,12 @@ class EarlyStopping(StatefulCallback):
     Attributes:
         stop_reason: None, or `"patience"`, `"non-finite"`, `"threshold"` or
             `"divergence"`; `stopped_epoch` and `stop_message` say when and why.
-        best, best_epoch, wait: the comparator's view.
+        best, best_epoch, wait: the comparator's view (Keras's names; `best`
+            and `wait` may be set, as on Keras's callback).
+        monitor_op: Keras's comparison, `keras.ops.less` or
+            `keras.ops.greater` (None until the direction is known).
+        best_weights: the best epoch's weights, as `model.get_weights()`
+            returned them (None when kept in `best_weights_path`).
 
     Example:
     ```python
@@ -103,6 +107,7 @@ class EarlyStopping(StatefulCallback):
         best_weights_path: str | os.PathLike | None = None,
     ) -> None:
         super().__init__()
+        mode = keras_mode(mode, type(self).__name__)
         self._monitor = Monitor(monitor, mode=mode, min_delta=min_delta, patience=patience,
                                 baseline=baseline, start_from_epoch=start_from_epoch,
                                 min_delta_mode=min_delta_mode, owner="EarlyStopping")
@@ -157,10 +162,9 @@ class EarlyStopping(StatefulCallback):
         """Epochs since the last improvement (Keras's `wait`)."""
         return self._monitor.wait
 
-    @property
-    def best(self) -> float | None:
-        """The best monitored value so far."""
-        return self._monitor.best
+    @wait.setter
+    def wait(self, value: int) -> None:
+        self._monitor.wait = int(value)
 
     def get_state(self) -> dict:
         """Wait, best, best epoch, stop, and the best weights (as arrays, or their file)."""
@@ -267,7 +271,6 @@ class EarlyStopping(StatefulCallback):
         return os.path.join(head, f".{tail}.previous")
 
     def _record_best(self, epoch: int) -> None:
-        weights = self.model.weights
         if self.best_weights_path is not None:
             if self._workers is not None and not self._workers.is_chief:
                 self._has_best = True
@@ -278,12 +281,16 @@ class EarlyStopping(StatefulCallback):
             # then still finds the checkpoint's best epoch.
             if os.path.exists(self.best_weights_path):
                 os.replace(self.best_weights_path, self._previous_best_path())
-            snapshot = Snapshot(arrays={f"weights/{i:05d}": v for i, v in enumerate(weights)},
+            # The variables themselves, written one at a time: no host copy
+            # of the whole model.
+            snapshot = Snapshot(arrays={f"weights/{i:05d}": v
+                                        for i, v in enumerate(self.model.weights)},
                                 meta={"kind": "best_weights", "epoch": epoch})
             storage.write(self.best_weights_path, snapshot)
         else:
             self.best_weights = None  # drop the old copy first: one copy at most
-            self.best_weights = [np.array(keras.ops.convert_to_numpy(v)) for v in weights]
+            # The public API, as Keras's EarlyStopping: fresh host arrays.
+            self.best_weights = self.model.get_weights()
         self._has_best = True
 
     def _read_best_file(self) -> tuple[Any, str] | None:

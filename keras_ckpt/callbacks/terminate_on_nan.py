@@ -51,7 +51,10 @@ class TerminateOnNaN(StatefulCallback):
 
     A drop-in for `keras.callbacks.TerminateOnNaN`: with defaults it stops
     training gracefully at the first non-finite value, and `raise_error=True`
-    raises instead. Beyond Keras:
+    raises instead. Its messages begin with Keras's words, for code that
+    matches on them: the RuntimeError with `"NaN or Inf loss encountered at
+    batch B."`, the stop message with `"Batch B: Invalid loss, terminating
+    training."` (B the 0-based batch index in the epoch). Beyond Keras:
 
     - it checks every numeric value in the logs (loss, per-output losses,
       metrics) after each training step, and the validation values at epoch
@@ -259,8 +262,9 @@ class TerminateOnNaN(StatefulCallback):
         self.events.append(event)
         self._tainted = event
         if event.action == "raise":
-            message = (f"TerminateOnNaN: non-finite value at {event.describe()}. "
-                       "Training stopped; the checkpoints keep the last finite state.")
+            message = (f"{_keras_words(event, raising=True)}TerminateOnNaN: non-finite value "
+                       f"at {event.describe()}. Training stopped; the checkpoints keep the "
+                       "last finite state.")
             # The fit's session closes on it: siblings restore (EarlyStopping), the
             # lock and signal handlers are released.
             raise RuntimeError(message)
@@ -275,8 +279,9 @@ class TerminateOnNaN(StatefulCallback):
     def _announce(self) -> None:
         """Prints the stop once the event is final (after every pending hook ran)."""
         if self._unannounced is not None and self._tainted is not None and self.verbose > 0:
-            print_msg(f"\nTerminateOnNaN: non-finite value at {self._tainted.describe()}; "
-                      f"stopping training{self._unannounced}.")
+            event = self._tainted
+            print_msg(f"\n{_keras_words(event, raising=False)}TerminateOnNaN: non-finite "
+                      f"value at {event.describe()}; stopping training{self._unannounced}.")
         self._unannounced = None
 
     def _take_snapshot(self) -> None:
@@ -292,8 +297,9 @@ class TerminateOnNaN(StatefulCallback):
         source = self._restore_finite_state()
         if source is None:
             event.action = "stop"
-            print_msg(f"\nTerminateOnNaN: non-finite value at {event.describe()} and no finite "
-                      "state to roll back to; stopping training.")
+            print_msg(f"\n{_keras_words(event, raising=False)}TerminateOnNaN: non-finite value "
+                      f"at {event.describe()} and no finite state to roll back to; stopping "
+                      "training.")
             self.model.stop_training = True
             return
         if self.lr_factor is not None:
@@ -328,6 +334,26 @@ class TerminateOnNaN(StatefulCallback):
                 self._scale_since_snapshot = 1.0
                 return info.path
         return None
+
+
+def _keras_words(event: NaNEvent, raising: bool) -> str:
+    """What Keras's TerminateOnNaN says of a non-finite log value, for code that matches on it.
+
+    Keras raises `"NaN or Inf loss encountered at batch B."` and prints
+    `"Batch B: Invalid loss, terminating training"`, B the 0-based batch
+    index within the epoch. A value at epoch end (validation) is said to be at
+    the end of the epoch; a non-finite variable (`check_weights`) is not a
+    loss, and gets keras-ckpt's words only.
+    """
+    if event.value is None:
+        return ""
+    if event.step is None:
+        where = f"the end of epoch {event.epoch + 1}"
+        return (f"NaN or Inf loss encountered at {where}. " if raising
+                else f"End of epoch {event.epoch + 1}: Invalid loss, terminating training. ")
+    batch = event.step - 1
+    return (f"NaN or Inf loss encountered at batch {batch}. " if raising
+            else f"Batch {batch}: Invalid loss, terminating training. ")
 
 
 def _earlier(event: NaNEvent, than: NaNEvent) -> bool:

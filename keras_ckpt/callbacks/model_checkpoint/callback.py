@@ -17,7 +17,7 @@ import keras
 
 from keras_ckpt import manager, multi_worker, registry
 from keras_ckpt import state as state_lib
-from keras_ckpt.callbacks.base import StatefulCallback
+from keras_ckpt.callbacks.base import MonitorAttributes, StatefulCallback
 from keras_ckpt.callbacks.model_checkpoint import policies
 from keras_ckpt.callbacks.model_checkpoint.directory import CheckpointDirectory, local_template
 from keras_ckpt.callbacks.model_checkpoint.exception_save import ExceptionSave
@@ -39,7 +39,7 @@ _SHOWN = ("monitor", "verbose", "save_best_only", "save_weights_only", "mode", "
 _ARGUMENTS = frozenset(_SHOWN) | {"retention", "clock"}
 
 
-class ModelCheckpoint(StatefulCallback):
+class ModelCheckpoint(MonitorAttributes, StatefulCallback):
     """Saves the whole training state, crash-safely, and resumes from it.
 
     A drop-in for `keras.callbacks.ModelCheckpoint` (same arguments, defaults,
@@ -62,7 +62,7 @@ class ModelCheckpoint(StatefulCallback):
         verbose: 0 (silent) or 1 (a message for each action).
         save_best_only: save only when `monitor` improves on the best saved.
         save_weights_only: write a `.weights.h5` file `load_weights` reads.
-        mode: `"auto"`, `"min"` or `"max"`, for `monitor`.
+        mode: `"auto"`, `"min"` or `"max"`, for `monitor` (else: warns, `"auto"`).
         save_freq: `"epoch"`, or save every that many training steps.
         initial_value_threshold: a value the monitor must beat first.
         resume: False (Keras's behaviour); True: restore the newest valid
@@ -129,13 +129,13 @@ class ModelCheckpoint(StatefulCallback):
             raise TypeError(f"`filepath` must be a string or path; got {filepath!r}.")
         # A URL is written and verified in a local mirror, then uploaded.
         self.filepath, self.remote_filepath, mirror = local_template(os.fspath(filepath))
-        self.options = parse_options(self.filepath, **arguments)
+        self.options = parse_options(self.filepath, owner=type(self).__name__, **arguments)
         for name in _SHOWN:
             setattr(self, name, getattr(self.options, name))
         self.retention = list(self.options.retention)
         self._fields = manager.template_fields(self.filepath)
         self._metric_fields = [f for f in self._fields if f not in ("epoch", "batch")]
-        self._monitor = Monitor(monitor, mode=mode, initial_value_threshold=initial_value_threshold,
+        self._monitor = Monitor(monitor, self.mode, initial_value_threshold=initial_value_threshold,
                                 owner="ModelCheckpoint")
         self.best_only = policies.BestOnly(self._monitor)
         self._policies = policies.policies_for(save_freq, self.options.save_interval,
@@ -161,7 +161,6 @@ class ModelCheckpoint(StatefulCallback):
         keep_default_hooks(self, ModelCheckpoint, on_train_batch_end=self._batch_level or bool(
             self._metric_fields) or self._signals, on_test_batch_end=self._signals)
 
-    best = property(lambda self: self._monitor.best, doc="The best monitored value saved.")
     last_saved_path = property(lambda self: self.saver.last_saved_path)
     best_path = property(lambda self: self.saver.best_path)
     save_errors = property(lambda self: self.saver.save_errors)
@@ -199,7 +198,7 @@ class ModelCheckpoint(StatefulCallback):
     def on_train_begin(self, logs: dict | None = None) -> None:
         super().on_train_begin(logs)
         model, session = self.model, self.fit_session
-        self.fit = FitState(fields_unchecked=bool(self._metric_fields))
+        self.fit = self.fit.next_fit(global_step(model), bool(self._metric_fields))
         policies.bind_retention(self.retention, self._monitor, model, self.save_best_only)
         # Several worker processes: all take the same snapshots (reading the
         # metrics is a collective), only the chief writes.
@@ -301,8 +300,7 @@ class ModelCheckpoint(StatefulCallback):
     def on_train_end(self, logs: dict | None = None) -> None:
         session = self.fit_session
         restore_history_epochs(self.model, self.fit)  # a finished run trained no epoch
-        if self._signals and self.stops.catcher.pending is not None and (
-                self.preemption == "exit"):
+        if self._signals and self.preemption == "exit" and self.stops.catcher.pending is not None:
             session.exit_status = 128 + self.stops.catcher.pending
         try:
             self.saver.wait()  # the last save is committed before fit returns

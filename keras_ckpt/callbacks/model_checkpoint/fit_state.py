@@ -30,6 +30,7 @@ class FitState:
         deferred: logs of a stop whose save waits for a synchronous hook.
         written: paths this callback wrote in this fit.
         in_fit: between train begin and the session's close.
+        fits: the fits this callback began (`next_fit`).
     """
 
     epoch: int = 0
@@ -51,3 +52,15 @@ class FitState:
     deferred: dict | None = None
     written: set[str] = dataclasses.field(default_factory=set)
     in_fit: bool = False
+    fits: int = 0
+
+    def next_fit(self, step_now: int, fields_unchecked: bool) -> FitState:
+        """The counters of a new fit, which begins at global step `step_now`.
+
+        An integer `save_freq` counts steps from the callback's last save, or
+        from where its first fit began (not from step 0 of a model trained
+        before), and across its fits, as Keras counts the batches seen since
+        the last save. A resume then sets `last_save_step` from the checkpoint.
+        """
+        return FitState(fields_unchecked=fields_unchecked, fits=self.fits + 1,
+                        last_save_step=self.last_save_step if self.fits else step_now)

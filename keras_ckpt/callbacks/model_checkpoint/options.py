@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from keras_ckpt import storage
+from keras_ckpt.monitor import keras_mode
 from keras_ckpt.preemption import parse_signals
 from keras_ckpt.validation import check_bool, check_choice, check_number
 
@@ -80,13 +81,18 @@ def legacy_argument_error(kwargs: dict) -> TypeError:
     return TypeError(f"ModelCheckpoint() got an unexpected keyword argument {name!r}.")
 
 
-def parse_options(filepath: str, *, monitor: Any, verbose: Any, save_best_only: Any,
-                  save_weights_only: Any, mode: Any, save_freq: Any,
+def parse_options(filepath: str, *, owner: str = "ModelCheckpoint", monitor: Any,
+                  verbose: Any, save_best_only: Any, save_weights_only: Any, mode: Any,
+                  save_freq: Any,
                   initial_value_threshold: Any, resume: Any, retention: Sequence[Any] | None,
                   save_interval: Any, save_last: Any, clock: Any, fsync: Any, preemption: Any,
                   preemption_signals: Any, save_on_exception: Any, on_save_error: Any,
                   if_none_valid: Any, lock: Any, async_write: Any, compression: Any) -> Options:
-    """Checks every argument; `filepath` is the local path (a URL's mirror already chosen)."""
+    """Checks every argument; `filepath` is the local path (a URL's mirror already chosen).
+
+    An unknown `mode` warns and becomes `"auto"`, as in Keras (`owner` names
+    the callback's class in the warning).
+    """
     ext = storage.extension(filepath)
     if save_weights_only and ext != ".weights.h5":
         raise ValueError(
@@ -98,8 +104,9 @@ def parse_options(filepath: str, *, monitor: Any, verbose: Any, save_best_only: 
             f"`.weights.h5` with save_weights_only=True; got filepath={filepath!r}.")
     if save_freq != "epoch":
         if isinstance(save_freq, str):
-            raise ValueError(f"`save_freq` must be 'epoch' or a positive integer; "
-                             f"got {save_freq!r}.")
+            # Keras's words first: code may match on them.
+            raise ValueError(f"Unrecognized save_freq: {save_freq!r}. `save_freq` must be "
+                             "'epoch' or a positive integer.")
         check_number("save_freq", save_freq, minimum=1, integer=True)
     if isinstance(save_interval, datetime.timedelta):
         save_interval = save_interval.total_seconds()
@@ -130,6 +137,7 @@ def parse_options(filepath: str, *, monitor: Any, verbose: Any, save_best_only: 
     check_choice("on_save_error", on_save_error, ("warn", "raise"))
     check_choice("if_none_valid", if_none_valid, ("raise", "start_fresh"))
     check_choice("compression", compression, (None, "gzip", "lzf"))
+    mode = keras_mode(mode, owner, stacklevel=4)
     if preemption == "auto":
         preemption = "exit" if resume else None
     return Options(
