@@ -140,6 +140,7 @@ class AtStep(keras.callbacks.Callback):
 def main() -> None:
     p = child_setup.parser("index", "ports")
     p.add_argument("--signal-step", type=int)
+    p.add_argument("--sigint-chief-step", type=int)
     p.add_argument("--worker1-directory")
     p.add_argument("--early-stopping", action="store_true")
     p.add_argument("--async-write", action="store_true")
@@ -179,6 +180,8 @@ def main() -> None:
         callbacks.append(AtStep(a.kill_step, signal.SIGKILL))
     if a.signal_step is not None and INDEX == 1:
         callbacks.append(AtStep(a.signal_step, signal.SIGTERM))
+    if a.sigint_chief_step is not None and INDEX == 0:
+        callbacks.append(AtStep(a.sigint_chief_step, signal.SIGINT))
 
     class Report(keras.callbacks.Callback):  # also reached when a signal makes fit exit
         def on_train_end(self, logs=None):

@@ -193,3 +193,17 @@ def test_single_process_training_has_no_workers():
     with tf.distribute.MirroredStrategy(["/cpu:0"]).scope():
         mirrored = make_model()
     assert multi_worker.workers_of(mirrored) is None  # one machine
+
+
+@pytest.mark.slow
+def test_two_different_signals_on_two_workers_agree_on_one_of_them(tmp_path):
+    # SIGINT reaches the chief and SIGTERM worker 1, at the same step: both stop
+    # there for SIGTERM (the first of `preemption_signals` received) and exit 143,
+    # not each with its own status (130 and 143), nor an average of the two.
+    chief, outcome, other, other_outcome = run(tmp_path / "s", tmp_path / "s",
+                                               "--signal-step", "4", "--sigint-chief-step", "4",
+                                               statuses=(143, 143))
+    assert outcome["preempted_by"] == other_outcome["preempted_by"] == "SIGTERM"
+    assert outcome["iterations"] == other_outcome["iterations"] == 5
+    assert manager.list_checkpoints(tmp_path / "s")[-1].global_step == 5
+
