@@ -6,6 +6,7 @@ import keras
 import pytest
 from conftest import make_data, make_model
 from test_preemption import same_state
+from test_step_counting import StopAfter
 
 import keras_ckpt
 from keras_ckpt import manager
@@ -16,19 +17,6 @@ X, Y = make_data(64, seed=13)
 def fit(model, callbacks, epochs=6):
     return model.fit(X, Y, batch_size=16, epochs=epochs, shuffle=False, verbose=0,
                      validation_data=(X[:16], Y[:16]), callbacks=callbacks)
-
-
-class CrashAt(keras.callbacks.Callback):
-    """Raises after `steps` training batches (the process dies between checkpoints)."""
-
-    def __init__(self, steps):
-        super().__init__()
-        self.steps, self.seen = steps, 0
-
-    def on_train_batch_end(self, batch, logs=None):
-        self.seen += 1
-        if self.seen == self.steps:
-            raise RuntimeError("crash")
 
 
 def plateau():
@@ -59,7 +47,7 @@ def test_a_resumed_run_equals_the_uninterrupted_one(tmp_path, save_freq, crash, 
     crashed = make_model(seed=6)
     with pytest.raises(RuntimeError, match="crash"):
         fit(crashed, callbacks(keras_ckpt.ModelCheckpoint(template, save_freq=save_freq),
-                               make()) + [CrashAt(crash)])
+                               make()) + [StopAfter(crash)])
     newest = manager.list_checkpoints(tmp_path)[-1]
     assert newest.epoch_complete == (save_freq == "epoch")
     resumed_callback = make()
