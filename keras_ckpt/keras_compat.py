@@ -16,7 +16,7 @@ from typing import Any
 __all__ = [
     "print_msg", "get_initial_epoch", "set_initial_epoch", "calling_callback_list",
     "set_instance_attr", "get_private", "set_private", "make_test_function",
-    "guard_torch_fetch", "unguard_torch_fetch", "is_end_of_data", "callback_model",
+    "fit_arguments", "guard_torch_fetch", "unguard_torch_fetch", "is_end_of_data", "callback_model",
     "compiled_metrics", "symbolic_build", "step_counter", "learning_rate_variable",
     "distribute_strategy",
     "metric_direction", "saving_internals", "flatten_layers", "tf_tensor_view",
@@ -97,6 +97,21 @@ def is_end_of_data(error: BaseException) -> bool:
     if isinstance(error, StopIteration):
         return True
     return type(error).__name__ == "OutOfRangeError"  # tf.errors.OutOfRangeError
+
+
+def fit_arguments(model: Any) -> dict | None:
+    """The arguments of the running `model.fit` (`x`, `steps_per_epoch`, ...), or None.
+
+    Found through the calling frames (a callback is not handed them):
+    Keras's trainers name them as `fit`'s parameters.
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "fit" and frame.f_locals.get("self") is model:
+            names = frame.f_code.co_varnames[:frame.f_code.co_argcount]
+            return {name: frame.f_locals.get(name) for name in names if name != "self"}
+        frame = frame.f_back
+    return None
 
 
 _GUARDED_CLASSES: dict[type, type] = {}

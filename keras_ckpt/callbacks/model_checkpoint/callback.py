@@ -15,7 +15,7 @@ from typing import Any
 
 import keras
 
-from keras_ckpt import manager, multi_worker, registry
+from keras_ckpt import inputs, manager, multi_worker, registry
 from keras_ckpt import state as state_lib
 from keras_ckpt.callbacks.base import MonitorAttributes, StatefulCallback
 from keras_ckpt.callbacks.model_checkpoint import policies
@@ -217,6 +217,7 @@ class ModelCheckpoint(MonitorAttributes, StatefulCallback):
         session.on_close("background writer", self._close_writer)
         self.files.pull()
         if self.options.resume:
+            inputs.check_input(model)  # what a resume could not replay, said now
             resume(self)
         self.fit.last_save_time = self.options.now()
         self.fit.in_fit = True

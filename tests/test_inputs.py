@@ -1,0 +1,74 @@
+"""Inputs a resume cannot replay are named at train begin, with what to do; the others are not."""
+
+from __future__ import annotations
+
+import warnings
+
+import keras
+import numpy as np
+import pytest
+from conftest import make_data, make_model
+
+import keras_ckpt
+
+X, Y = make_data(32, seed=2)
+
+
+class Reshuffling(keras.utils.PyDataset):
+    """The classic Sequence recipe: it shuffles its own index array at every epoch end."""
+
+    def __init__(self):
+        super().__init__()
+        self.indices = np.arange(32)
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        rows = self.indices[i * 16:(i + 1) * 16]
+        return X[rows], Y[rows]
+
+    def on_epoch_end(self):
+        np.random.shuffle(self.indices)
+
+
+class Plain(Reshuffling):
+    """Keras's own epoch end (nothing to save)."""
+
+    on_epoch_end = keras.utils.PyDataset.on_epoch_end
+
+
+def generator():
+    while True:
+        yield X[:16], Y[:16]
+
+
+def fit_warnings(tmp_path, x, **kwargs):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_model().fit(x, epochs=1, verbose=0, callbacks=[
+            keras_ckpt.ModelCheckpoint(str(tmp_path / "c{epoch}.keras"), resume=True)], **kwargs)
+    return [str(w.message) for w in caught if "ModelCheckpoint(resume" in str(w.message)]
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="tf.data inputs")
+def test_a_reshuffling_tf_data_input_is_named_with_the_fix(tmp_path):
+    tf = pytest.importorskip("tensorflow")
+    data = tf.data.Dataset.from_tensor_slices((X, Y))
+    messages = fit_warnings(tmp_path / "a", data.shuffle(32).batch(16))
+    assert len(messages) == 1 and "EpochShuffle" in messages[0]
+    assert fit_warnings(tmp_path / "b", data.shuffle(32, reshuffle_each_iteration=False,
+                                                     seed=1).batch(16)) == []
+    shuffle = keras_ckpt.data.EpochShuffle(32, seed=1, name="inputs_test")
+    assert fit_warnings(tmp_path / "c", data.apply(shuffle).batch(16)) == []
+    messages = fit_warnings(tmp_path / "d", data.batch(16).repeat(), steps_per_epoch=2)
+    assert len(messages) == 1 and "infinite" in messages[0]
+
+
+def test_a_generator_and_a_stateful_pydataset_are_named(tmp_path):
+    messages = fit_warnings(tmp_path / "g", generator(), steps_per_epoch=2)
+    assert len(messages) == 1 and "generator" in messages[0]
+    messages = fit_warnings(tmp_path / "p", Reshuffling())
+    assert len(messages) == 1 and "on_epoch_end" in messages[0]
+    assert fit_warnings(tmp_path / "n", Plain()) == []
+    assert fit_warnings(tmp_path / "x", X, y=Y, batch_size=16) == []
