@@ -1,13 +1,20 @@
-"""Shared fixtures: quiet TF, tiny deterministic models and generated data."""
+"""Shared fixtures: quiet TF, tiny deterministic models and generated data; the session's
+fork servers (tests/forkserver.py), the shared reference runs, and the `realtime` lock.
+"""
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
+import sys
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("PYTHONHASHSEED", "0")
 
+import forkserver  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -80,3 +87,110 @@ def data():
 @pytest.fixture
 def classification_data():
     return make_data(classes=2)
+
+
+# ------------------------------------------------------------------ the session's machinery
+def pytest_collection_modifyitems(config, items):
+    """Starts the fork server's imports early when a collected test will use it."""
+    if any(getattr(item.module, "forkserver", None) is forkserver for item in items
+           if item.get_closest_marker("slow")):
+        forkserver.prestart(BACKEND)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    forkserver.shutdown()  # each server kills and reaps what is left, then exits
+
+
+# Tests marked `realtime` measure real time (or need an idle machine): each runs
+# alone. With pytest-xdist, every other test holds a shared lock while it runs
+# and a `realtime` test an exclusive one; a gate taken first keeps the other
+# worker from starting new tests while a `realtime` test waits for its turn.
+def _lock_paths() -> tuple[str, str]:
+    name = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"solo-{os.getpid()}"
+    base = os.path.join(tempfile.gettempdir(), f"keras-ckpt-tests-{name}")
+    return base + ".gate", base + ".lock"
+
+
+@pytest.fixture(autouse=True)
+def _realtime_runs_alone(request):
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        yield  # one process runs one test at a time anyway
+        return
+    gate_path, lock_path = _lock_paths()
+    alone = request.node.get_closest_marker("realtime") is not None
+    with open(gate_path, "a") as gate, open(lock_path, "a") as lock:
+        fcntl.flock(gate, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        finally:
+            if not alone:
+                fcntl.flock(gate, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            fcntl.flock(gate, fcntl.LOCK_UN)
+
+
+# ------------------------------------------------------------------ shared reference runs
+# What makes an uninterrupted `keras_ckpt.demo_train` run's result: the options
+# below (data, epochs, steps per execution, early stopping, budget, poison...)
+# and the backend. How often it saves and where its best weights live do not
+# (that is the library's promise, checked by every comparison made against one).
+NOT_DETERMINING = {"--save-freq": 1, "--best-on-disk": 0}
+
+
+def reference_key(args) -> tuple:
+    args, key, i = [str(a) for a in args], [], 0
+    while i < len(args):
+        if args[i] in NOT_DETERMINING:
+            i += 1 + NOT_DETERMINING[args[i]]
+            continue
+        key.append(args[i])
+        i += 1
+    return (BACKEND, *key)
+
+
+def load_demo_result(path):
+    """A demo_train result: (arrays, outcome)."""
+    with np.load(path) as data:
+        arrays = {k: data[k] for k in data.files if k != "history"}
+        outcome = json.loads(data["history"].tobytes())
+    return arrays, outcome
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory):
+    """`reference_run(*args)`: the result of an uninterrupted demo_train run, once a session.
+
+    Keyed by `reference_key(args)`; the run is a forked child of the fork server.
+    With pytest-xdist the workers share the runs (a directory per key, under a
+    lock). Returns (arrays, outcome), fresh copies for each caller.
+    """
+    import hashlib
+
+    base = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        base = base.parent  # the root the workers' temporary directories share
+    root = base / "reference-runs"
+    root.mkdir(exist_ok=True)
+
+    def get(*args):
+        key = reference_key(args)
+        directory = root / hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16]
+        directory.mkdir(exist_ok=True)
+        out = directory / "result.npz"
+        with open(directory / ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not out.exists():
+                env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONHASHSEED": "0"}
+                proc = forkserver.run([sys.executable, "-m", "keras_ckpt.demo_train",
+                                       str(directory / "run"), str(directory / "tmp.npz"),
+                                       *key[1:]],
+                                      capture_output=True, text=True, env=env, timeout=300)
+                assert proc.returncode == 0, proc.stderr[-3000:]
+                os.replace(directory / "tmp.npz", out)
+                (directory / "key.json").write_text(json.dumps(key))
+        return load_demo_result(out)
+
+    return get
