@@ -105,20 +105,27 @@ def pytest_sessionfinish(session, exitstatus):
 # alone. With pytest-xdist, every other test holds a shared lock while it runs
 # and a `realtime` test an exclusive one; a gate taken first keeps the other
 # worker from starting new tests while a `realtime` test waits for its turn.
-def _lock_paths() -> tuple[str, str]:
-    name = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"solo-{os.getpid()}"
-    base = os.path.join(tempfile.gettempdir(), f"keras-ckpt-tests-{name}")
-    return base + ".gate", base + ".lock"
+# A test marked `nested` runs a pytest session of its own (tests/test_backends.py):
+# it takes no lock, its session's tests do (LOCK_BASE tells them where).
+LOCK_BASE = "KERAS_CKPT_TEST_LOCK_BASE"
+
+
+def lock_base() -> str | None:
+    """Where this session's realtime locks are; None when tests run one at a time."""
+    if os.environ.get(LOCK_BASE):
+        return os.environ[LOCK_BASE]
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    return os.path.join(tempfile.gettempdir(), f"keras-ckpt-tests-{run}") if run else None
 
 
 @pytest.fixture(autouse=True)
 def _realtime_runs_alone(request):
-    if "PYTEST_XDIST_WORKER" not in os.environ:
-        yield  # one process runs one test at a time anyway
+    base = lock_base()
+    if base is None or request.node.get_closest_marker("nested") is not None:
+        yield
         return
-    gate_path, lock_path = _lock_paths()
     alone = request.node.get_closest_marker("realtime") is not None
-    with open(gate_path, "a") as gate, open(lock_path, "a") as lock:
+    with open(base + ".gate", "a") as gate, open(base + ".lock", "a") as lock:
         fcntl.flock(gate, fcntl.LOCK_EX)
         try:
             fcntl.flock(lock, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)

@@ -17,6 +17,9 @@ from conftest import make_data, make_model
 import keras_ckpt
 from keras_ckpt import manager, storage
 
+# Backend-sensitive: tests/test_backends.py runs this file's tests on JAX and torch too.
+pytestmark = pytest.mark.backends
+
 
 def fit(model, callbacks, epochs=3):
     x, y = make_data(n=64)
@@ -175,7 +178,6 @@ model.fit(x, x[:, :1], epochs=3, verbose=0, callbacks=[checkpoint, Boom()])
 
 
 @pytest.mark.slow
-@pytest.mark.backends
 @pytest.mark.parametrize("start", ["forked", "fresh"])
 def test_the_write_in_flight_commits_when_an_exception_ends_the_process(tmp_path, start):
     # Also run as a fresh interpreter: the fork server's children end the way

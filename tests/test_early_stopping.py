@@ -200,6 +200,7 @@ class Exploding(EpochFed):
         return self.x[i * 8:(i + 1) * 8], self.y[i * 8:(i + 1) * 8]
 
 
+@pytest.mark.backends
 @pytest.mark.parametrize("opt_in", [True, False])
 def test_restore_best_on_an_exception_only_when_asked(opt_in):
     cb = keras_ckpt.EarlyStopping(patience=100, restore_best_weights=True,
@@ -275,7 +276,8 @@ def run_child(directory, out, *args, expect_kill=False):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("disk", [False, True], ids=["memory", "on-disk"])
+@pytest.mark.parametrize("disk", [pytest.param(False, marks=pytest.mark.backends), True],
+                         ids=["memory", "on-disk"])
 def test_killed_run_stops_at_the_same_epoch_with_the_same_weights(tmp_path, disk,
                                                                  reference_run):
     # The uninterrupted reference keeps its best weights in memory: the killed

@@ -18,6 +18,9 @@ from test_exact_resume import load, run
 import keras_ckpt
 from keras_ckpt import manager
 
+# Backend-sensitive: tests/test_backends.py runs this file's tests on JAX and torch too.
+pytestmark = pytest.mark.backends
+
 
 class SendSignal(keras.callbacks.Callback):
     """Sends `signum` to this process after global step `step` (or at a validation batch)."""
