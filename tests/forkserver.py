@@ -350,25 +350,54 @@ class _Server:
         os.rmdir(self.directory)
 
 
-_servers: dict[str, _Server] = {}
+class _Remote:
+    """A server another process started, reached through its socket (see `address`)."""
+
+    def __init__(self, backend: str, known: dict):
+        self.backend, self.socket_path, self.info = backend, known["socket"], known["info"]
+        self.env = self.info["env"]
+        self.process = None
+
+    def ready(self) -> dict:
+        return self.info
+
+    def stop(self) -> None:
+        pass  # its owner stops it
+
+
+ADDRESS = "KERAS_CKPT_FORKSERVER"
+_servers: dict[str, _Server | _Remote] = {}
 _lock = threading.Lock()
 
 
-def server(backend: str = "tensorflow") -> _Server:
-    """The session's fork server for `backend`, started on first use."""
-    with _lock:
-        if backend not in _servers:
-            _servers[backend] = _Server(backend)
-        found = _servers[backend]
+def server(backend: str = "tensorflow") -> _Server | _Remote:
+    """The session's fork server for `backend`, started on first use.
+
+    In a process whose environment has `address(backend)` (a child that starts
+    children of its own), that server is used instead of starting another.
+    """
+    found = _get(backend)
     found.ready()
     return found
 
 
-def prestart(backend: str = "tensorflow") -> None:
-    """Starts a server's imports in the background, so the first request does not wait."""
+def _get(backend: str) -> _Server | _Remote:
     with _lock:
         if backend not in _servers:
-            _servers[backend] = _Server(backend)
+            known = json.loads(os.environ.get(ADDRESS, "{}")).get(backend)
+            _servers[backend] = _Server(backend) if known is None else _Remote(backend, known)
+        return _servers[backend]
+
+
+def address(backend: str = "tensorflow") -> dict[str, str]:
+    """Environment that lets a child's own children come from this session's server."""
+    found = server(backend)
+    return {ADDRESS: json.dumps({backend: {"socket": found.socket_path, "info": found.info}})}
+
+
+def prestart(backend: str = "tensorflow") -> None:
+    """Starts a server's imports in the background, so the first request does not wait."""
+    _get(backend)
 
 
 def shutdown() -> None:
@@ -508,8 +537,7 @@ def run(*popenargs, input=None, capture_output=False, timeout=None, check=False,
 
 def children_alive(backend: str = "tensorflow") -> list[int]:
     """Pids of the server's children still existing (zombies included), for the tests."""
-    found = server(backend)
-    pid = found.process.pid
+    pid = server(backend).info["pid"]
     alive = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -518,7 +546,7 @@ def children_alive(backend: str = "tensorflow") -> list[int]:
                     fields = f.read().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            if int(fields[1]) == pid:
+            if int(fields[1]) == pid and int(entry) != os.getpid():  # not the caller itself
                 alive.append(int(entry))
     return alive
 

@@ -17,8 +17,9 @@ from conftest import make_data, make_model
 import keras_ckpt
 from keras_ckpt import manager, storage
 
-# Backend-sensitive: tests/test_backends.py runs this file's tests on JAX and torch too.
-pytestmark = pytest.mark.backends
+# Backend-sensitive (tests/test_backends.py runs them on JAX and torch too): all
+# of them; the fresh-interpreter run of the last, a check of the fork server's
+# exit path (which is the same on every backend), on TensorFlow only.
 
 
 def fit(model, callbacks, epochs=3):
@@ -64,6 +65,7 @@ class StateAtEpochEnd(keras.callbacks.Callback):
         self.states[epoch] = [v.numpy().copy() for v in self.model.variables]
 
 
+@pytest.mark.backends
 def test_background_files_hold_each_epochs_state_written_in_order_off_the_main_thread(
         tmp_path, monkeypatch):
     recorder = Recorder(monkeypatch)
@@ -94,6 +96,7 @@ def test_background_files_hold_each_epochs_state_written_in_order_off_the_main_t
             np.testing.assert_array_equal(a.arrays[name], b.arrays[name], err_msg=name)
 
 
+@pytest.mark.backends
 def test_a_failed_background_write_is_reported_at_the_next_save(tmp_path, monkeypatch):
     Recorder(monkeypatch, fail={2})
     checkpoint = keras_ckpt.ModelCheckpoint(str(tmp_path / "e{epoch}.keras"), async_write=True)
@@ -107,6 +110,7 @@ def test_a_failed_background_write_is_reported_at_the_next_save(tmp_path, monkey
     assert [c.epoch for c in manager.list_checkpoints(tmp_path)] == [0, 2]
 
 
+@pytest.mark.backends
 def test_a_failed_last_background_write_raises_at_train_end(tmp_path, monkeypatch):
     Recorder(monkeypatch, fail={3})
     model = make_model()
@@ -178,7 +182,7 @@ model.fit(x, x[:, :1], epochs=3, verbose=0, callbacks=[checkpoint, Boom()])
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("start", ["forked", "fresh"])
+@pytest.mark.parametrize("start", [pytest.param("forked", marks=pytest.mark.backends), "fresh"])
 def test_the_write_in_flight_commits_when_an_exception_ends_the_process(tmp_path, start):
     # Also run as a fresh interpreter: the fork server's children end the way
     # python does (threads joined, then atexit), and this is the test of that.

@@ -1,8 +1,8 @@
 """The backend-sensitive tests again, on JAX and on torch: those marked `backends`.
 
 Keras picks its backend once per process, from `KERAS_BACKEND`, so each
-backend's run is a pytest session of its own, selecting `-m backends`; its
-child processes come from that backend's fork server (tests/forkserver.py).
+backend's run is a pytest session of its own, selecting `-m backends`, forked
+by that backend's fork server (tests/forkserver.py), like its own children.
 The subset: exact resume of a run killed mid-epoch (Dropout,
 BatchNormalization, shuffled data; and with steps_per_execution on JAX),
 EarlyStopping across a kill and on an error, BudgetStop (steps_per_execution,
@@ -17,9 +17,9 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
-import subprocess
 import sys
 
+import forkserver
 import pytest
 from conftest import LOCK_BASE, lock_base
 
@@ -28,9 +28,10 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 
 def collected(*args):
     """The node ids a pytest session with `args` would run (TensorFlow collection)."""
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "--collect-only",
-                           "-p", "no:cacheprovider", *args, TESTS],
-                          capture_output=True, text=True, cwd=TESTS, timeout=300)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    proc = forkserver.run([sys.executable, "-m", "pytest", "-q", "--collect-only",
+                           "-p", "no:cacheprovider", "-p", "no:xdist", *args, TESTS],
+                          capture_output=True, text=True, cwd=TESTS, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:]
     return [line for line in proc.stdout.splitlines() if "::" in line]
 
@@ -41,12 +42,16 @@ def collected(*args):
 def test_the_subset_passes_on(backend, tmp_path):
     if importlib.util.find_spec(backend) is None:
         pytest.fail(f"{backend} is not installed: `pip install -e '.[test]'` installs it.")
-    env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    env.pop("PYTEST_XDIST_WORKER", None)
+    # The session is itself a child of the backend's fork server, and its
+    # children come from the same server.
+    env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "3",
+           **forkserver.address(backend)}
+    for name in [k for k in env if k.startswith("PYTEST_")]:
+        env.pop(name)
     base = lock_base()
     if base is not None:  # the session's realtime tests wait for this one's, and the reverse
         env[LOCK_BASE] = base
-    proc = subprocess.run(
+    proc = forkserver.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
          "-W", "ignore", f"--basetemp={tmp_path / 'pytest'}", "-m", "backends", TESTS],
         cwd=TESTS, env=env, capture_output=True, text=True, timeout=900)
