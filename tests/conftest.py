@@ -97,8 +97,23 @@ def pytest_collection_modifyitems(config, items):
         forkserver.prestart(BACKEND)
 
 
+def pytest_configure(config):
+    # xdist's controller: name the run, to remove the workers' lock files at its end.
+    if (not hasattr(config, "workerinput") and getattr(config.option, "numprocesses", None)
+            and getattr(config.option, "testrunuid", "") is None):
+        import uuid
+
+        config.option.testrunuid = uuid.uuid4().hex
+
+
 def pytest_sessionfinish(session, exitstatus):
     forkserver.shutdown()  # each server kills and reaps what is left, then exits
+    run = getattr(session.config.option, "testrunuid", None)
+    if run and not hasattr(session.config, "workerinput"):
+        for suffix in (".gate", ".lock"):
+            path = os.path.join(tempfile.gettempdir(), f"keras-ckpt-tests-{run}{suffix}")
+            if os.path.exists(path):
+                os.remove(path)
 
 
 # Tests marked `realtime` measure real time (or need an idle machine): each runs
