@@ -171,10 +171,19 @@ def _serve(listener: socket.socket):
                     continue
                 sys.stdout.flush()
                 sys.stderr.flush()
+                started_r, started_w = os.pipe()
                 pid = os.fork()
                 if pid == 0:  # the child: leave the server behind
                     signal.set_wakeup_fd(-1)
                     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                    # SIGINT as a fresh python started by the test would have it.
+                    signal.signal(signal.SIGINT, signal.SIG_IGN if request.get("sigint_ignored")
+                                  else signal.default_int_handler)
+                    if request.get("new_session"):
+                        os.setsid()  # start_new_session=True: its own session and group
+                    os.close(started_r)
+                    os.write(started_w, b"1")  # set up: the test may now signal its group
+                    os.close(started_w)
                     selector.close()
                     for fd in (wake_r, wake_w):
                         os.close(fd)
@@ -183,6 +192,9 @@ def _serve(listener: socket.socket):
                     listener.close()
                     conn.close()
                     return request, fds
+                os.close(started_w)
+                os.read(started_r, 1)  # the child has its session before anyone knows its pid
+                os.close(started_r)
                 for fd in fds:
                     os.close(fd)
                 children[pid] = conn
@@ -249,6 +261,9 @@ def _server_main(socket_path: str) -> None:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(socket_path)
     listener.listen(64)
+    # A Ctrl-C to the test's process group is the test session's to handle: the
+    # server ends when the session closes its stdin (and then ends its children).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     print("ready " + json.dumps(info), flush=True)
     request, fds = _serve(listener)
     _child_main(request, fds)
@@ -430,7 +445,8 @@ class Popen(subprocess.Popen):
 
     def _execute_child(self, args, executable, preexec_fn, close_fds, pass_fds, cwd, env,
                        startupinfo, creationflags, shell, p2cread, p2cwrite, c2pread, c2pwrite,
-                       errread, errwrite, *rest):
+                       errread, errwrite, restore_signals, gid, gids, uid, umask,
+                       start_new_session, *rest):
         args = [os.fspath(a) for a in args]
         if shell or preexec_fn is not None or pass_fds or not args or args[0] != sys.executable:
             raise ValueError("the fork server runs `[sys.executable, ...]` command lines only")
@@ -445,7 +461,11 @@ class Popen(subprocess.Popen):
                                  f"started with {found.env[name]!r}, fixed at import")
             env[name] = found.env[name]
         env["KERAS_BACKEND"] = backend
-        request = json.dumps({"argv": args, "env": env,
+        if gid is not None or gids is not None or uid is not None or umask >= 0 or (
+                rest and rest[0] not in (None, -1)):
+            raise ValueError("the fork server does not change users, umask or process group")
+        request = json.dumps({"argv": args, "env": env, "new_session": bool(start_new_session),
+                              "sigint_ignored": signal.getsignal(signal.SIGINT) is signal.SIG_IGN,
                               "cwd": os.path.abspath(cwd or os.getcwd())}).encode()
         opened: list[int] = []
         fds = [_fd_or_inherited(p2cread, 0, opened), _fd_or_inherited(c2pwrite, 1, opened),

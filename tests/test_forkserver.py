@@ -108,6 +108,15 @@ def test_children_are_real_processes_with_real_exit_statuses():
                              stdout=subprocess.PIPE, text=True)
     out, _ = child.communicate("hello\n", timeout=60)
     assert (child.returncode, out) == (0, "ready\nhello\n")
+    # start_new_session=True (Jupyter's kernels): its own session and process group
+    # from the moment its pid is known, so signalling its group spares everyone else.
+    child = forkserver.Popen([sys.executable, "-c", waiting], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True, start_new_session=True)
+    assert os.getpgid(child.pid) == os.getsid(child.pid) == child.pid
+    assert child.stdout.readline() == "ready\n"
+    os.killpg(child.pid, signal.SIGINT)  # KeyboardInterrupt in the child, uncaught
+    child.communicate(timeout=60)
+    assert child.returncode == -signal.SIGINT
     assert forkserver.children_alive(BACKEND) == []  # every child reaped: no zombie
 
 
