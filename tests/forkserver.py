@@ -327,9 +327,13 @@ class _Server:
         self.directory = tempfile.mkdtemp(prefix=f"keras-ckpt-forkserver-{backend}-")
         self.socket_path = os.path.join(self.directory, "socket")
         self.log_path = os.path.join(self.directory, "server.log")
+        # The keras_ckpt this process would import (found, not imported), first on the path.
+        import importlib.util
+
+        package = os.path.dirname(os.path.dirname(importlib.util.find_spec("keras_ckpt").origin))
         env = {**os.environ, **DEFAULTS, "KERAS_BACKEND": backend,
                "PYTHONPATH": os.pathsep.join(
-                   p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)}
+                   p for p in (package, os.environ.get("PYTHONPATH")) if p)}
         env.pop("TF_CONFIG", None)
         env.pop("XLA_FLAGS", None)
         self.env = {k: env[k] for k in FIXED_AT_IMPORT}
