@@ -1,42 +1,40 @@
-"""Shared fixtures: quiet TF, tiny deterministic models and generated data."""
+"""Shared fixtures: quiet TF, tiny deterministic models and generated data; the session's
+fork servers (tests/forkserver.py), the shared reference runs, and the `realtime` lock.
+"""
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
+import sys
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("PYTHONHASHSEED", "0")
 
-import keras  # noqa: E402
+import forkserver  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-BACKEND = keras.backend.backend()
+# Keras reads its backend from KERAS_BACKEND, set above. Keras itself is first
+# imported by the test modules (tests/tiny.py: the models), so that pytest-xdist's
+# controller, which runs no test, does not spend seconds importing TensorFlow.
+BACKEND = os.environ["KERAS_BACKEND"]
 
 # Keras's torch backend refuses steps_per_execution > 1 (keras/src/backend/torch/trainer.py).
 needs_steps_per_execution = pytest.mark.skipif(
     BACKEND == "torch", reason="Keras's torch backend has no steps_per_execution > 1")
 
 
-class EpochFed(keras.utils.PyDataset):
-    """A PyDataset whose `epoch` is fit's epoch index, told by the callback `feed()` returns.
+def __getattr__(name):
+    """`EpochFed` and `make_model` live in tests/tiny.py (they import Keras)."""
+    if name in ("EpochFed", "make_model"):
+        import tiny
 
-    Each backend calls a PyDataset's own epoch hooks a different number of
-    times (JAX and torch iterate once more to build the model), so a data set
-    that counts them itself would see other epochs on other backends.
-    """
-
-    epoch = -1
-
-    def feed(self) -> keras.callbacks.Callback:
-        data = self
-
-        class Feed(keras.callbacks.Callback):
-            def on_epoch_begin(self, epoch, logs=None):
-                data.epoch = epoch
-
-        return Feed()
+        return getattr(tiny, name)
+    raise AttributeError(name)
 
 
 def make_data(n: int = 64, features: int = 4, classes: int = 0, seed: int = 0):
@@ -51,27 +49,6 @@ def make_data(n: int = 64, features: int = 4, classes: int = 0, seed: int = 0):
     return x, y
 
 
-def make_model(features: int = 4, dropout: float = 0.0, batchnorm: bool = False,
-               classes: int = 0, seed: int = 0, metrics=None, optimizer=None) -> keras.Model:
-    """A tiny compiled MLP; optional Dropout and BatchNormalization."""
-    keras.utils.set_random_seed(seed)
-    layers = [keras.Input((features,)), keras.layers.Dense(8, activation="relu")]
-    if batchnorm:
-        layers.append(keras.layers.BatchNormalization())
-    if dropout:
-        layers.append(keras.layers.Dropout(dropout))
-    if classes:
-        layers.append(keras.layers.Dense(1, activation="sigmoid"))
-        loss = "binary_crossentropy"
-    else:
-        layers.append(keras.layers.Dense(1))
-        loss = "mse"
-    model = keras.Sequential(layers)
-    model.compile(optimizer=optimizer or keras.optimizers.Adam(0.01), loss=loss,
-                  metrics=metrics or [])
-    return model
-
-
 @pytest.fixture
 def data():
     return make_data()
@@ -80,3 +57,132 @@ def data():
 @pytest.fixture
 def classification_data():
     return make_data(classes=2)
+
+
+# ------------------------------------------------------------------ the session's machinery
+def pytest_collection_modifyitems(config, items):
+    """Starts the fork server's imports early when a collected test will use it."""
+    if any(getattr(item.module, "forkserver", None) is forkserver for item in items
+           if item.get_closest_marker("slow")):
+        forkserver.prestart(BACKEND)
+
+
+def pytest_configure(config):
+    # xdist's controller: name the run, to remove the workers' lock files at its end.
+    if (not hasattr(config, "workerinput") and getattr(config.option, "numprocesses", None)
+            and getattr(config.option, "testrunuid", "") is None):
+        import uuid
+
+        config.option.testrunuid = uuid.uuid4().hex
+
+
+def pytest_sessionfinish(session, exitstatus):
+    forkserver.shutdown()  # each server kills and reaps what is left, then exits
+    run = getattr(session.config.option, "testrunuid", None)
+    if run and not hasattr(session.config, "workerinput"):
+        for suffix in (".gate", ".lock"):
+            path = os.path.join(tempfile.gettempdir(), f"keras-ckpt-tests-{run}{suffix}")
+            if os.path.exists(path):
+                os.remove(path)
+
+
+# Tests marked `realtime` measure real time (or need an idle machine): each runs
+# alone. With pytest-xdist, every other test holds a shared lock while it runs
+# and a `realtime` test an exclusive one; a gate taken first keeps the other
+# worker from starting new tests while a `realtime` test waits for its turn.
+# A test marked `nested` runs a pytest session of its own (tests/test_backends.py):
+# it takes no lock, its session's tests do (LOCK_BASE tells them where).
+LOCK_BASE = "KERAS_CKPT_TEST_LOCK_BASE"
+
+
+def lock_base() -> str | None:
+    """Where this session's realtime locks are; None when tests run one at a time."""
+    if os.environ.get(LOCK_BASE):
+        return os.environ[LOCK_BASE]
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    return os.path.join(tempfile.gettempdir(), f"keras-ckpt-tests-{run}") if run else None
+
+
+@pytest.fixture(autouse=True)
+def _realtime_runs_alone(request):
+    base = lock_base()
+    if base is None or request.node.get_closest_marker("nested") is not None:
+        yield
+        return
+    alone = request.node.get_closest_marker("realtime") is not None
+    with open(base + ".gate", "a") as gate, open(base + ".lock", "a") as lock:
+        fcntl.flock(gate, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        finally:
+            if not alone:
+                fcntl.flock(gate, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            fcntl.flock(gate, fcntl.LOCK_UN)
+
+
+# ------------------------------------------------------------------ shared reference runs
+# What makes an uninterrupted `keras_ckpt.demo_train` run's result: the options
+# below (data, epochs, steps per execution, early stopping, budget, poison...)
+# and the backend. How often it saves and where its best weights live do not
+# (that is the library's promise, checked by every comparison made against one).
+NOT_DETERMINING = {"--save-freq": 1, "--best-on-disk": 0}
+
+
+def reference_key(args) -> tuple:
+    args, key, i = [str(a) for a in args], [], 0
+    while i < len(args):
+        if args[i] in NOT_DETERMINING:
+            i += 1 + NOT_DETERMINING[args[i]]
+            continue
+        key.append(args[i])
+        i += 1
+    return (BACKEND, *key)
+
+
+def load_demo_result(path):
+    """A demo_train result: (arrays, outcome)."""
+    with np.load(path) as data:
+        arrays = {k: data[k] for k in data.files if k != "history"}
+        outcome = json.loads(data["history"].tobytes())
+    return arrays, outcome
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory):
+    """`reference_run(*args)`: the result of an uninterrupted demo_train run, once a session.
+
+    Keyed by `reference_key(args)`; the run is a forked child of the fork server.
+    With pytest-xdist the workers share the runs (a directory per key, under a
+    lock). Returns (arrays, outcome), fresh copies for each caller.
+    """
+    import hashlib
+
+    base = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        base = base.parent  # the root the workers' temporary directories share
+    root = base / "reference-runs"
+    root.mkdir(exist_ok=True)
+
+    def get(*args):
+        key = reference_key(args)
+        directory = root / hashlib.sha1(json.dumps(key).encode()).hexdigest()[:16]
+        directory.mkdir(exist_ok=True)
+        out = directory / "result.npz"
+        with open(directory / ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not out.exists():
+                env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONHASHSEED": "0"}
+                proc = forkserver.run([sys.executable, "-m", "keras_ckpt.demo_train",
+                                       str(directory / "run"), str(directory / "tmp.npz"),
+                                       *key[1:]],
+                                      capture_output=True, text=True, env=env, timeout=300)
+                assert proc.returncode == 0, proc.stderr[-3000:]
+                os.replace(directory / "tmp.npz", out)
+                (directory / "key.json").write_text(json.dumps(key))
+        return load_demo_result(out)
+
+    return get

@@ -1,14 +1,21 @@
 """Trains into DIR until writes fail; prints what it saw as JSON (run by test_fault_tolerance).
 
-Usage: python diskfull_child.py DIR warn|raise [--fsize-after-epoch BYTES]
+Usage: python diskfull_child.py DIR warn|raise [--fsize-after-epoch BYTES | --tmpfs SIZE]
 
 `--fsize-after-epoch` lowers this process's file-size limit (RLIMIT_FSIZE)
 after the first epoch, so later checkpoint writes fail with EFBIG like a
-quota; without it, DIR is expected to be a small filesystem that fills up.
+quota. `--tmpfs SIZE` first moves this process into a new user and mount
+namespace (unshare(2), as `unshare -rm` does) and mounts a tmpfs of SIZE over
+DIR, which fills up: writes fail with ENOSPC. unshare(2) needs a process with
+one thread: a child forked by tests/forkserver.py is one (a fresh interpreter
+has OpenBLAS's threads by now). Where the machine allows no such namespace it
+prints `NO-NAMESPACE <why>` and exits with status 3.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import resource
@@ -24,6 +31,25 @@ import numpy as np  # noqa: E402
 import keras_ckpt  # noqa: E402
 from keras_ckpt import manager, storage  # noqa: E402
 
+CLONE_NEWNS, CLONE_NEWUSER = 0x00020000, 0x10000000
+
+
+def own_tmpfs(directory: str, size: str) -> None:
+    """A new user+mount namespace (this process alone) with a tmpfs of `size` over `directory`."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    uid, gid = os.getuid(), os.getgid()
+    if libc.unshare(CLONE_NEWUSER | CLONE_NEWNS) != 0:
+        print(f"NO-NAMESPACE unshare: {os.strerror(ctypes.get_errno())}", flush=True)
+        raise SystemExit(3)
+    for name, text in (("setgroups", "deny"), ("uid_map", f"0 {uid} 1"),
+                       ("gid_map", f"0 {gid} 1")):
+        with open(f"/proc/self/{name}", "w") as f:
+            f.write(text)
+    if libc.mount(b"tmpfs", directory.encode(), b"tmpfs", 0, f"size={size}".encode()) != 0:
+        code = ctypes.get_errno()
+        print(f"NO-NAMESPACE mount: {errno.errorcode.get(code, code)}", flush=True)
+        raise SystemExit(3)
+
 
 class Limit(keras.callbacks.Callback):
     def __init__(self, size):
@@ -38,7 +64,10 @@ class Limit(keras.callbacks.Callback):
 
 def main() -> None:
     directory, policy = sys.argv[1], sys.argv[2]
-    limit = int(sys.argv[4]) if len(sys.argv) > 4 else None
+    option = sys.argv[3] if len(sys.argv) > 3 else None
+    limit = int(sys.argv[4]) if option == "--fsize-after-epoch" else None
+    if option == "--tmpfs":
+        own_tmpfs(directory, sys.argv[4])
     keras.utils.set_random_seed(0)
     x = np.random.default_rng(0).normal(size=(64, 8)).astype("float32")
     y = x.sum(axis=1, keepdims=True)

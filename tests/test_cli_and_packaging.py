@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
 import sys
+
+import forkserver
 
 import keras_ckpt
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
 
 
 def readme_commands():
@@ -27,9 +29,20 @@ def test_readme_gives_two_set_up_commands_and_ci_runs_the_test_one():
     assert tests in ci.splitlines()
 
 
+# `python -m keras_ckpt demo`, forked by the fork server (tests/forkserver.py): the
+# same `cli.main`, and the demo's own runs (a `subprocess.run` each) forked too.
+DEMO = """
+import sys, types
+import forkserver
+from keras_ckpt import cli, demo
+demo.subprocess = types.SimpleNamespace(run=forkserver.run)
+sys.exit(cli.main(["demo", "--out", sys.argv[1]]))
+"""
+
+
 def test_demo_resumes_bitwise(tmp_path):
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    proc = subprocess.run([sys.executable, "-m", "keras_ckpt", "demo", "--out", str(tmp_path)],
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **forkserver.address()}
+    proc = forkserver.run([sys.executable, "-c", DEMO, str(tmp_path)], cwd=HERE,
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
     out = proc.stdout

@@ -2,8 +2,10 @@
 
 Each run is a process of its own (tests/distributed_child.py), because the
 devices (two logical CPUs for TensorFlow, two XLA host devices for JAX) must
-exist before the backend starts. `tf.distribute.MultiWorkerMirroredStrategy`
-is in test_multi_worker.py.
+exist before the backend starts. The processes are forked by the fork server
+of the strategy's backend (tests/forkserver.py), which imported the backend
+but started no runtime: the child makes its devices before the first op.
+`tf.distribute.MultiWorkerMirroredStrategy` is in test_multi_worker.py.
 """
 
 from __future__ import annotations
@@ -12,9 +14,9 @@ import importlib.util
 import json
 import os
 import signal
-import subprocess
 import sys
 
+import forkserver
 import numpy as np
 import pytest
 
@@ -31,8 +33,9 @@ STRATEGIES = [
 
 def run(strategy, directory, out, *args, killed=False):
     env = {k: v for k, v in os.environ.items() if k not in ("KERAS_BACKEND", "XLA_FLAGS")}
-    env.update(TF_CPP_MIN_LOG_LEVEL="3", PYTHONHASHSEED="0")
-    proc = subprocess.run([sys.executable, CHILD, strategy, str(directory), str(out), *args],
+    env.update(TF_CPP_MIN_LOG_LEVEL="3", PYTHONHASHSEED="0",
+               KERAS_BACKEND="tensorflow" if strategy == "mirrored" else "jax")
+    proc = forkserver.run([sys.executable, CHILD, strategy, str(directory), str(out), *args],
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == (-signal.SIGKILL if killed else 0), proc.stderr[-3000:]
     if killed:
@@ -67,8 +70,10 @@ def test_budget_stop_and_nan_stop_under_the_strategy(tmp_path, strategy):
     reason, path = budget["budget"]
     assert reason == "max-duration"
     info = manager.list_checkpoints(tmp_path / "a")[-1]
-    assert info.path == path or path is None
-    assert info.global_step == budget["iterations"]  # the checkpoint is where it stopped
+    # BudgetStop recorded the checkpoint it had made at the stop, and that is
+    # the newest one, at the step where training stopped.
+    assert path is not None and info.path == path
+    assert info.global_step == budget["iterations"]
     _, nan = run(strategy, tmp_path / "n", tmp_path / "n.npz", "--poison-step", "5")
     assert nan["nan_events"][0] == [0, 5]  # epoch 1, step 5
     saved = manager.list_checkpoints(tmp_path / "n")

@@ -1,26 +1,28 @@
 """The bar: a fit killed with SIGKILL and started again ends bitwise equal to an uninterrupted one.
 
 Model with Dropout and BatchNormalization, Adam with a learning-rate schedule,
-`keras.utils.set_random_seed` and op determinism; each run is a real process.
+`keras.utils.set_random_seed` and op determinism; each run is a real process
+(forked by the fork server, tests/forkserver.py). The uninterrupted run is the
+session's shared reference for the same data, epochs and steps per execution
+(`reference_run`), made without the killed run's save frequency.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
 import sys
 
+import forkserver
 import numpy as np
 import pytest
-from conftest import needs_steps_per_execution
+from conftest import load_demo_result, needs_steps_per_execution
 
 
 def run(directory, out, *args, expect_kill=False):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONHASHSEED": "0"}
     command = [sys.executable, "-m", "keras_ckpt.demo_train", str(directory), str(out), *args]
-    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    proc = forkserver.run(command, capture_output=True, text=True, env=env, timeout=300)
     if expect_kill:
         assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     else:
@@ -28,26 +30,23 @@ def run(directory, out, *args, expect_kill=False):
 
 
 def load(path):
-    with np.load(path) as data:
-        arrays = {k: data[k] for k in data.files if k != "history"}
-        history = json.loads(data["history"].tobytes())
-    return arrays, history
+    return load_demo_result(path)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("args, kill", [
     (["--data", "numpy"], ["--kill-epoch", "1"]),
     (["--data", "tfdata"], ["--kill-epoch", "2"]),
-    (["--data", "numpy", "--save-freq", "2"], ["--kill-step", "9"]),
+    pytest.param(["--data", "numpy", "--save-freq", "2"], ["--kill-step", "9"],
+                 marks=pytest.mark.backends),
     pytest.param(["--data", "numpy", "--save-freq", "4", "--spe", "2"], ["--kill-step", "11"],
-                 marks=needs_steps_per_execution),
+                 marks=[needs_steps_per_execution, pytest.mark.backends]),
 ], ids=["numpy-shuffle-epoch", "tfdata-epochshuffle", "mid-epoch", "mid-epoch-spe2"])
-def test_killed_and_resumed_run_is_bitwise_equal(tmp_path, args, kill):
-    run(tmp_path / "straight", tmp_path / "straight.npz", *args)
+def test_killed_and_resumed_run_is_bitwise_equal(tmp_path, args, kill, reference_run):
+    straight, history_a = reference_run(*args)
     run(tmp_path / "killed", tmp_path / "killed.npz", *args, *kill, expect_kill=True)
     assert not (tmp_path / "killed.npz").exists()
     run(tmp_path / "killed", tmp_path / "killed.npz", *args)
-    straight, history_a = load(tmp_path / "straight.npz")
     resumed, history_b = load(tmp_path / "killed.npz")
     assert straight.keys() == resumed.keys()
     for name in straight:

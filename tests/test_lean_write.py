@@ -12,6 +12,9 @@ import keras_ckpt
 from keras_ckpt import keras_layout, storage
 from keras_ckpt import state as state_lib
 
+# Backend-sensitive: tests/test_backends.py runs this file's tests on JAX and torch too.
+pytestmark = pytest.mark.backends
+
 
 def fit(model, callbacks=(), epochs=1):
     x, y = make_data(n=32)

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 
+import forkserver
 import numpy as np
 import pytest
 from conftest import make_model
@@ -44,7 +45,10 @@ def launch(directory, out, *args):
            if k not in ("KERAS_BACKEND", "TF_CONFIG", "XLA_FLAGS")}
     env.update(TF_CPP_MIN_LOG_LEVEL="3", PYTHONHASHSEED="0")
     ports = free_ports()
-    return [subprocess.Popen(
+    # Forked by the TensorFlow fork server: it has imported TensorFlow but
+    # started no runtime, so the child's TF_CONFIG (set before the strategy
+    # is made) is the one the strategy reads.
+    return [forkserver.Popen(
         [sys.executable, CHILD, str(i), ports, str(directory), f"{out}-{i}.npz", *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         for i in range(2)]

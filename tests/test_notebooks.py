@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import forkserver
 import pytest
 
 NOTEBOOKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "notebooks")
@@ -16,9 +17,14 @@ def test_there_are_four_notebooks():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
-def test_notebook_runs(name, tmp_path):
+def test_notebook_runs(name, tmp_path, monkeypatch):
+    import jupyter_client.launcher
     import nbformat
     from nbclient import NotebookClient
+
+    # The kernel (`python -m ipykernel_launcher ...`, a session of its own) is
+    # forked by the fork server (tests/forkserver.py): Keras is imported already.
+    monkeypatch.setattr(jupyter_client.launcher, "Popen", forkserver.Popen)
 
     notebook = nbformat.read(os.path.join(NOTEBOOKS, name), as_version=4)
     assert not any(cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code")

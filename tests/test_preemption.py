@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 
+import forkserver
 import keras
 import numpy as np
 import pytest
@@ -16,6 +17,9 @@ from test_exact_resume import load, run
 
 import keras_ckpt
 from keras_ckpt import manager
+
+# Backend-sensitive: tests/test_backends.py runs this file's tests on JAX and torch too.
+pytestmark = pytest.mark.backends
 
 
 class SendSignal(keras.callbacks.Callback):
@@ -52,11 +56,11 @@ def same_state(a, b):
 
 
 @pytest.mark.slow
-def test_sigterm_mid_epoch_exits_143_after_saving_that_step_and_resume_is_bitwise(tmp_path):
+def test_sigterm_mid_epoch_exits_143_after_saving_that_step_and_resume_is_bitwise(
+        tmp_path, reference_run):
     args = ["--data", "numpy", "--epochs", "3"]
-    run(tmp_path / "straight", tmp_path / "straight.npz", *args)
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONHASHSEED": "0"}
-    child = subprocess.Popen(
+    child = forkserver.Popen(
         [sys.executable, "-m", "keras_ckpt.demo_train", str(tmp_path / "run"),
          str(tmp_path / "run.npz"), *args, "--pause-at-step", "9"],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -75,7 +79,7 @@ def test_sigterm_mid_epoch_exits_143_after_saving_that_step_and_resume_is_bitwis
         1, 3, False, 9)
     assert not os.path.exists(tmp_path / "run" / ".keras_ckpt.lock")
     run(tmp_path / "run", tmp_path / "run.npz", *args)
-    straight, history_a = load(tmp_path / "straight.npz")
+    straight, history_a = reference_run(*args)
     resumed, history_b = load(tmp_path / "run.npz")
     for name in straight:
         np.testing.assert_array_equal(straight[name], resumed[name], err_msg=name)

@@ -13,6 +13,9 @@ from keras.src.utils import python_utils
 
 import keras_ckpt
 
+# Backend-sensitive: tests/test_backends.py runs this file's tests on JAX and torch too.
+pytestmark = pytest.mark.backends
+
 
 class Poisoned(EpochFed):
     """6 batches of 8 an epoch; the batch of global step `at` (1-based) has `value` targets."""
