@@ -410,9 +410,6 @@ def test_with_steps_per_execution_the_stop_overshoots_by_at_most_one_execution(t
 
 
 @needs_steps_per_execution
-@pytest.mark.xfail(strict=True, reason="keras_ckpt bug found by the exact assertion above: with "
-                   "steps_per_execution, BudgetStop.stopped_at takes Keras's batch index of a "
-                   "partial last execution (step 8 of a 6-step epoch), not the step trained")
 def test_with_steps_per_execution_stopped_at_is_where_the_checkpoint_is(tmp_path):
     clock = FakeClock(at(2026, 3, 2, 9, 0))
     model = make_model(seed=0)
