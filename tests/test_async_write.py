@@ -126,6 +126,8 @@ CHILD = r"""
 import os, sys, threading
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
 import keras, numpy as np, keras_ckpt
+import keras_ckpt.fit.session
+from keras_ckpt.writer import BackgroundWriter
 from keras_ckpt import storage
 
 directory, log = sys.argv[1], open(sys.argv[2], "a")
@@ -136,9 +138,29 @@ def note(event):
     log.flush()
 
 
-# The epoch-2 write is held until the uncaught error reaches the top (sys.excepthook):
-# it is still in flight when the process begins to end, whatever the machine's speed.
+# The epoch-2 write is held until the fit, ending with the error, waits for the writer
+# (its session drains it), or else until the error reaches the top (sys.excepthook):
+# it is still in flight when the error is raised, whatever the machine's speed.
 release, write = threading.Event(), storage.write
+close, drain = keras_ckpt.fit.session.FitSession.close, BackgroundWriter.drain
+closing = []
+
+
+def on_close(self, error=None):
+    if error is not None and not self.closed:
+        closing.append(error)
+    return close(self, error)
+
+
+def on_drain(self, *args, **kwargs):
+    if closing and not release.is_set():  # the fit ends with the error: it waits here
+        note("fit waits for the writer")
+        release.set()
+    return drain(self, *args, **kwargs)
+
+
+keras_ckpt.fit.session.FitSession.close = on_close
+BackgroundWriter.drain = on_drain
 
 
 def held(path, *args, **kwargs):
@@ -193,13 +215,15 @@ def test_the_write_in_flight_commits_when_an_exception_ends_the_process(tmp_path
     assert proc.returncode == 1 and "a later callback fails" in proc.stderr, proc.stderr[-3000:]
     events = log.read_text().splitlines()
     # The epoch-2 save was handed to the writer before the error and held
-    # there: the error reached the top with the write in flight (not on disk),
-    # and the write completed after that, before the process exited. (Where
-    # the writer thread reaches the hold, before or after the error, varies.)
-    assert events[0] == "write e1.weights.h5 done" and len(events) == 5, events
-    assert events[-1] == "write e2.weights.h5 done", events
+    # there: the error was raised with the write in flight (not on disk); the
+    # fit, closing on the error, waited for it; the write completed before the
+    # error left fit and reached the top. (Where the writer thread reaches the
+    # hold, before or after the error, varies.)
+    assert events[0] == "write e1.weights.h5 done" and len(events) == 6, events
     assert "write e2 held" in events, events
-    assert events.index("raise, e2 on disk: False") < events.index("uncaught RuntimeError"), events
+    order = [events.index(e) for e in ("raise, e2 on disk: False", "fit waits for the writer",
+                                       "write e2.weights.h5 done", "uncaught RuntimeError")]
+    assert order == sorted(order), events
     # It is complete and verifies, and no temporary file is left.
     assert sorted(os.listdir(tmp_path)) == ["e1.weights.h5", "e2.weights.h5", "events.log"]
     snapshot = storage.read(str(tmp_path / "e2.weights.h5"))
