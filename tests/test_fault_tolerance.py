@@ -336,7 +336,6 @@ BAD_ARGUMENTS = [
     (keras_ckpt.EarlyStopping, {"patience": -1}, ValueError, "`patience`"),
     (keras_ckpt.EarlyStopping, {"patience": 1.5}, TypeError, "`patience`"),
     (keras_ckpt.EarlyStopping, {"verbose": "loud"}, TypeError, "`verbose`"),
-    (keras_ckpt.EarlyStopping, {"mode": "up"}, ValueError, "`mode` must be one of"),
     (keras_ckpt.EarlyStopping, {"baseline": "x"}, TypeError, "`baseline`"),
     (keras_ckpt.EarlyStopping, {"restore_best_weights": "yes"}, TypeError,
      "`restore_best_weights`"),
@@ -395,6 +394,13 @@ BAD_ARGUMENTS = [
 def test_every_public_argument_is_checked_at_construction(cls, kwargs, error, match):
     with pytest.raises(error, match=match):
         cls(**kwargs)
+
+
+def test_an_unknown_mode_is_checked_at_construction_and_falls_back_as_keras_does():
+    # Keras warns and uses "auto" (its own tests expect that of a drop-in: issue 17).
+    with pytest.warns(UserWarning, match="mode 'up' is unknown, fallback to auto mode"):
+        stop = keras_ckpt.EarlyStopping(mode="up")
+    assert stop.mode == "auto"
 
 
 def test_data_helper_arguments_are_checked():
