@@ -22,10 +22,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import textwrap
 
+import forkserver
 import keras
 import keras.src.callbacks
 import pytest
@@ -133,9 +133,12 @@ def parity_run(tmp_path_factory):
            "PYTHONPATH": os.pathsep.join(
                [root, *filter(None, [os.environ.get("PYTHONPATH")])]),
            "KERAS_CKPT_PARITY_REPORT": str(report)}
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W",
-         "ignore::DeprecationWarning", "-rfEs", str(tmp)],
+    for name in [k for k in env if k.startswith("PYTEST_")]:
+        env.pop(name)  # a session of its own, not one of this run's xdist workers
+    # A child of the backend's fork server (Keras already imported there).
+    result = forkserver.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+         "-W", "ignore::DeprecationWarning", "-rfEs", str(tmp)],
         cwd=tmp, env=env, capture_output=True, text=True, timeout=900)
     data = json.loads(report.read_text()) if report.exists() else None
     return result, data
