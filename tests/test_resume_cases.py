@@ -146,3 +146,17 @@ def test_a_changed_batch_size_is_an_error_mid_epoch_and_a_warning_at_an_epoch_en
         history = make_model(seed=4).fit(X, Y, batch_size=8, epochs=3, verbose=0, callbacks=[
             keras_ckpt.ModelCheckpoint(template, resume=True)])
     assert history.epoch == [0, 1, 2]
+
+
+def test_keep_best_with_an_integer_save_freq_keeps_the_best_epoch_end(tmp_path):
+    # README's quickstart: step saves carry no validation value; the epoch ends do.
+    cb = keras_ckpt.ModelCheckpoint(str(tmp_path / "epoch-{epoch:03d}-{batch}.keras"),
+                                    save_freq=3, retention=[keras_ckpt.KeepLast(2),
+                                                            keras_ckpt.KeepBest(1)])
+    history = fit(make_model(seed=12), [cb], epochs=5)  # 4 steps an epoch
+    best_epoch = int(np.argmin(history.history["val_loss"]))
+    best = keras_ckpt.best_checkpoint(tmp_path, "val_loss")
+    assert best is not None and best.epoch_complete and best.epoch == best_epoch
+    assert best.monitor_value == pytest.approx(min(history.history["val_loss"]))
+    kept = manager.list_checkpoints(tmp_path)
+    assert len(kept) <= 3 and best.path in [c.path for c in kept]

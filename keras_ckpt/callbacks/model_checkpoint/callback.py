@@ -28,6 +28,7 @@ from keras_ckpt.callbacks.model_checkpoint.resume import restore_history_epochs,
 from keras_ckpt.callbacks.model_checkpoint.saver import Saver, global_step
 from keras_ckpt.fit.protocol import keep_default_hooks, overrides, steps_done
 from keras_ckpt.monitor import Monitor
+from keras_ckpt.retention import KeepBest
 
 __all__ = ["ModelCheckpoint"]
 
@@ -151,9 +152,9 @@ class ModelCheckpoint(MonitorAttributes, StatefulCallback):
         self.workers: multi_worker.Workers | None = None
         self.writes = True  # False on a worker beside the chief
         self._batch_level = any(p.batch_level for p in self._policies)
-        # On TensorFlow batch hooks run on the training thread with the
-        # model's state in place; on JAX and torch Keras may run them on a
-        # thread pool while the next step trains.
+        self._epoch_end_saves = save_freq == "epoch" or any(  # KeepBest needs epoch ends
+            isinstance(p, KeepBest) for p in self.retention)
+        # Batch hooks see the model's state on TF; on JAX/torch they may run on a pool.
         self.hooks_see_state = keras.backend.backend() == "tensorflow"
         self.fit = FitState()
         # Batch-level work only when asked for, so that Keras keeps its
@@ -288,7 +289,7 @@ class ModelCheckpoint(MonitorAttributes, StatefulCallback):
             elif pending:
                 stops.stop(f"during epoch {epoch + 1}")
             return
-        if self.save_freq == "epoch" or pending:
+        if self._epoch_end_saves or pending:
             # The other keras-ckpt callbacks finish the epoch first, so the
             # checkpoint holds their state after it, whatever the order.
             for obj in registry.objects_for(self.model).values():
@@ -331,6 +332,8 @@ class ModelCheckpoint(MonitorAttributes, StatefulCallback):
 
     def file_path(self, logs: dict, steps_in_epoch: int | None) -> str:
         """The file name of a save now (the template filled from the logs)."""
+        if steps_in_epoch is None and "batch" in self._fields:  # an epoch end: all its steps
+            steps_in_epoch = global_step(self.model) - self.fit.epoch_start_step
         return self.files.file_path(logs, self.fit.epoch, steps_in_epoch)
 
     def _close_writer(self) -> None:
