@@ -187,6 +187,16 @@ def _optimizer_config(optimizer: Any) -> dict | None:
     return clean(config)
 
 
+def _saved_order(variables: list, order: list[int] | None) -> list:
+    """`variables` rearranged into the checkpoint's order (`check_compatible`'s result)."""
+    if order is None:
+        return variables
+    arranged: list = [None] * len(variables)
+    for current, saved in enumerate(order):
+        arranged[saved] = variables[current]
+    return arranged
+
+
 def _assign(variables: list, group: str, arrays: Mapping[str, np.ndarray]) -> None:
     for i, v in enumerate(variables):
         v.assign(arrays[f"{group}/{i:05d}"])
@@ -209,24 +219,27 @@ def apply(snapshot: Snapshot, model: Any, objects: Mapping[str, Stateful] | None
         StateMismatchError: the snapshot does not fit the model.
     """
     meta = snapshot.meta
-    check_compatible(meta, model, weights_only=weights_only)
+    orders = check_compatible(meta, model, weights_only=weights_only)
     check_arrays(snapshot)
     rng_states = rng_tuples(meta.get("rng"), snapshot.arrays) if rng and not weights_only \
         else None
     if weights_only:
-        _assign(list(model.variables), "model", snapshot.arrays)
+        _assign(_saved_order(list(model.variables), orders.get("model")), "model",
+                snapshot.arrays)
         return
     groups = model_variables(model)
-    _assign(groups["model"], "model", snapshot.arrays)
-    assign_replicas(model, groups["model"], meta.get("replicas", {}), snapshot.arrays, "model")
+    variables = _saved_order(groups["model"], orders.get("model"))
+    _assign(variables, "model", snapshot.arrays)
+    assign_replicas(model, variables, meta.get("replicas", {}), snapshot.arrays, "model")
     optimizer = getattr(model, "optimizer", None)
     saved_opt = meta["variables"]["optimizer"]
     if optimizer is not None and saved_opt:
         if not optimizer.built:
             optimizer.build(model.trainable_variables)
             groups["optimizer"] = list(optimizer.variables)
-            check_compatible(meta, model)
-        _assign(groups["optimizer"], "optimizer", snapshot.arrays)
+            orders = check_compatible(meta, model)
+        _assign(_saved_order(groups["optimizer"], orders.get("optimizer")), "optimizer",
+                snapshot.arrays)
     if metrics:
         apply_metrics(snapshot, model)
     for key, obj in (objects or {}).items():

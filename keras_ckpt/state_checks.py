@@ -15,10 +15,11 @@ from keras_ckpt.snapshot import (
     model_variables,
 )
 
-__all__ = ["check_compatible", "check_arrays"]
+__all__ = ["check_compatible", "check_arrays", "saved_order"]
 
 
-def check_compatible(meta: Mapping[str, Any], model: Any, *, weights_only: bool = False) -> None:
+def check_compatible(meta: Mapping[str, Any], model: Any, *,
+                     weights_only: bool = False) -> dict[str, list[int] | None]:
     """Raises `StateMismatchError` naming the first difference between a checkpoint and `model`.
 
     Compares, in order, the model variables (count, then each path, shape and
@@ -26,6 +27,10 @@ def check_compatible(meta: Mapping[str, Any], model: Any, *, weights_only: bool 
     class, and the optimizer variables where the optimizer is built. With
     `weights_only`, only the model variables. Metadata of the wrong shape (a
     hostile or damaged file) raises `StateMismatchError` too.
+
+    A model that lists the same variables in another order (a subclassed
+    model built lazily by `fit`) fits: the result gives, per group, the saved
+    index of each current variable (None where the order is the same).
     """
     _check_structure(meta)
     if not weights_only:
@@ -44,8 +49,33 @@ def check_compatible(meta: Mapping[str, Any], model: Any, *, weights_only: bool 
     groups = ["model"]
     if not weights_only and getattr(optimizer, "built", False):
         groups.append("optimizer")  # an unbuilt one is built by apply(), then checked
+    orders: dict[str, list[int] | None] = {}
     for group in groups:
-        _compare(group, meta["variables"][group], describe(current[group]))
+        saved, now = meta["variables"][group], describe(current[group])
+        orders[group] = saved_order(group, saved, now)
+        if orders[group] is None:
+            _compare(group, saved, now)
+    return orders
+
+
+def _key(group: str, entry: Mapping[str, Any]) -> tuple:
+    return comparable(group, entry["path"]), tuple(entry["shape"]), entry["dtype"]
+
+
+def saved_order(group: str, saved: list[dict], now: list[dict]) -> list[int] | None:
+    """The saved index of each current variable, where the same variables come in another order.
+
+    None when the order is the same, or when the variables differ (then
+    `_compare` names the difference). Variables of the same name (after the
+    layer-name counters are ignored) keep their relative order.
+    """
+    keys_saved, keys_now = [_key(group, e) for e in saved], [_key(group, e) for e in now]
+    if keys_saved == keys_now or sorted(keys_saved) != sorted(keys_now):
+        return None
+    pending: dict[tuple, list[int]] = {}
+    for j, key in enumerate(keys_saved):
+        pending.setdefault(key, []).append(j)
+    return [pending[key].pop(0) for key in keys_now]
 
 
 def _check_structure(meta: Any) -> None:

@@ -160,3 +160,55 @@ def test_keep_best_with_an_integer_save_freq_keeps_the_best_epoch_end(tmp_path):
     assert best.monitor_value == pytest.approx(min(history.history["val_loss"]))
     kept = manager.list_checkpoints(tmp_path)
     assert len(kept) <= 3 and best.path in [c.path for c in kept]
+
+
+class Subclassed(keras.Model):
+    """The usual way to write a model: its variables come at its first call."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden = keras.layers.Dense(8, activation="relu")
+        self.dropout = keras.layers.Dropout(0.2)
+        self.out = keras.layers.Dense(1)
+
+    def call(self, x, training=False):
+        return self.out(self.dropout(self.hidden(x), training=training))
+
+
+def subclassed(seed=14):
+    keras.utils.set_random_seed(seed)
+    model = Subclassed()
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse", metrics=["mae"])
+    return model
+
+
+@pytest.mark.parametrize("save_freq", ["epoch", 3], ids=["epoch-end", "mid-epoch"])
+def test_a_subclassed_model_not_built_before_fit_resumes_bitwise(tmp_path, save_freq):
+    template = str(tmp_path / ("c{epoch}.keras" if save_freq == "epoch" else "c{epoch}-{batch}"
+                                                                              ".keras"))
+    straight = subclassed()
+    reference = fit(straight, [], epochs=3)
+    with pytest.raises(RuntimeError, match="killed"):
+        fit(subclassed(), [keras_ckpt.ModelCheckpoint(template, save_freq=save_freq),
+                           Crash(epoch=1)], epochs=3)
+    resumed = subclassed()
+    cb = keras_ckpt.ModelCheckpoint(template, save_freq=save_freq, resume=True)
+    history = fit(resumed, [cb], epochs=3)
+    assert cb.resumed_from is not None
+    same_state(straight, resumed)
+    assert history.history == reference.history
+
+
+def test_the_same_variables_in_another_order_are_matched_by_name():
+    from keras_ckpt.state_checks import saved_order
+
+    def entry(path, shape=(2,)):
+        return {"path": path, "shape": list(shape), "dtype": "float32"}
+
+    saved = [entry("m/dense/kernel", (4, 8)), entry("seed_generator_3/state"),
+             entry("seed_generator_4/state"), entry("m/dense/bias", (8,))]
+    now = [entry("seed_generator_7/state"), entry("seed_generator_8/state"),
+           entry("m/dense/kernel", (4, 8)), entry("m/dense/bias", (8,))]
+    assert saved_order("model", saved, now) == [1, 2, 0, 3]  # same names keep their order
+    assert saved_order("model", saved, saved) is None
+    assert saved_order("model", saved, now[:3]) is None  # not the same variables: an error

@@ -69,6 +69,35 @@ def _agree(owner: Any, info: manager.CheckpointInfo | None) -> None:
             "was changed.")
 
 
+def _first_rows(x: Any) -> Any:
+    """One sample of a fit's `x` (arrays, dicts or lists of them, a PyDataset), or None."""
+    if isinstance(x, keras.utils.PyDataset):
+        batch = x[0]
+        return batch[0] if isinstance(batch, tuple) else batch
+    if isinstance(x, dict):
+        rows = {k: _first_rows(v) for k, v in x.items()}
+        return None if any(v is None for v in rows.values()) else rows
+    if isinstance(x, (list, tuple)):
+        rows = [_first_rows(v) for v in x]
+        return None if any(v is None for v in rows) else type(x)(rows)
+    if hasattr(x, "shape") and hasattr(x, "__getitem__") and len(getattr(x, "shape", ())) > 0:
+        return x[:1]
+    return None
+
+
+def _build_lazily(model: Any, snapshot: state_lib.Snapshot) -> None:
+    """Builds a model Keras builds only at its first step (a subclassed one) from one sample.
+
+    Calling it on one row of `fit`'s input creates its variables (inference:
+    no RNG drawn, no statistics updated), so the checkpoint can go into them.
+    """
+    if len(model.variables) >= len(snapshot.meta["variables"]["model"]):
+        return
+    sample = _first_rows((keras_compat.fit_arguments(model) or {}).get("x"))
+    if sample is not None:
+        model(sample, training=False)
+
+
 _CHANGED = {"steps_per_epoch": "batch_size, steps_per_epoch or the training data changed",
             "gradient_accumulation_steps": "the optimizer's gradient_accumulation_steps changed"}
 
@@ -117,6 +146,7 @@ def resume(owner: Any) -> None:
         snapshot = storage.read(owner.options.resume)
         info = manager.info_from_meta(owner.options.resume, snapshot.meta)
     _agree(owner, info)
+    _build_lazily(model, snapshot)
     state_lib.check_compatible(snapshot.meta, model)
     progress = snapshot.meta["progress"]
     epoch, step = info.resume_point
