@@ -32,7 +32,15 @@ class CorruptCheckpointError(ValueError):
 
 
 class NonFiniteStateError(ValueError):
-    """A state about to be written holds NaN or infinity in a model or optimizer variable."""
+    """A state about to be written holds NaN or infinity in a model or optimizer variable.
+
+    Attributes:
+        variable: the variable's path.
+    """
+
+    def __init__(self, message: str, variable: str = "") -> None:
+        super().__init__(message)
+        self.variable = variable
 
 
 class ForeignFileError(CorruptCheckpointError):
@@ -56,7 +64,7 @@ def _crc_finite(name: str, array: np.ndarray, variables: Any) -> int:
                 what = variables[group][int(index)]["path"]
             except (KeyError, IndexError, TypeError, ValueError):
                 what = name
-            raise NonFiniteStateError(f"the variable {what} holds NaN or infinite values")
+            raise NonFiniteStateError(f"the variable {what} holds NaN or infinite values", what)
     return _crc(array)
 
 

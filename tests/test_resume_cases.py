@@ -212,3 +212,14 @@ def test_the_same_variables_in_another_order_are_matched_by_name():
     assert saved_order("model", saved, now) == [1, 2, 0, 3]  # same names keep their order
     assert saved_order("model", saved, saved) is None
     assert saved_order("model", saved, now[:3]) is None  # not the same variables: an error
+
+
+def test_terminate_on_nan_by_default_stops_on_a_non_finite_variable_at_a_checkpoint(tmp_path):
+    guard = keras_ckpt.TerminateOnNaN()  # Keras's default: it looks at the loss, still finite
+    cb = keras_ckpt.ModelCheckpoint(str(tmp_path / "c{epoch}.keras"))
+    with pytest.warns(UserWarning, match="kernel holds NaN"):
+        history = fit(make_model(seed=5), [PoisonKernel(epoch=1), cb, guard], epochs=5)
+    assert history.epoch == [0, 1]  # stopped at the refused checkpoint of epoch 2
+    assert len(guard.events) == 1 and "kernel" in guard.events[0].key
+    assert (guard.events[0].epoch, guard.events[0].step) == (1, None)
+    assert [c.epoch for c in manager.list_checkpoints(tmp_path)] == [0]

@@ -239,6 +239,10 @@ class TerminateOnNaN(StatefulCallback):
         elif self.action == "rollback" and self.rollback_from == "memory":
             self._take_snapshot()
 
+    def non_finite_state(self, variable: str, epoch: int, step: int | None) -> None:
+        """A checkpoint was refused: `variable` is not finite (checked at every save)."""
+        self._handle(NaNEvent(epoch, step, variable, None, ""))
+
     # ------------------------------------------------------------ actions
     def _check_variables(self, step: int | None) -> NaNEvent | None:
         for v in self.model.variables:

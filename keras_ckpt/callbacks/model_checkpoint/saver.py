@@ -144,14 +144,14 @@ class Saver:
         # Keras's own writer (the fallback) reads the live variables, not the
         # snapshot: it cannot run beside training.
         if self.writer is not None and not plan.reads_model:
-            self._in_flight = (where, filepath, before)
+            self._in_flight = (where, filepath, before, (epoch, steps_in_epoch))
             self.writer.submit(commit)
             return written
         try:
             commit()
         except (OSError, storage.NonFiniteStateError) as e:
             self._undo(before)
-            self._failed(where, filepath, e)
+            self._failed(where, filepath, e, (epoch, steps_in_epoch))
             return None
         return written
 
@@ -218,10 +218,10 @@ class Saver:
         try:
             self.writer.wait()
         except (OSError, storage.NonFiniteStateError) as e:
-            where, filepath, before = self._in_flight or ("?", "?", None)
+            where, filepath, before, at = self._in_flight or ("?", "?", None, None)
             if before is not None:
                 self._undo(before)
-            self._failed(where, filepath, e)
+            self._failed(where, filepath, e, at)
         finally:
             self._in_flight = None
 
@@ -229,10 +229,14 @@ class Saver:
         self.last_saved_path, self.best_path, self.owner.fit.saved_at, undo_best = before
         self.owner.best_only.undo(undo_best)
 
-    def _failed(self, where: str, filepath: str, error: Exception) -> None:
+    def _failed(self, where: str, filepath: str, error: Exception, at: Any = None) -> None:
         if isinstance(error, storage.NonFiniteStateError):  # refused: never a checkpoint
             warnings.warn(f"ModelCheckpoint: not saving at {where}: {error}. The previous "
                           "checkpoints stay as they are.", stacklevel=4)
+            for obj in registry.objects_for(self.owner.model).values():
+                found = getattr(obj, "non_finite_state", None)  # TerminateOnNaN acts on it
+                if found is not None and at is not None:
+                    found(error.variable, *at)
             return
         message = (f"ModelCheckpoint: saving at {where} to {filepath} FAILED: "
                    f"{type(error).__name__}: {error}. The previous checkpoints are intact and "
