@@ -15,7 +15,8 @@ array's checksum, the step, the time written; only those few blocks of the
 remote file are read), never by size, so a fixed name (`last.keras`)
 rewritten by another machine is pulled again. URLs go through `tf.io.gfile`, as Keras's own
 file utilities do: the schemes are those TensorFlow's file systems register
-(`gs://` built in; `s3://` and `hdfs://` with tensorflow-io; `ram://` for tests).
+(`gs://` built in; `ram://` for tests; tensorflow-io, which added `s3://` and
+`hdfs://`, does not load on TensorFlow 2.21).
 """
 
 from __future__ import annotations
@@ -121,7 +122,7 @@ class Mirror:
             raise ValueError(
                 f"`filepath` {url!r}: TensorFlow has no file system for this URL here "
                 f"(tf.io.gfile knows {known}). Supported: the schemes tf.io.gfile registers "
-                "(gs:// built in; s3:// and hdfs:// with tensorflow-io; ram:// in memory).")
+                "(gs:// built in, ram:// in memory).")
 
     def _remote(self, name: str) -> str:
         return f"{self.url}/{name}"
