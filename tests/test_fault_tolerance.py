@@ -411,3 +411,10 @@ def test_data_helper_arguments_are_checked():
         with pytest.raises(error, match=f"`{name}`"):
             EpochShuffle(**kwargs)
     assert manager.list_checkpoints("/nonexistent") == []
+
+
+def test_an_argument_keras_3_removed_names_its_replacement():
+    with pytest.raises(TypeError, match=r"`period`, which Keras 3 removed; use save_freq"):
+        keras_ckpt.ModelCheckpoint("c.keras", period=1)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'colour'"):
+        keras_ckpt.ModelCheckpoint("c.keras", colour="red")

@@ -208,9 +208,12 @@ class Failing(EpochFed):
         return self.x[i * 16:(i + 1) * 16], self.y[i * 16:(i + 1) * 16]
 
 
-def test_save_on_exception_leaves_the_last_completed_step(tmp_path):
+def fit_until_a_bad_record(model, tmp_path):
+    """A fit with save_on_exception whose data fails at epoch 2, batch 3.
+
+    Returns the newest checkpoint and the number of steps that completed.
+    """
     x, y = make_data(n=64)
-    model = make_model(seed=4, metrics=["mae"], dropout=0.2)
     checkpoint = keras_ckpt.ModelCheckpoint(str(tmp_path / "c-{epoch}.keras"),
                                             save_on_exception=True)
     data = Failing(x, y, fail=(1, 2))
@@ -218,7 +221,13 @@ def test_save_on_exception_leaves_the_last_completed_step(tmp_path):
     count = keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: done.append(1))
     with pytest.raises(Exception, match="bad record"):
         model.fit(data, epochs=3, verbose=0, callbacks=[data.feed(), checkpoint, count])
-    newest = manager.list_checkpoints(tmp_path)[-1]
+    return manager.list_checkpoints(tmp_path)[-1], done
+
+
+def test_save_on_exception_leaves_the_last_completed_step(tmp_path):
+    x, y = make_data(n=64)
+    model = make_model(seed=4, metrics=["mae"], dropout=0.2)
+    newest, done = fit_until_a_bad_record(model, tmp_path)
     # Keras's PyDataset workers fetch ahead: the bad batch 2 fails the fetch
     # of batch 1 or 2. The checkpoint holds every step that completed.
     assert (newest.epoch, newest.epoch_complete, newest.global_step) == (1, False, len(done))

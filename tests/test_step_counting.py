@@ -6,8 +6,8 @@ import os
 
 import keras
 import pytest
-from conftest import make_data, make_model
-from test_preemption import Failing, same_state
+from conftest import make_data, make_model, needs_steps_per_execution
+from test_preemption import fit_until_a_bad_record, same_state
 
 import keras_ckpt
 from keras_ckpt import manager
@@ -64,16 +64,23 @@ def test_a_resume_mid_accumulation_is_bitwise_equal(tmp_path):
 
 
 def test_save_on_exception_with_gradient_accumulation_saves_the_last_step(tmp_path):
-    x, y = make_data(n=64)
     model = make_model(seed=4, metrics=["mae"],
                        optimizer=keras.optimizers.Adam(0.01, gradient_accumulation_steps=2))
-    checkpoint = keras_ckpt.ModelCheckpoint(str(tmp_path / "c-{epoch}.keras"),
-                                            save_on_exception=True)
-    data = Failing(x, y, fail=(1, 2))
-    done = []
-    count = keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: done.append(1))
-    with pytest.raises(Exception, match="bad record"):
-        model.fit(data, epochs=3, verbose=0, callbacks=[data.feed(), checkpoint, count])
-    newest = manager.list_checkpoints(tmp_path)[-1]
+    newest, done = fit_until_a_bad_record(model, tmp_path)
     assert (newest.epoch, newest.epoch_complete, newest.global_step) == (1, False, len(done))
     assert not os.path.exists(tmp_path / ".keras_ckpt.lock")
+
+
+@needs_steps_per_execution
+def test_a_nan_in_a_partial_last_execution_is_at_the_step_trained(tmp_path):
+    class PoisonLast(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if int(self.model.optimizer.iterations.numpy()) == 6:
+                logs["loss"] = float("nan")
+
+    model = make_model(seed=3)
+    model.compile(optimizer="adam", loss="mse", steps_per_execution=4)
+    guard = keras_ckpt.TerminateOnNaN(verbose=0)
+    # 6 steps an epoch in executions of 4: Keras reports the second one as batch 7.
+    fit(model, [PoisonLast(), guard], epochs=2)
+    assert [(e.epoch, e.step, e.key) for e in guard.events] == [(0, 6, "loss")]

@@ -10,6 +10,7 @@ from keras_ckpt import keras_compat, manager, registry
 from keras_ckpt import state as state_lib
 from keras_ckpt.callbacks.base import StatefulCallback, non_finite_logs, print_msg
 from keras_ckpt.callbacks.model_checkpoint import ModelCheckpoint
+from keras_ckpt.fit.protocol import steps_done
 from keras_ckpt.jsonsafe import decode_float, encode_float
 from keras_ckpt.validation import check_bool, check_choice, check_number
 
@@ -214,13 +215,15 @@ class TerminateOnNaN(StatefulCallback):
 
     def settle_batch_end(self, batch: int, logs: dict | None) -> None:
         """Checks step `batch` once (ModelCheckpoint calls it before a batch save)."""
-        key = (self._epoch, batch)
+        # Steps trained, not Keras's index (a partial last execution reports
+        # past the epoch's end): the same step whoever asks, the hook or a save.
+        step = steps_done(self.params, batch)
+        key = (self._epoch, step)
         if self._settled_batch == key:
             return
         self._settled_batch = key
         if self.replaying(batch):
             return  # a replay of a step trained before the resume
-        step = batch + 1
         event = _first_non_finite(logs, self._epoch, step)
         if event is None and isinstance(self.check_weights, int) and step % self.check_weights == 0:
             event = self._check_variables(step)

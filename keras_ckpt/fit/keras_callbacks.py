@@ -79,10 +79,9 @@ class KerasCallbackState:
         self.callback.on_epoch_end(epoch, logs)
 
     def get_state(self) -> dict:
-        state = {name: _encode(getattr(self.callback, name, None)) for name in self.names
-                 if name != "best_weights"}
-        weights = getattr(self.callback, "best_weights", None)
-        if isinstance(self.callback, _keras_early_stopping()) and weights is not None:
+        state = {name: _encode(getattr(self.callback, name, None)) for name in self.names}
+        weights = getattr(self.callback, "best_weights", None)  # Keras's EarlyStopping
+        if weights is not None:
             state["n_best"] = len(weights)
             for i, array in enumerate(weights):
                 state[f"best_{i:05d}"] = np.asarray(array)
@@ -104,12 +103,6 @@ class KerasCallbackState:
             apply()
         else:
             session.before_epoch.append(apply)
-
-
-def _keras_early_stopping() -> type:
-    import keras
-
-    return keras.callbacks.EarlyStopping
 
 
 def attach(session: Any) -> list[KerasCallbackState]:

@@ -54,7 +54,6 @@ class FitSession:
         self.members: list[weakref.ref] = []
         self.sealed = False
         self.closed = False
-        self.error: BaseException | None = None
         self.replay_until = -1  # batch ends below this, in the resumed epoch, are replays
         self.cut_short: int | None = None  # an epoch a stop ended before its last step
         self.initial_epoch: int | None = None
@@ -65,7 +64,7 @@ class FitSession:
         self.resumed_mid_epoch: int | None = None
         self._initial_before: Any = _UNSET
         self._cleanups: list[tuple[str, Callable[[], None]]] = []
-        self._error_listeners: list[tuple[int, Callable[[BaseException], None]]] = []
+        self._error_listeners: list[Callable[[BaseException], None]] = []
         self._callback_list = None if callback_list is None else weakref.ref(callback_list)
         self._wrapped: dict[str, Callable] = {}
         self._lock = threading.RLock()
@@ -88,8 +87,7 @@ class FitSession:
         the same fit gets `_1`, a third `_2`, in the order they were passed.
         """
         result: dict[str, Any] = {}
-        for ref in self.members:
-            obj = ref()
+        for obj in [ref() for ref in self.members] + self.adapters:
             if obj is None:
                 continue
             key, n = obj.state_key, 0
@@ -97,12 +95,6 @@ class FitSession:
                 n += 1
                 key = f"{obj.state_key}_{n}"
             result[key] = obj
-        for adapter in self.adapters:
-            key, n = adapter.state_key, 0
-            while key in result:
-                n += 1
-                key = f"{adapter.state_key}_{n}"
-            result[key] = adapter
         model = self.model
         for name, obj in (_data_of(model) if model is not None else {}).items():
             result[f"data:{name}"] = obj
@@ -140,13 +132,13 @@ class FitSession:
             return
         self._cleanups.append((name, cleanup))
 
-    def on_error(self, listener: Callable[[BaseException], None], first: bool = False) -> None:
+    def on_error(self, listener: Callable[[BaseException], None]) -> None:
         """Calls `listener(error)` when the fit ends with `error`, before the cleanups.
 
-        `first`: before the others (a save of the state the error left must
-        come before anything changes it, such as restoring best weights).
+        A step's error reaches the step guards' listeners first (the save of
+        the state it left), then these (EarlyStopping's restore).
         """
-        self._error_listeners.append((0 if first else 1, listener))
+        self._error_listeners.append(listener)
 
     def close(self, error: BaseException | None = None) -> None:
         """Undoes everything this fit acquired or changed; runs once."""
@@ -154,10 +146,9 @@ class FitSession:
             if self.closed:
                 return
             self.closed = True
-            self.error = error
         problems: list[str] = []
         if error is not None:
-            for _, listener in sorted(self._error_listeners, key=lambda item: item[0]):
+            for listener in self._error_listeners:
                 try:
                     listener(error)
                 except Exception as e:  # never hide the original error
@@ -172,9 +163,8 @@ class FitSession:
                 cleanup()
             except Exception as e:
                 problems.append(f"{name}: {type(e).__name__}: {e}")
-                if error is None and self.error is None:
-                    self.error = e
         self._unwrap_callback_list()
+        self.adapters, self.before_epoch = [], []  # Keras's callbacks are let go
         if problems:
             import warnings
 

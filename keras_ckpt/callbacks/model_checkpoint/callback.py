@@ -151,16 +151,16 @@ class ModelCheckpoint(MonitorAttributes, StatefulCallback):
         self.resumed_from: manager.CheckpointInfo | None = None
         self.workers: multi_worker.Workers | None = None
         self.writes = True  # False on a worker beside the chief
-        self._batch_level = any(p.batch_level for p in self._policies)
+        self._step_policies = [p for p in self._policies if p.batch_level]
         self._epoch_end_saves = save_freq == "epoch" or any(  # KeepBest needs epoch ends
             isinstance(p, KeepBest) for p in self.retention)
         # Batch hooks see the model's state on TF; on JAX/torch they may run on a pool.
         self.hooks_see_state = keras.backend.backend() == "tensorflow"
         self.fit = FitState()
-        # Batch-level work only when asked for, so that Keras keeps its
-        # asynchronous dispatch; a subclass's own hooks are never shadowed.
-        keep_default_hooks(self, ModelCheckpoint, on_train_batch_end=self._batch_level or bool(
-            self._metric_fields) or self._signals, on_test_batch_end=self._signals)
+        # Batch hooks only when needed: Keras keeps its async dispatch (JAX, torch).
+        keep_default_hooks(self, ModelCheckpoint, on_train_batch_end=bool(
+            self._step_policies or self._metric_fields or self._signals),
+            on_test_batch_end=self._signals)
 
     last_saved_path = property(lambda self: self.saver.last_saved_path)
     best_path = property(lambda self: self.saver.best_path)
@@ -175,7 +175,7 @@ class ModelCheckpoint(MonitorAttributes, StatefulCallback):
         True with preemption alone (the hook only flags a stop). A subclass
         that overrides a batch hook gets Keras's default (synchronous).
         """
-        return not (self._batch_level or self._metric_fields
+        return not (self._step_policies or self._metric_fields
                     or overrides(self, ModelCheckpoint, _BATCH_HOOKS))
 
     def get_state(self) -> dict:
@@ -229,7 +229,8 @@ class ModelCheckpoint(MonitorAttributes, StatefulCallback):
 
     def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
         fit, model = self.fit, self.model
-        self.fit_session.release_initial_epoch()
+        if not self.fit_session.watches_hooks:  # else the session did, before every hook
+            self.fit_session.release_initial_epoch()
         if self.exception_save is not None:
             self.exception_save.epoch_begin()
         fit.epoch = epoch
@@ -253,11 +254,10 @@ class ModelCheckpoint(MonitorAttributes, StatefulCallback):
         done = steps_done(self.params, batch)
         if self._signals and self.stops.train_batch_end(done, logs):
             return
-        if not self._batch_level:
+        if not self._step_policies:
             return
-        progress = policies.Progress(fit.epoch_start_step + done, fit.last_save_step,
-                                     fit.last_save_time)
-        if any(p.batch_level and p.due(progress) for p in self._policies):
+        step = fit.epoch_start_step + done
+        if any(p.due(step, fit.last_save_step, fit.last_save_time) for p in self._step_policies):
             self.saver.save(logs or {}, steps_in_epoch=done)
 
     def on_test_begin(self, logs: dict | None = None) -> None:

@@ -6,6 +6,9 @@
 - `EveryInterval(seconds, clock)`: a training step at least `seconds` after
   the last save.
 - `EveryEpoch()`: each epoch end.
+A policy's `due(global_step, last_save_step, last_save_time)` says whether a
+save is due now (called after every training step for the batch-level ones).
+
 - `BestOnly(monitor)`: a filter over the others: only a state whose monitored
   value improves on the best saved so far. Its decision can be undone when
   the write it allowed fails, so the best value is always one a file holds.
@@ -22,17 +25,8 @@ from typing import Any
 
 from keras_ckpt.monitor import Monitor
 
-__all__ = ["Progress", "EveryNSteps", "EveryInterval", "EveryEpoch", "BestOnly",
+__all__ = ["EveryNSteps", "EveryInterval", "EveryEpoch", "BestOnly",
            "policies_for", "bind_retention"]
-
-
-@dataclasses.dataclass
-class Progress:
-    """Where the fit is, as the save policies see it."""
-
-    global_step: int = 0
-    last_save_step: int = 0
-    last_save_time: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,8 +36,8 @@ class EveryNSteps:
     steps: int
     batch_level = True
 
-    def due(self, progress: Progress) -> bool:
-        return progress.global_step - progress.last_save_step >= self.steps
+    def due(self, global_step: int, last_save_step: int, last_save_time: float) -> bool:
+        return global_step - last_save_step >= self.steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,8 +48,8 @@ class EveryInterval:
     clock: Callable[[], float]
     batch_level = True
 
-    def due(self, progress: Progress) -> bool:
-        return self.clock() - progress.last_save_time >= self.seconds
+    def due(self, global_step: int, last_save_step: int, last_save_time: float) -> bool:
+        return self.clock() - last_save_time >= self.seconds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +58,7 @@ class EveryEpoch:
 
     batch_level = False
 
-    def due(self, progress: Progress) -> bool:
+    def due(self, global_step: int, last_save_step: int, last_save_time: float) -> bool:
         return True
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from keras_ckpt import keras_compat, keras_layout, registry, storage
+from keras_ckpt import atomic, keras_compat, keras_layout, registry, storage
 from keras_ckpt import state as state_lib
 from keras_ckpt.callbacks.base import StatefulCallback, non_finite_logs
 from keras_ckpt.jsonsafe import encode_float, encode_log
@@ -56,7 +56,8 @@ class Saver:
         self.owner = owner
         self.options = owner.options
         self.writer = BackgroundWriter() if self.options.async_write else None
-        self._in_flight: tuple[str, str, tuple] | None = None
+        # (where, path, bookkeeping before it, (epoch, step)) of the background write
+        self._in_flight: tuple[str, str, tuple, tuple] | None = None
         self._layout_cache: tuple | None = None
         self.last_saved_path: str | None = None
         self.best_path: str | None = None
@@ -300,8 +301,6 @@ class Saver:
 
     def _write_last(self, regular: str | None, snapshot: state_lib.Snapshot, meta: dict,
                     plan: storage.Layout) -> str:
-        from keras_ckpt import atomic
-
         last = self.owner.files.last_path
         if regular is not None:
             # The newest regular file is the same state: link it into place.
