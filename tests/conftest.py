@@ -62,8 +62,9 @@ def classification_data():
 # ------------------------------------------------------------------ the session's machinery
 def pytest_collection_modifyitems(config, items):
     """Starts the fork server's imports early when a collected test will use it."""
-    if any(getattr(item.module, "forkserver", None) is forkserver for item in items
-           if item.get_closest_marker("slow")):
+    if not config.option.collectonly and any(
+            getattr(item.module, "forkserver", None) is forkserver for item in items
+            if item.get_closest_marker("slow")):
         forkserver.prestart(BACKEND)
 
 
@@ -74,9 +75,32 @@ def pytest_configure(config):
         import uuid
 
         config.option.testrunuid = uuid.uuid4().hex
+    _share_jax_compilations(config)
+
+
+# JAX compiles the same tiny train steps again in every child process: the
+# session's processes share one persistent compilation cache (set before any
+# fork server or nested session starts; they inherit it), removed at the end.
+# A cached executable is the one the compiler would produce, so the runs are
+# the same bitwise (the fork server's canary compares a fresh process with a
+# forked one, both using it).
+JAX_CACHE = "JAX_COMPILATION_CACHE_DIR"
+
+
+def _share_jax_compilations(config):
+    if os.environ.get(JAX_CACHE):
+        return  # a nested session: its parent's cache
+    run = getattr(config.option, "testrunuid", None) or os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    path = os.path.join(tempfile.gettempdir(),
+                        f"keras-ckpt-tests-{run or os.getpid()}.jax-cache")
+    os.environ.update({JAX_CACHE: path, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+                       "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"})
+    config._keras_ckpt_jax_cache = path if not hasattr(config, "workerinput") else None
 
 
 def pytest_sessionfinish(session, exitstatus):
+    import shutil
+
     forkserver.shutdown()  # each server kills and reaps what is left, then exits
     run = getattr(session.config.option, "testrunuid", None)
     if run and not hasattr(session.config, "workerinput"):
@@ -84,6 +108,8 @@ def pytest_sessionfinish(session, exitstatus):
             path = os.path.join(tempfile.gettempdir(), f"keras-ckpt-tests-{run}{suffix}")
             if os.path.exists(path):
                 os.remove(path)
+    if getattr(session.config, "_keras_ckpt_jax_cache", None):
+        shutil.rmtree(session.config._keras_ckpt_jax_cache, ignore_errors=True)
 
 
 # Tests marked `realtime` measure real time (or need an idle machine): each runs
@@ -122,6 +148,56 @@ def _realtime_runs_alone(request):
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
             fcntl.flock(gate, fcntl.LOCK_UN)
+
+
+# A fit stopped in the middle of an epoch leaves Keras's epoch iterator in a
+# reference cycle, so its tf.data iterator dies only at a later full garbage
+# collection, in whatever test runs then. Destroying an iterator waits for its
+# autotuning thread, which sleeps longer the older the iterator is: such
+# collections stalled tests 8-35 s (seen with py-spy: `~RootDataset::Iterator`
+# under `EagerTensor_dealloc`, in a collection). Collecting right after the
+# test that left one keeps each of those waits short.
+_LIVE_ITERATORS = None
+
+
+def _track_tf_iterators():
+    global _LIVE_ITERATORS
+    if _LIVE_ITERATORS is None and "tensorflow" in sys.modules:
+        import weakref
+
+        from tensorflow.python.data.ops import iterator_ops
+
+        _LIVE_ITERATORS = weakref.WeakSet()
+        original = iterator_ops.OwnedIterator.__init__
+
+        def init(self, *args, **kwargs):
+            original(self, *args, **kwargs)
+            _LIVE_ITERATORS.add(self)
+
+        iterator_ops.OwnedIterator.__init__ = init
+    return _LIVE_ITERATORS
+
+
+_FROZEN = []
+
+
+@pytest.fixture(autouse=True)
+def _collect_left_iterators():
+    if not _FROZEN and "keras" in sys.modules:
+        import gc
+
+        # The imports (Keras, the backend) live for the whole session: collections
+        # need not walk them again. Frozen once, at the first test.
+        gc.collect()
+        gc.freeze()
+        _FROZEN.append(True)
+    _track_tf_iterators()
+    yield
+    live = _track_tf_iterators()
+    if live:
+        import gc
+
+        gc.collect()
 
 
 # ------------------------------------------------------------------ shared reference runs
