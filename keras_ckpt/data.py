@@ -12,10 +12,13 @@ backend, `keras.utils.set_random_seed` called before the model is built):
 
 A `tf.data` pipeline that reshuffles every epoch (`.shuffle(...)` with its
 default `reshuffle_each_iteration=True`) keeps its shuffle state inside the
-TensorFlow runtime, where no callback can save it: after a resume, epoch k
-would see epoch 0's order. Replace that `.shuffle(...)` by
-`.apply(EpochShuffle(buffer_size, seed))`: every epoch gets its own order,
-keyed by the epoch, and the epoch counter rides in the checkpoint.
+TensorFlow runtime, where no callback can save it. Seeded, it resumes all the
+same: ModelCheckpoint fast-forwards its seeds at train begin
+(`keras_ckpt.inputs.fast_forward`). Where that does not apply (no seed, a
+distribution strategy, or a pipeline used outside `fit` between epochs),
+replace that `.shuffle(...)` by `.apply(EpochShuffle(buffer_size, seed))`:
+every epoch gets its own order, keyed by the epoch, and the epoch counter
+rides in the checkpoint.
 """
 
 from __future__ import annotations

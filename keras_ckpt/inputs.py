@@ -3,9 +3,10 @@
 The input pipeline is part of the training state. README's table ("What an
 exact resume needs") says, for each kind of input `fit` accepts, whether a
 resume is exact; this module finds, at train begin, the inputs that are not:
-a `tf.data` pipeline that reshuffles every epoch, an infinite stream with
-`steps_per_epoch`, a Python generator, a `PyDataset` whose `on_epoch_end`
-keeps state it cannot save; and warns, naming the input and what to do.
+an unseeded (or distributed) `tf.data` pipeline that reshuffles every epoch,
+an infinite stream with `steps_per_epoch`, a Python generator, a `PyDataset`
+whose `on_epoch_end` keeps state it cannot save; and warns, naming the input
+and what to do. A seeded `.shuffle(...)` is fast-forwarded (`fast_forward`).
 """
 
 from __future__ import annotations
@@ -16,48 +17,112 @@ from typing import Any
 
 from keras_ckpt import keras_compat
 
-__all__ = ["check_input", "input_problems"]
+__all__ = ["check_input", "fast_forward", "input_problems", "replays_by_seeds"]
 
 
-def _tf_reshuffles(dataset: Any) -> bool:
-    seen, stack = set(), [dataset]
+def _reshuffling(dataset: Any) -> list:
+    """The `.shuffle(...)` stages of a tf.data pipeline that reshuffle on every iteration."""
+    seen, stack, found = set(), [dataset], []
     while stack:
         node = stack.pop()
         if id(node) in seen:
             continue
         seen.add(id(node))
         if getattr(node, "_reshuffle_each_iteration", False) is True:
-            return True
+            found.append(node)
         inputs = getattr(node, "_inputs", None)
         try:
             stack.extend(inputs() if callable(inputs) else [])
         except Exception:  # an input kind that cannot list its inputs
             continue
-    return False
+    return found
 
 
-def input_problems(x: Any, steps_per_epoch: Any) -> list[str]:
+def _seeded(stage: Any) -> bool:
+    """tf.data takes seeds (0, 0) for "random" (no global seed, none given)."""
+    try:
+        return (int(stage._seed), int(stage._seed2)) != (0, 0)
+    except (AttributeError, TypeError, ValueError):  # a graph tensor, another TF
+        return False
+
+
+def _default_strategy(model: Any) -> bool:
+    """No tf.distribute strategy (TensorFlow's default one, which wraps nothing)."""
+    strategy = getattr(model, "distribute_strategy", None)
+    return strategy is None or type(strategy).__name__ == "_DefaultDistributionStrategy"
+
+
+def replays_by_seeds(x: Any, model: Any = None) -> bool:
+    """Whether `x` reshuffles every epoch with seeds a resume can fast-forward.
+
+    A seeded `.shuffle(...)` draws the seeds of each epoch's order from a seed
+    generator of its own, advanced once per iterator made of the pipeline. A
+    resume at epoch `k` makes as many iterators as the interrupted run had made
+    before it (and reads nothing from them), so epoch
+    `k` sees the order it had in the interrupted run (Keras makes
+    `keras_compat.TF_ITERATORS_PER_EPOCH` of them an epoch). An unseeded shuffle has
+    no order to come back to; under a distribution strategy the pipeline is
+    rebuilt, with a generator of its own.
+    """
+    stages = _reshuffling(x) if _is_tf_dataset(x) else []
+    return bool(stages) and all(_seeded(s) for s in stages) and (
+        model is None or _default_strategy(model))
+
+
+def _is_tf_dataset(x: Any) -> bool:
+    return (type(x).__module__ or "").startswith("tensorflow") and hasattr(x, "cardinality")
+
+
+def fast_forward(model: Any, epochs: int) -> int:
+    """Makes the running fit's reshuffling tf.data input where it was after `epochs` epochs.
+
+    Returns the number of iterators made (0 when the input needs none).
+    """
+    arguments = keras_compat.fit_arguments(model) or {}
+    x = arguments.get("x")
+    if epochs <= 0 or arguments.get("steps_per_epoch") or not replays_by_seeds(x, model):
+        return 0
+    made = epochs * keras_compat.TF_ITERATORS_PER_EPOCH  # what the interrupted run made
+    for _ in range(made):
+        iter(x)  # made, never read: its seeds are drawn
+    return made
+
+
+def input_problems(x: Any, steps_per_epoch: Any, model: Any = None) -> list[str]:
     """What would make a resume of a fit on `x` differ from the uninterrupted run, with the fix."""
     problems = []
     kind = type(x)
-    module = kind.__module__ or ""
-    if module.startswith("tensorflow") and hasattr(x, "cardinality"):
-        if _tf_reshuffles(x):
+    if _is_tf_dataset(x):
+        stages = _reshuffling(x)
+        if stages and not all(_seeded(s) for s in stages):
             problems.append(
-                "the tf.data input reshuffles every epoch (`.shuffle(...)` with "
-                "reshuffle_each_iteration=True): that order lives in TensorFlow's runtime, so a "
-                "resumed epoch sees another order. Use `.apply(keras_ckpt.data.EpochShuffle("
-                "buffer_size, seed))` instead of `.shuffle(...)`.")
+                "the tf.data input reshuffles every epoch (`.shuffle(...)`) without a seed: no "
+                "two runs see the same order. Call keras.utils.set_random_seed(seed) before "
+                "building the dataset, or pass `seed=` to `.shuffle`.")
+        elif stages and model is not None and not _default_strategy(model):
+            problems.append(
+                "the tf.data input reshuffles every epoch (`.shuffle(...)`) under a "
+                "distribution strategy, which rebuilds the pipeline with a shuffle state of "
+                "its own. Use `.apply(keras_ckpt.data.EpochShuffle(buffer_size, seed))` "
+                "instead of `.shuffle(...)`.")
         try:
-            infinite = int(x.cardinality()) == -1  # tf.data.INFINITE_CARDINALITY
+            cardinality = int(x.cardinality())  # -1 infinite, -2 unknown
         except Exception:
-            infinite = False
-        if infinite and steps_per_epoch:
+            cardinality = -2
+        if cardinality == -1 and steps_per_epoch:
             problems.append(
                 "the tf.data input is infinite (`.repeat()`) with steps_per_epoch: each epoch "
                 "continues where the last one stopped reading, and a resume starts the stream "
                 "again. Give each epoch its own finite dataset (no `.repeat()`, or "
                 "`.repeat()` before `.take(steps_per_epoch)` of a dataset that restarts).")
+        elif steps_per_epoch and (cardinality == -2 or cardinality > int(steps_per_epoch)):
+            count = "an unknown number of" if cardinality == -2 else cardinality
+            problems.append(
+                f"the tf.data input has {count} batches and steps_per_epoch="
+                f"{steps_per_epoch}: Keras then reads on from where the last epoch stopped, "
+                "and a resume starts the dataset again"
+                + (" (and its reshuffling seeds)" if stages else "") + ". Let one epoch read "
+                "the whole dataset (`.take(steps_per_epoch)`, no steps_per_epoch).")
     elif isinstance(x, (types.GeneratorType, types.AsyncGeneratorType)) or (
             hasattr(x, "__next__") and not hasattr(x, "__getitem__")):
         problems.append(
@@ -88,7 +153,7 @@ def check_input(model: Any) -> list[str]:
     arguments = keras_compat.fit_arguments(model)
     if arguments is None:
         return []
-    problems = input_problems(arguments.get("x"), arguments.get("steps_per_epoch"))
+    problems = input_problems(arguments.get("x"), arguments.get("steps_per_epoch"), model)
     for problem in problems:
         warnings.warn(f"ModelCheckpoint(resume=...): {problem} Until then a resumed run "
                       "differs from an uninterrupted one.", stacklevel=4)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 __all__ = [
+    "TF_ITERATORS_PER_EPOCH",
     "print_msg", "get_initial_epoch", "set_initial_epoch", "calling_callback_list",
     "set_instance_attr", "get_private", "set_private", "make_test_function",
     "fit_arguments", "guard_torch_fetch", "unguard_torch_fetch", "is_end_of_data", "callback_model",
@@ -245,3 +246,10 @@ def flatten_layers(model: Any) -> list:
 def tf_tensor_view(tensor: Any) -> Any:
     """`EagerTensor._numpy()`: a numpy array sharing the tensor's buffer (no copy)."""
     return tensor._numpy()
+
+
+# Keras's epoch iterator (keras/src/trainers/epoch_iterator.py), for a finite
+# tf.data input and no `steps_per_epoch`, makes an iterator of the dataset at
+# every epoch begin and one more after the epoch's last batch (for the next
+# epoch, which makes its own). Each draws a seeded `.shuffle`'s seeds.
+TF_ITERATORS_PER_EPOCH = 2

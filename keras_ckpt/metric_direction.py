@@ -6,7 +6,7 @@ from typing import Any
 
 from keras_ckpt import keras_compat
 
-__all__ = ["infer_mode"]
+__all__ = ["infer_mode", "non_scalar_shape"]
 
 # Short names that Keras's compile() accepts but `keras.metrics.get` does not.
 _ALIASES = {
@@ -72,6 +72,47 @@ def _registry_direction(name: str) -> str | None:
     return _direction_of(metric)
 
 
+def _candidate_names(monitor: str, model: Any) -> list[str]:
+    name = monitor[len("val_"):] if monitor.startswith("val_") else monitor
+    names = [name]
+    for output in getattr(model, "output_names", None) or []:
+        if name.startswith(f"{output}_"):
+            names.append(name[len(output) + 1:])
+    return names
+
+
+def non_scalar_shape(monitor: str, model: Any) -> tuple | None:
+    """The shape of the metric `monitor` names when it is not a scalar (a vector per class).
+
+    Read from the model's metric objects at train begin: a built metric's
+    result, or an `F1Score`/`FBetaScore` with `average=None` (one value per
+    class of the model's single output) not built yet. None when it is a scalar
+    (one class) or cannot be told before the first step.
+    """
+    if model is None:
+        return None
+    import numpy as np
+
+    names = _candidate_names(monitor, model)
+    metrics = _flatten_metrics(getattr(model, "metrics", None)) + _user_metric_objects(model)
+    for metric in metrics:
+        if getattr(metric, "name", None) not in names:
+            continue
+        if hasattr(metric, "beta") and getattr(metric, "average", "") is None:
+            outputs = getattr(model, "outputs", None) or []
+            classes = outputs[0].shape[-1] if len(outputs) == 1 else None
+            if isinstance(classes, int) and classes > 1:
+                return (classes,)  # one value per class: the output's last axis
+        if getattr(metric, "built", False) and getattr(metric, "variables", None):
+            try:
+                shape = tuple(np.shape(np.asarray(metric.result())))
+            except Exception:  # a metric that cannot report before its first update
+                continue
+            if int(np.prod(shape)) > 1:
+                return shape
+    return None
+
+
 def infer_mode(monitor: str, model: Any = None) -> str | None:
     """Infers whether `monitor` should be minimised or maximised.
 
@@ -94,13 +135,9 @@ def infer_mode(monitor: str, model: Any = None) -> str | None:
     >>> infer_mode("val_accuracy")
     'max'
     """
-    name = monitor[len("val_"):] if monitor.startswith("val_") else monitor
-    if name == "loss" or name.endswith("_loss"):
+    names = _candidate_names(monitor, model)
+    if names[0] == "loss" or names[0].endswith("_loss"):
         return "min"
-    names = [name]
-    for output in getattr(model, "output_names", None) or []:
-        if name.startswith(f"{output}_"):
-            names.append(name[len(output) + 1:])
     if model is not None:
         candidates = _flatten_metrics(getattr(model, "metrics", None))
         candidates += _user_metric_objects(model)

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from keras_ckpt import metric_direction
 from keras_ckpt.jsonsafe import decode_float, encode_float
 from keras_ckpt.metric_direction import infer_mode
 from keras_ckpt.validation import check_choice, check_number
@@ -180,6 +181,14 @@ class Monitor:
                 told; the message names the metric and says to pass `mode`.
         """
         self._warned_missing = False
+        shape = metric_direction.non_scalar_shape(self.monitor, model)
+        if shape is not None:
+            raise ValueError(
+                f"{self.owner} monitors {self.monitor!r}, which is not a scalar: that metric "
+                f"gives one value per class (shape {shape}), and only a scalar can be "
+                "compared with the best so far. Monitor a scalar: for F1Score or "
+                "FBetaScore compile them with average='macro', 'micro' or 'weighted', or "
+                "monitor 'loss'.")
         if self.mode != "auto":
             self.direction = self.mode
             return self.direction

@@ -14,6 +14,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("PYTHONHASHSEED", "0")
 
+# A shell starts a background job with SIGINT ignored, and Python then keeps it
+# ignored: the tests of Ctrl-C (ours and the children's, which inherit it) need
+# the handler an interactive `python` has.
+import signal  # noqa: E402
+
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 import forkserver  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

@@ -37,11 +37,15 @@ def load(path):
 @pytest.mark.parametrize("args, kill", [
     (["--data", "numpy"], ["--kill-epoch", "1"]),
     (["--data", "tfdata"], ["--kill-epoch", "2"]),
+    # A seeded `.shuffle(...)` reshuffling every epoch: its seeds are fast-forwarded.
+    (["--data", "tfdata_plain"], ["--kill-epoch", "2"]),
+    (["--data", "tfdata_plain", "--save-freq", "2"], ["--kill-step", "9"]),
     pytest.param(["--data", "numpy", "--save-freq", "2"], ["--kill-step", "9"],
                  marks=pytest.mark.backends),
     pytest.param(["--data", "numpy", "--save-freq", "4", "--spe", "2"], ["--kill-step", "11"],
                  marks=[needs_steps_per_execution, pytest.mark.backends]),
-], ids=["numpy-shuffle-epoch", "tfdata-epochshuffle", "mid-epoch", "mid-epoch-spe2"])
+], ids=["numpy-shuffle-epoch", "tfdata-epochshuffle", "tfdata-shuffle-epoch",
+        "tfdata-shuffle-mid-epoch", "mid-epoch", "mid-epoch-spe2"])
 def test_killed_and_resumed_run_is_bitwise_equal(tmp_path, args, kill, reference_run):
     straight, history_a = reference_run(*args)
     run(tmp_path / "killed", tmp_path / "killed.npz", *args, *kill, expect_kill=True)

@@ -55,14 +55,25 @@ def fit_warnings(tmp_path, x, **kwargs):
 def test_a_reshuffling_tf_data_input_is_named_with_the_fix(tmp_path):
     tf = pytest.importorskip("tensorflow")
     data = tf.data.Dataset.from_tensor_slices((X, Y))
+    tf.random.set_seed(None)  # no global seed: an unseeded shuffle has no order to come back to
     messages = fit_warnings(tmp_path / "a", data.shuffle(32).batch(16))
-    assert len(messages) == 1 and "EpochShuffle" in messages[0]
+    assert len(messages) == 1 and "without a seed" in messages[0]
+    # Seeded (by the global seed or its own), it is fast-forwarded: no warning.
+    assert fit_warnings(tmp_path / "s", data.shuffle(32, seed=4).batch(16)) == []
+    keras.utils.set_random_seed(1)
+    assert fit_warnings(tmp_path / "t", data.shuffle(32).batch(16)) == []
     assert fit_warnings(tmp_path / "b", data.shuffle(32, reshuffle_each_iteration=False,
                                                      seed=1).batch(16)) == []
     shuffle = keras_ckpt.data.EpochShuffle(32, seed=1, name="inputs_test")
     assert fit_warnings(tmp_path / "c", data.apply(shuffle).batch(16)) == []
     messages = fit_warnings(tmp_path / "d", data.batch(16).repeat(), steps_per_epoch=2)
     assert len(messages) == 1 and "infinite" in messages[0]
+    # Fewer steps than batches: Keras reads on across epochs, from one iterator.
+    messages = fit_warnings(tmp_path / "e", data.shuffle(32, seed=4).batch(8),
+                            steps_per_epoch=2)
+    assert len(messages) == 1 and "4 batches and steps_per_epoch=2" in messages[0]
+    assert "reshuffling seeds" in messages[0]
+    assert fit_warnings(tmp_path / "f", data.batch(8), steps_per_epoch=4) == []
 
 
 def test_a_generator_and_a_stateful_pydataset_are_named(tmp_path):

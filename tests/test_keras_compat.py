@@ -153,3 +153,23 @@ def test_the_cli_runs_without_a_backend(tmp_path):
     assert "sessions" in out and "LOADED [] 0" in out
     out = run_without_backend("--help")
     assert "inspect" in out and "LOADED [] 0" in out
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="tf.data inputs")
+def test_fit_makes_tf_iterators_per_epoch_as_keras_compat_says(monkeypatch):
+    tf = pytest.importorskip("tensorflow")
+    from tensorflow.python.data.ops import iterator_ops
+
+    made = []
+    original = iterator_ops.OwnedIterator.__init__
+
+    def counting(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        if not tf.inside_function():  # a traced function's placeholder is no iterator
+            made.append(1)
+
+    monkeypatch.setattr(iterator_ops.OwnedIterator, "__init__", counting)
+    x, y = make_data(32)
+    data = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(32, seed=1).batch(8)
+    make_model().fit(data, epochs=3, verbose=0)
+    assert len(made) == 3 * keras_compat.TF_ITERATORS_PER_EPOCH

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import keras
 import numpy as np
 import pytest
@@ -223,3 +225,20 @@ def test_terminate_on_nan_by_default_stops_on_a_non_finite_variable_at_a_checkpo
     assert len(guard.events) == 1 and "kernel" in guard.events[0].key
     assert (guard.events[0].epoch, guard.events[0].step) == (1, None)
     assert [c.epoch for c in manager.list_checkpoints(tmp_path)] == [0]
+
+
+@pytest.mark.parametrize("callback", [
+    lambda path: keras_ckpt.EarlyStopping(monitor="val_f1_score", mode="max"),
+    lambda path: keras_ckpt.ModelCheckpoint(path, monitor="f1_score", mode="max",
+                                            save_best_only=True),
+], ids=["EarlyStopping", "ModelCheckpoint"])
+def test_a_vector_monitor_is_an_error_at_train_begin(tmp_path, callback):
+    x = make_data(32, seed=9)[0]
+    y = keras.utils.to_categorical(np.arange(32) % 3, 3)
+    trained = []
+    seen = keras.callbacks.LambdaCallback(on_train_batch_end=lambda *a: trained.append(1))
+    with pytest.raises(ValueError, match=r"f1_score'?, which is not a scalar.*shape \(3,\)"
+                                         r".*average='macro'"):
+        f1_model().fit(x, y, batch_size=16, epochs=2, verbose=0, validation_split=0.25,
+                       callbacks=[callback(str(tmp_path / "b.keras")), seen])
+    assert trained == [] and not os.listdir(tmp_path)  # before the first step, nothing saved

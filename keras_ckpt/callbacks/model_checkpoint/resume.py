@@ -16,7 +16,7 @@ from typing import Any
 
 import keras
 
-from keras_ckpt import keras_compat, manager, registry, storage
+from keras_ckpt import inputs, keras_compat, manager, registry, storage
 from keras_ckpt import state as state_lib
 from keras_ckpt.callbacks.base import StatefulCallback
 from keras_ckpt.jsonsafe import decode_log
@@ -183,6 +183,7 @@ def resume(owner: Any) -> None:
         fit.resume_step = step
         session.guards.replay = Replay(model, -(-step // spe), snapshot)
     session.start_at_epoch(epoch)
+    inputs.fast_forward(model, epoch)  # a seeded .shuffle(...) draws epoch `epoch`'s order next
     fit.last_save_step = info.global_step
     if owner.options.verbose > 0 and not finished:
         where = f"epoch {epoch + 1}" + (f", step {step + 1}" if step else "")
