@@ -49,7 +49,7 @@ def _seeded(stage: Any) -> bool:
 def _default_strategy(model: Any) -> bool:
     """No tf.distribute strategy (TensorFlow's default one, which wraps nothing)."""
     strategy = getattr(model, "distribute_strategy", None)
-    return strategy is None or type(strategy).__name__ == "_DefaultDistributionStrategy"
+    return strategy is None or keras_compat.is_default_strategy(strategy)
 
 
 def replays_by_seeds(x: Any, model: Any = None) -> bool:

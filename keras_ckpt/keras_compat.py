@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 __all__ = [
-    "TF_ITERATORS_PER_EPOCH",
+    "TF_ITERATORS_PER_EPOCH", "is_default_strategy",
     "print_msg", "get_initial_epoch", "set_initial_epoch", "calling_callback_list",
     "set_instance_attr", "get_private", "set_private", "make_test_function",
     "fit_arguments", "guard_torch_fetch", "unguard_torch_fetch", "is_end_of_data", "callback_model",
@@ -253,3 +253,8 @@ def tf_tensor_view(tensor: Any) -> Any:
 # every epoch begin and one more after the epoch's last batch (for the next
 # epoch, which makes its own). Each draws a seeded `.shuffle`'s seeds.
 TF_ITERATORS_PER_EPOCH = 2
+
+
+def is_default_strategy(strategy: Any) -> bool:
+    """Whether `strategy` is TensorFlow's default one (no tf.distribute strategy in use)."""
+    return type(strategy).__name__ == "_DefaultDistributionStrategy"

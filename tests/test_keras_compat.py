@@ -173,3 +173,11 @@ def test_fit_makes_tf_iterators_per_epoch_as_keras_compat_says(monkeypatch):
     data = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(32, seed=1).batch(8)
     make_model().fit(data, epochs=3, verbose=0)
     assert len(made) == 3 * keras_compat.TF_ITERATORS_PER_EPOCH
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="tf.distribute")
+def test_the_default_strategy_is_told_from_the_others():
+    tf = pytest.importorskip("tensorflow")
+    assert keras_compat.is_default_strategy(tf.distribute.get_strategy())
+    assert keras_compat.is_default_strategy(make_model().distribute_strategy)
+    assert not keras_compat.is_default_strategy(tf.distribute.OneDeviceStrategy("/cpu:0"))
