@@ -17,7 +17,7 @@ from typing import Any
 
 from keras_ckpt import keras_compat
 
-__all__ = ["check_input", "fast_forward", "input_problems", "replays_by_seeds"]
+__all__ = ["check_input", "fast_forward", "input_problems"]
 
 
 def _reshuffling(dataset: Any) -> list:
@@ -52,37 +52,52 @@ def _default_strategy(model: Any) -> bool:
     return strategy is None or keras_compat.is_default_strategy(strategy)
 
 
-def replays_by_seeds(x: Any, model: Any = None) -> bool:
-    """Whether `x` reshuffles every epoch with seeds a resume can fast-forward.
-
-    A seeded `.shuffle(...)` draws the seeds of each epoch's order from a seed
-    generator of its own, advanced once per iterator made of the pipeline. A
-    resume at epoch `k` makes as many iterators as the interrupted run had made
-    before it (and reads nothing from them), so epoch
-    `k` sees the order it had in the interrupted run (Keras makes
-    `keras_compat.TF_ITERATORS_PER_EPOCH` of them an epoch). An unseeded shuffle has
-    no order to come back to; under a distribution strategy the pipeline is
-    rebuilt, with a generator of its own.
-    """
-    stages = _reshuffling(x) if _is_tf_dataset(x) else []
-    return bool(stages) and all(_seeded(s) for s in stages) and (
-        model is None or _default_strategy(model))
-
-
 def _is_tf_dataset(x: Any) -> bool:
     return (type(x).__module__ or "").startswith("tensorflow") and hasattr(x, "cardinality")
 
 
-def fast_forward(model: Any, epochs: int) -> int:
-    """Makes the running fit's reshuffling tf.data input where it was after `epochs` epochs.
+def _cardinality(x: Any) -> int:
+    try:
+        return int(x.cardinality())  # -1 infinite, -2 unknown
+    except Exception:
+        return -2
 
-    Returns the number of iterators made (0 when the input needs none).
+
+def _shuffle_kind(x: Any, model: Any) -> str | None:
+    """None (no reshuffling stage), "unseeded", "distributed" or "seeded".
+
+    A seeded `.shuffle(...)` draws the seeds of each epoch's order from a seed
+    generator of its own, advanced once per iterator made of the pipeline: a
+    resume can make the iterators the interrupted run had made (`fast_forward`).
+    An unseeded one has no order to come back to; under a distribution
+    strategy the pipeline is rebuilt, with a generator of its own.
+    """
+    stages = _reshuffling(x)
+    if not stages:
+        return None
+    if not all(_seeded(s) for s in stages):
+        return "unseeded"
+    return "seeded" if model is None or _default_strategy(model) else "distributed"
+
+
+def _reads_on_across_epochs(cardinality: int, steps_per_epoch: Any) -> bool:
+    """Keras keeps one iterator across epochs: a resume would start it again."""
+    return bool(steps_per_epoch) and (cardinality < 0 or cardinality > int(steps_per_epoch))
+
+
+def fast_forward(model: Any, epochs: int) -> int:
+    """Makes the running fit's seeded, reshuffling tf.data input ready for epoch `epochs`.
+
+    Makes (and reads nothing from) the iterators the interrupted run had made
+    before that epoch's, so its shuffle draws the same seeds. Returns how many
+    (0 when the input needs none).
     """
     arguments = keras_compat.fit_arguments(model) or {}
-    x = arguments.get("x")
-    if epochs <= 0 or arguments.get("steps_per_epoch") or not replays_by_seeds(x, model):
-        return 0
-    made = epochs * keras_compat.TF_ITERATORS_PER_EPOCH  # what the interrupted run made
+    x, steps_per_epoch = arguments.get("x"), arguments.get("steps_per_epoch")
+    if epochs <= 0 or not _is_tf_dataset(x) or _shuffle_kind(x, model) != "seeded" or \
+            _cardinality(x) < 0 or _reads_on_across_epochs(_cardinality(x), steps_per_epoch):
+        return 0  # nothing to do, or warned at train begin
+    made = keras_compat.tf_iterators_before_epoch(epochs, steps_per_epoch)
     for _ in range(made):
         iter(x)  # made, never read: its seeds are drawn
     return made
@@ -93,35 +108,38 @@ def input_problems(x: Any, steps_per_epoch: Any, model: Any = None) -> list[str]
     problems = []
     kind = type(x)
     if _is_tf_dataset(x):
-        stages = _reshuffling(x)
-        if stages and not all(_seeded(s) for s in stages):
+        shuffle, cardinality = _shuffle_kind(x, model), _cardinality(x)
+        if shuffle == "unseeded":
             problems.append(
                 "the tf.data input reshuffles every epoch (`.shuffle(...)`) without a seed: no "
                 "two runs see the same order. Call keras.utils.set_random_seed(seed) before "
                 "building the dataset, or pass `seed=` to `.shuffle`.")
-        elif stages and model is not None and not _default_strategy(model):
+        elif shuffle == "distributed":
             problems.append(
                 "the tf.data input reshuffles every epoch (`.shuffle(...)`) under a "
                 "distribution strategy, which rebuilds the pipeline with a shuffle state of "
                 "its own. Use `.apply(keras_ckpt.data.EpochShuffle(buffer_size, seed))` "
                 "instead of `.shuffle(...)`.")
-        try:
-            cardinality = int(x.cardinality())  # -1 infinite, -2 unknown
-        except Exception:
-            cardinality = -2
+        if shuffle == "seeded" and cardinality == -2 and not steps_per_epoch:
+            problems.append(
+                "the tf.data input reshuffles every epoch (`.shuffle(...)`) and Keras does not "
+                "know its length (a `.filter`, `from_generator`...), so the iterators its "
+                "epochs make, which draw the shuffle's seeds, cannot be counted again. Add "
+                "`.apply(tf.data.experimental.assert_cardinality(batches))`, or use "
+                "`.apply(keras_ckpt.data.EpochShuffle(buffer_size, seed))`.")
         if cardinality == -1 and steps_per_epoch:
             problems.append(
                 "the tf.data input is infinite (`.repeat()`) with steps_per_epoch: each epoch "
                 "continues where the last one stopped reading, and a resume starts the stream "
                 "again. Give each epoch its own finite dataset (no `.repeat()`, or "
                 "`.repeat()` before `.take(steps_per_epoch)` of a dataset that restarts).")
-        elif steps_per_epoch and (cardinality == -2 or cardinality > int(steps_per_epoch)):
+        elif _reads_on_across_epochs(cardinality, steps_per_epoch):
             count = "an unknown number of" if cardinality == -2 else cardinality
             problems.append(
                 f"the tf.data input has {count} batches and steps_per_epoch="
                 f"{steps_per_epoch}: Keras then reads on from where the last epoch stopped, "
                 "and a resume starts the dataset again"
-                + (" (and its reshuffling seeds)" if stages else "") + ". Let one epoch read "
+                + (" (and its reshuffling seeds)" if shuffle else "") + ". Let one epoch read "
                 "the whole dataset (`.take(steps_per_epoch)`, no steps_per_epoch).")
     elif isinstance(x, (types.GeneratorType, types.AsyncGeneratorType)) or (
             hasattr(x, "__next__") and not hasattr(x, "__getitem__")):
@@ -154,6 +172,14 @@ def check_input(model: Any) -> list[str]:
     if arguments is None:
         return []
     problems = input_problems(arguments.get("x"), arguments.get("steps_per_epoch"), model)
+    validation = arguments.get("validation_data")
+    if _is_tf_dataset(validation) and _reshuffling(validation):
+        # Keras keeps one evaluation iterator maker for the whole fit; its seeds
+        # are not fast-forwarded, and the order changes the validation sums.
+        problems.append(
+            "the validation tf.data input reshuffles every epoch (`.shuffle(...)`): a resumed "
+            "run validates in another order, so its validation logs differ in the last "
+            "bits. Validation needs no shuffle: remove it from `validation_data`.")
     for problem in problems:
         warnings.warn(f"ModelCheckpoint(resume=...): {problem} Until then a resumed run "
                       "differs from an uninterrupted one.", stacklevel=4)

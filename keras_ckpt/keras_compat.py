@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 __all__ = [
-    "TF_ITERATORS_PER_EPOCH", "is_default_strategy",
+    "tf_iterators_before_epoch", "is_default_strategy",
     "print_msg", "get_initial_epoch", "set_initial_epoch", "calling_callback_list",
     "set_instance_attr", "get_private", "set_private", "make_test_function",
     "fit_arguments", "guard_torch_fetch", "unguard_torch_fetch", "is_end_of_data", "callback_model",
@@ -248,11 +248,16 @@ def tf_tensor_view(tensor: Any) -> Any:
     return tensor._numpy()
 
 
-# Keras's epoch iterator (keras/src/trainers/epoch_iterator.py), for a finite
-# tf.data input and no `steps_per_epoch`, makes an iterator of the dataset at
-# every epoch begin and one more after the epoch's last batch (for the next
-# epoch, which makes its own). Each draws a seeded `.shuffle`'s seeds.
-TF_ITERATORS_PER_EPOCH = 2
+def tf_iterators_before_epoch(epoch: int, steps_per_epoch: Any) -> int:
+    """How many iterators of a finite tf.data input Keras's `fit` makes before epoch `epoch`'s.
+
+    Keras's epoch iterator (keras/src/trainers/epoch_iterator.py) makes one
+    after an epoch's last batch. Without `steps_per_epoch` every epoch then
+    makes its own at its begin (two an epoch); with `steps_per_epoch` equal to
+    the dataset's length the next epoch reads the one made at the last one's
+    end (one an epoch, the first at epoch 0's begin).
+    """
+    return epoch * (2 if steps_per_epoch is None else 1)
 
 
 def is_default_strategy(strategy: Any) -> bool:

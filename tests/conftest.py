@@ -186,19 +186,18 @@ def _track_tf_iterators():
     return _LIVE_ITERATORS
 
 
-_FROZEN = []
+@pytest.fixture(autouse=True, scope="session")
+def _freeze_the_imports():
+    """The imports (Keras, the backend) live for the whole session: collections need not
+    walk them again. Frozen once, before the first test (after collection imported them)."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
 
 
 @pytest.fixture(autouse=True)
 def _collect_left_iterators():
-    if not _FROZEN and "keras" in sys.modules:
-        import gc
-
-        # The imports (Keras, the backend) live for the whole session: collections
-        # need not walk them again. Frozen once, at the first test.
-        gc.collect()
-        gc.freeze()
-        _FROZEN.append(True)
     _track_tf_iterators()
     yield
     live = _track_tf_iterators()

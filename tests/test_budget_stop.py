@@ -365,18 +365,24 @@ class TickPerStep(Tick):
         self.last = done
 
 
-@needs_steps_per_execution
-@pytest.mark.backends
-def test_with_steps_per_execution_the_stop_overshoots_by_at_most_one_execution(tmp_path):
+def spe_budget_run(tmp_path, **checkpoint_kwargs):
+    """25 epochs of 6 steps, in executions of 4, on a 29-minute daily budget at 60 s a step."""
     clock = FakeClock(at(2026, 3, 2, 9, 0))
     model = make_model(seed=0)
     model.compile(optimizer="adam", loss="mse", steps_per_execution=4)
     budget = keras_ckpt.BudgetStop(daily_budget=29 * 60, clock=clock, verbose=0,
                                    ledger=str(tmp_path / "ledger.json"), timezone="Europe/Berlin")
     checkpoint = keras_ckpt.ModelCheckpoint(str(tmp_path / "ckpt" / "e{epoch:02d}.keras"),
-                                            resume=True)
+                                            **checkpoint_kwargs)
     model.fit(X, Y, batch_size=8, epochs=25, verbose=0, shuffle=False,
               callbacks=[TickPerStep(clock), checkpoint, budget])
+    return model, budget
+
+
+@needs_steps_per_execution
+@pytest.mark.backends
+def test_with_steps_per_execution_the_stop_overshoots_by_at_most_one_execution(tmp_path):
+    model, budget = spe_budget_run(tmp_path, resume=True)
     trained = int(model.optimizer.iterations.numpy())
     assert budget.stop_reason == "daily-budget"
     # 60 s a step, 29 min: the stop lands within one execution (4 steps) of the budget
@@ -411,14 +417,7 @@ def test_with_steps_per_execution_the_stop_overshoots_by_at_most_one_execution(t
 
 @needs_steps_per_execution
 def test_with_steps_per_execution_stopped_at_is_where_the_checkpoint_is(tmp_path):
-    clock = FakeClock(at(2026, 3, 2, 9, 0))
-    model = make_model(seed=0)
-    model.compile(optimizer="adam", loss="mse", steps_per_execution=4)
-    budget = keras_ckpt.BudgetStop(daily_budget=29 * 60, clock=clock, verbose=0,
-                                   ledger=str(tmp_path / "ledger.json"), timezone="Europe/Berlin")
-    checkpoint = keras_ckpt.ModelCheckpoint(str(tmp_path / "ckpt" / "e{epoch:02d}.keras"))
-    model.fit(X, Y, batch_size=8, epochs=25, verbose=0, shuffle=False,
-              callbacks=[TickPerStep(clock), checkpoint, budget])
+    _, budget = spe_budget_run(tmp_path)
     newest = keras_ckpt.list_checkpoints(tmp_path / "ckpt")[-1]
     assert newest.path == budget.checkpoint
     assert budget.stopped_at == (newest.epoch, newest.step)

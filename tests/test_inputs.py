@@ -83,3 +83,52 @@ def test_a_generator_and_a_stateful_pydataset_are_named(tmp_path):
     assert len(messages) == 1 and "on_epoch_end" in messages[0]
     assert fit_warnings(tmp_path / "n", Plain()) == []
     assert fit_warnings(tmp_path / "x", X, y=Y, batch_size=16) == []
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="tf.data inputs")
+@pytest.mark.parametrize("steps_per_epoch", [None, 2], ids=["whole-epochs", "steps-per-epoch"])
+def test_a_seeded_reshuffling_tf_data_input_resumes_bitwise(tmp_path, steps_per_epoch):
+    tf = pytest.importorskip("tensorflow")
+
+    class Crash(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 1:
+                raise RuntimeError("killed")
+
+    def run(callbacks, seed):
+        model = make_model(seed=seed)
+        keras.utils.set_random_seed(7)  # the dataset's seeds: as a re-run script makes them
+        data = tf.data.Dataset.from_tensor_slices((X, Y)).shuffle(32).batch(16)  # 2 batches
+        history = model.fit(data, epochs=4, verbose=0, steps_per_epoch=steps_per_epoch,
+                            callbacks=callbacks)
+        return model, history
+
+    template = str(tmp_path / "c{epoch}.keras")
+    straight, reference = run([], seed=3)
+    with pytest.raises(RuntimeError, match="killed"):
+        run([keras_ckpt.ModelCheckpoint(template, resume=True), Crash()], seed=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        resumed, history = run([keras_ckpt.ModelCheckpoint(template, resume=True)], seed=5)
+    assert not [w for w in caught if "ModelCheckpoint(resume" in str(w.message)]  # it is exact
+    for a, b in zip(straight.variables, resumed.variables, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert history.history == reference.history
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="tf.data inputs")
+def test_a_reshuffling_tf_data_input_of_unknown_length_is_named(tmp_path):
+    tf = pytest.importorskip("tensorflow")
+    data = tf.data.Dataset.from_tensor_slices((X, Y)).filter(lambda x, y: True)
+    messages = fit_warnings(tmp_path, data.shuffle(32, seed=4).batch(16))
+    assert len(messages) == 1 and "assert_cardinality" in messages[0]
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="tf.data inputs")
+def test_a_reshuffling_validation_tf_data_input_is_named(tmp_path):
+    tf = pytest.importorskip("tensorflow")
+    data = tf.data.Dataset.from_tensor_slices((X, Y))
+    messages = fit_warnings(tmp_path / "v", data.batch(16),
+                            validation_data=data.shuffle(32, seed=2).batch(16))
+    assert len(messages) == 1 and "validation tf.data input reshuffles" in messages[0]
+    assert fit_warnings(tmp_path / "w", data.batch(16), validation_data=data.batch(16)) == []

@@ -156,7 +156,8 @@ def test_the_cli_runs_without_a_backend(tmp_path):
 
 
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="tf.data inputs")
-def test_fit_makes_tf_iterators_per_epoch_as_keras_compat_says(monkeypatch):
+@pytest.mark.parametrize("steps_per_epoch", [None, 4])
+def test_fit_makes_tf_iterators_per_epoch_as_keras_compat_says(monkeypatch, steps_per_epoch):
     tf = pytest.importorskip("tensorflow")
     from tensorflow.python.data.ops import iterator_ops
 
@@ -170,9 +171,12 @@ def test_fit_makes_tf_iterators_per_epoch_as_keras_compat_says(monkeypatch):
 
     monkeypatch.setattr(iterator_ops.OwnedIterator, "__init__", counting)
     x, y = make_data(32)
-    data = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(32, seed=1).batch(8)
-    make_model().fit(data, epochs=3, verbose=0)
-    assert len(made) == 3 * keras_compat.TF_ITERATORS_PER_EPOCH
+    data = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(32, seed=1).batch(8)  # 4 batches
+    make_model().fit(data, epochs=3, steps_per_epoch=steps_per_epoch, verbose=0)
+    # Before epoch 3's: all of them without steps_per_epoch (it makes its own), all
+    # but the last one with it (the one epoch 3 would read, made at epoch 2's end).
+    before_epoch_3 = keras_compat.tf_iterators_before_epoch(3, steps_per_epoch)
+    assert len(made) == before_epoch_3 + (0 if steps_per_epoch is None else 1)
 
 
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="tf.distribute")

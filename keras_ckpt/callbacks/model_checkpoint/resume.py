@@ -183,7 +183,8 @@ def resume(owner: Any) -> None:
         fit.resume_step = step
         session.guards.replay = Replay(model, -(-step // spe), snapshot)
     session.start_at_epoch(epoch)
-    inputs.fast_forward(model, epoch)  # a seeded .shuffle(...) draws epoch `epoch`'s order next
+    if not finished:
+        inputs.fast_forward(model, epoch)  # a seeded .shuffle(...) draws epoch `epoch`'s order next
     fit.last_save_step = info.global_step
     if owner.options.verbose > 0 and not finished:
         where = f"epoch {epoch + 1}" + (f", step {step + 1}" if step else "")
