@@ -9,9 +9,10 @@ Usage: python -m keras_ckpt.demo_train DIR OUT.npz [--kill-epoch K | --kill-step
        [--die-in-write N:PHASE]
 
 Trains a model with Dropout and BatchNormalization, Adam with a learning-rate
-schedule, seeded and with op determinism, with `ModelCheckpoint(resume=True)`
-writing into DIR. `--kill-epoch K` SIGKILLs the process right after epoch K
-(0-based), `--kill-step S` after global step S. `--early-stopping P` adds
+schedule, seeded (and with op determinism on TensorFlow, the only backend that
+imports TensorFlow here), with `ModelCheckpoint(resume=True)` writing into DIR.
+`--kill-epoch K` SIGKILLs the process right after epoch K (0-based),
+`--kill-step S` after global step S. `--early-stopping P` adds
 `EarlyStopping(patience=P, restore_best_weights=True)` (`--best-on-disk` keeps
 its best weights in DIR). `--daily-budget` adds a `BudgetStop` charging the
 ledger at PATH (real time, or with `--clock-start` a simulated clock that
@@ -43,7 +44,6 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
 import keras_ckpt  # noqa: E402
 
@@ -196,7 +196,10 @@ def main(argv: list[str] | None = None) -> None:
         n, phase = a.die_in_write.split(":")
         die_in_write(int(n), phase)
     keras.utils.set_random_seed(7)
-    tf.config.experimental.enable_op_determinism()
+    if keras.backend.backend() == "tensorflow":  # TensorFlow is imported only where used
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
     rng = np.random.default_rng(0)
     x = rng.normal(size=(96, 6)).astype("float32")
     y = (x @ rng.normal(size=(6, 1)) + 0.1 * rng.normal(size=(96, 1))).astype("float32")
@@ -253,6 +256,8 @@ def main(argv: list[str] | None = None) -> None:
     elif a.data == "numpy_noshuffle":
         history = model.fit(x, y, batch_size=16, shuffle=False, **fit)
     elif a.data in ("tfdata", "tfdata_plain"):
+        import tensorflow as tf
+
         ds = tf.data.Dataset.from_tensor_slices((x, y))
         if a.data == "tfdata":
             ds = ds.apply(keras_ckpt.data.EpochShuffle(96, seed=3))

@@ -17,7 +17,8 @@ __all__ = [
     "tf_iterators_before_epoch", "is_default_strategy",
     "print_msg", "get_initial_epoch", "set_initial_epoch", "calling_callback_list",
     "set_instance_attr", "get_private", "set_private", "make_test_function",
-    "fit_arguments", "guard_torch_fetch", "unguard_torch_fetch", "is_end_of_data", "callback_model",
+    "fit_arguments", "release_epoch_iterator", "guard_torch_fetch", "unguard_torch_fetch",
+    "is_end_of_data", "callback_model",
     "compiled_metrics", "symbolic_build", "step_counter", "learning_rate_variable",
     "distribute_strategy",
     "metric_direction", "saving_internals", "flatten_layers", "tf_tensor_view",
@@ -100,19 +101,50 @@ def is_end_of_data(error: BaseException) -> bool:
     return type(error).__name__ == "OutOfRangeError"  # tf.errors.OutOfRangeError
 
 
+def _fit_frame(model: Any) -> Any:
+    """The frame of the running `model.fit` up the stack, or None."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code.co_name == "fit" and frame.f_locals.get("self") is model:
+            return frame
+        frame = frame.f_back
+    return None
+
+
 def fit_arguments(model: Any) -> dict | None:
     """The arguments of the running `model.fit` (`x`, `steps_per_epoch`, ...), or None.
 
     Found through the calling frames (a callback is not handed them):
     Keras's trainers name them as `fit`'s parameters.
     """
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code.co_name == "fit" and frame.f_locals.get("self") is model:
-            names = frame.f_code.co_varnames[:frame.f_code.co_argcount]
-            return {name: frame.f_locals.get(name) for name in names if name != "self"}
-        frame = frame.f_back
-    return None
+    frame = _fit_frame(model)
+    if frame is None:
+        return None
+    names = frame.f_code.co_varnames[:frame.f_code.co_argcount]
+    return {name: frame.f_locals.get(name) for name in names if name != "self"}
+
+
+def release_epoch_iterator(model: Any) -> bool:
+    """Lets the running fit's epoch iterator go of its data iterator; call at train end.
+
+    Keras's epoch iterator (a local `epoch_iterator` of every trainer's `fit`)
+    keeps the epoch's generator in `_epoch_iterator`, and the generator refers
+    back to the iterator. A fit that stops in the middle of an epoch leaves the
+    generator suspended, so the pair is a reference cycle: only a later full
+    garbage collection frees it, in whatever the process does then, and
+    destroying a tf.data iterator there waits for its autotuning thread
+    (seconds). Dropping the generator and the current iterator (nothing else:
+    `reset()` would call the data's `on_epoch_end`) frees them when `fit`
+    returns. After `on_train_end` no trainer uses its epoch iterator again.
+    Returns whether the iterator was found.
+    """
+    frame = _fit_frame(model)
+    iterator = None if frame is None else frame.f_locals.get("epoch_iterator")
+    if iterator is None or not hasattr(iterator, "_epoch_iterator"):
+        return False
+    iterator._epoch_iterator = None
+    iterator._current_iterator = None
+    return True
 
 
 _GUARDED_CLASSES: dict[type, type] = {}
@@ -131,13 +163,8 @@ def guard_torch_fetch(model: Any, on_error: Callable[[str, BaseException], None]
 
     if keras.backend.backend() != "torch":
         return None
-    frame = sys._getframe(1)
-    iterator = None
-    while frame is not None:
-        if frame.f_code.co_name == "fit" and frame.f_locals.get("self") is model:
-            iterator = frame.f_locals.get("epoch_iterator")
-            break
-        frame = frame.f_back
+    frame = _fit_frame(model)
+    iterator = None if frame is None else frame.f_locals.get("epoch_iterator")
     if iterator is None:
         return None
     if type(iterator) not in _GUARDED_CLASSES.values():

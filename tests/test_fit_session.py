@@ -278,3 +278,19 @@ def test_signal_handlers_only_record(tmp_path):
     assert len(weights) and stop.best_weights is not None
     for a, b in zip(weights, stop.best_weights, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="tf.data inputs")
+def test_a_fit_stopped_mid_epoch_leaves_no_garbage_cycle_holding_its_data(tmp_path):
+    # Keras leaves it (tests/test_keras_compat.py); a later garbage collection in the
+    # user's process would then wait seconds for the iterator's autotuning thread.
+    import tensorflow as tf
+    from test_keras_compat import StopMidEpoch, tf_iterators_left_by
+
+    data = tf.data.Dataset.from_tensor_slices((X, Y)).batch(8)  # 4 steps an epoch
+    checkpoint = keras_ckpt.ModelCheckpoint(str(tmp_path / "c-{epoch}-{batch}.keras"),
+                                            save_freq=1)
+    left = tf_iterators_left_by(lambda: make_model().fit(
+        data, epochs=2, verbose=0, callbacks=[checkpoint, StopMidEpoch(release=False)]))
+    assert left == []
+    assert os.path.exists(tmp_path / "c-1-2.keras")  # it stopped after step 2

@@ -185,3 +185,49 @@ def test_the_default_strategy_is_told_from_the_others():
     assert keras_compat.is_default_strategy(tf.distribute.get_strategy())
     assert keras_compat.is_default_strategy(make_model().distribute_strategy)
     assert not keras_compat.is_default_strategy(tf.distribute.OneDeviceStrategy("/cpu:0"))
+
+
+class StopMidEpoch(keras.callbacks.Callback):
+    """Stops the fit after its second step; at train end, optionally releases the iterator."""
+
+    def __init__(self, release):
+        super().__init__()
+        self.release, self.released = release, None
+
+    def on_train_batch_end(self, batch, logs=None):
+        if batch == 1:
+            self.model.stop_training = True
+
+    def on_train_end(self, logs=None):
+        if self.release:
+            self.released = keras_compat.release_epoch_iterator(self.model)
+
+
+def tf_iterators_left_by(fit) -> list:
+    """The tf.data iterators `fit()` made that are still alive when it returns, with
+    the garbage collector off (so only a reference cycle keeps one alive)."""
+    import gc
+
+    from conftest import _track_tf_iterators
+
+    live = _track_tf_iterators()
+    gc.collect()
+    before = {id(it) for it in live}
+    gc.disable()
+    try:
+        fit()
+        return [it for it in live if id(it) not in before]
+    finally:
+        gc.enable()
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="tf.data inputs")
+@pytest.mark.parametrize("release", [False, True], ids=["as-keras-leaves-it", "released"])
+def test_a_fit_stopped_mid_epoch_leaves_its_iterator_in_a_cycle_unless_released(release):
+    tf = pytest.importorskip("tensorflow")
+    data = tf.data.Dataset.from_tensor_slices((X, Y)).batch(4)  # 4 batches
+    stop = StopMidEpoch(release)
+    left = tf_iterators_left_by(
+        lambda: make_model().fit(data, epochs=2, verbose=0, callbacks=[stop]))
+    assert stop.released is (True if release else None)
+    assert len(left) == (0 if release else 1)

@@ -205,6 +205,9 @@ class FitSession:
                 raise
             if live is not None:
                 live.close()
+                model = live.model
+                if model is not None:  # no garbage cycle left behind by a stop mid-epoch
+                    keras_compat.release_epoch_iterator(model)
                 if live.exit_status is not None:
                     raise SystemExit(live.exit_status)
             return result
