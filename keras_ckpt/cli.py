@@ -22,6 +22,8 @@ def _build_parser() -> argparse.ArgumentParser:
     inspect = commands.add_parser("inspect", help="list the checkpoints in a directory")
     inspect.add_argument("directory", help="a checkpoint directory")
     inspect.add_argument("--json", action="store_true", help="print JSON for scripts")
+    inspect.add_argument("--meta-only", action="store_true",
+                         help="read each file's metadata only (fast; damaged data not seen)")
     budget = commands.add_parser(
         "budget", help="today's use of a BudgetStop ledger, what remains, the sessions")
     budget.add_argument("ledger", help="the ledger file BudgetStop writes")
@@ -85,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "inspect":
         from keras_ckpt.inspect import run_inspect
 
-        return run_inspect(args.directory, as_json=args.json)
+        return run_inspect(args.directory, as_json=args.json, verify=not args.meta_only)
     if args.command == "budget":
         return run_budget(args.ledger, as_json=args.json, now=args.now)
     return 2

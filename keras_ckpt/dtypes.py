@@ -43,7 +43,8 @@ _SMALL_FLOATS = _small_floats()
 def is_small_float(dtype: Any) -> bool:
     """Whether `dtype` is one of ml_dtypes' floats (bfloat16, float8_*, ...)."""
     dtype = np.dtype(dtype)
-    return _SMALL_FLOATS.get(dtype.name) == dtype
+    found = _SMALL_FLOATS.get(dtype.name)  # (None == float64 is True in NumPy)
+    return found is not None and found == dtype
 
 
 def allowed(dtype: np.dtype) -> bool:

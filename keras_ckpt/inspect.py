@@ -6,21 +6,32 @@ import dataclasses
 import datetime
 import json
 import os
+from typing import Any
 
-from keras_ckpt.manager import list_checkpoints
+from keras_ckpt.jsonsafe import encode_float
+from keras_ckpt.manager import CheckpointInfo, list_checkpoints, read_verified
 from keras_ckpt.monitor import infer_mode
+from keras_ckpt.storage_format import CorruptCheckpointError
 
 __all__ = ["run_inspect", "describe"]
 
 
-def describe(directory: str) -> list[dict]:
+def describe(directory: str, verify: bool = True) -> list[dict]:
     """One dict per file: the `CheckpointInfo` fields plus `valid`, `latest` and `best`.
 
     `best` marks the checkpoint with the best finite monitored value, where the
     monitor's direction can be told from its name (`*loss`: min; accuracy,
     AUC and other Keras metrics: their direction).
+
+    Args:
+        directory: the checkpoint directory.
+        verify: read every checkpoint whole and check every checksum, as
+            resume does, so that "valid" means what resume would accept
+            (one file in memory at a time); False reads the metadata only.
     """
     infos = list_checkpoints(directory, include_invalid=True)
+    if verify:
+        infos = [_verified(c) for c in infos]
     valid = [c for c in infos if c.valid and c.finite]
     latest = valid[-1].path if valid else None
     best = None
@@ -40,6 +51,21 @@ def describe(directory: str) -> list[dict]:
     return rows
 
 
+def _verified(info: CheckpointInfo) -> CheckpointInfo:
+    if info.error is not None:
+        return info
+    try:
+        read_verified(info.path)
+    except CorruptCheckpointError as e:
+        return dataclasses.replace(info, error=str(e))
+    return info
+
+
+def _json_value(value: Any) -> Any:
+    """A row's value as strict JSON: non-finite floats as keras-ckpt writes them."""
+    return encode_float(value) if isinstance(value, float) else value
+
+
 def _fmt(c: dict) -> list[str]:
     written = (datetime.datetime.fromtimestamp(c["written_at"]).strftime("%Y-%m-%d %H:%M:%S")
                if c["written_at"] else "-")
@@ -51,13 +77,17 @@ def _fmt(c: dict) -> list[str]:
             written, " ".join(labels)]
 
 
-def run_inspect(directory: str, as_json: bool = False) -> int:
-    """Prints the table (or JSON); returns 1 if the directory does not exist."""
+def run_inspect(directory: str, as_json: bool = False, verify: bool = True) -> int:
+    """Prints the table (or JSON); returns 1 if the directory does not exist.
+
+    `verify`: see `describe` (the CLI's `--meta-only` turns it off).
+    """
     if not os.path.isdir(directory):
         print(f"No such directory: {directory}")
         return 1
-    rows = describe(directory)
+    rows = describe(directory, verify=verify)
     if as_json:
+        rows = [{k: _json_value(v) for k, v in row.items()} for row in rows]
         print(json.dumps(rows, indent=2, allow_nan=False, default=str))
         return 0
     table = [["file", "epoch", "step", "monitored", "size", "written", "status"]]

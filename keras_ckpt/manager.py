@@ -18,9 +18,11 @@ from typing import Any
 from keras_ckpt import state as state_lib
 from keras_ckpt import storage
 from keras_ckpt.jsonsafe import decode_float
+from keras_ckpt.rng import rng_tuples
+from keras_ckpt.state_checks import check_snapshot
 
 __all__ = ["CheckpointInfo", "list_checkpoints", "latest_checkpoint", "best_checkpoint",
-           "restore", "template_regex", "read_infos", "latest_valid"]
+           "restore", "template_regex", "read_infos", "latest_valid", "read_verified"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,22 +74,59 @@ class CheckpointInfo:
         return self.epoch, self.step
 
 
+def _typed(path: str, value: Any, types: tuple, what: str) -> Any:
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        raise storage.CorruptCheckpointError(
+            f"{path}: the metadata's {what} is {value!r}, not of the type keras-ckpt writes.")
+    return value
+
+
 def info_from_meta(path: str, meta: Mapping[str, Any], size: int = 0) -> CheckpointInfo:
-    """Builds a `CheckpointInfo` from a checkpoint's metadata."""
-    progress = meta.get("progress", {})
+    """Builds a `CheckpointInfo` from a checkpoint's metadata.
+
+    Raises:
+        CorruptCheckpointError: a field has another type than keras-ckpt writes.
+    """
+    progress = _typed(path, meta.get("progress", {}), (dict,), "progress")
+    none_int, number = (int, type(None)), (int, float, str, type(None))
+    try:
+        monitor_value = decode_float(_typed(path, meta.get("monitor_value"), number,
+                                            "monitored value"))
+        loss = decode_float(_typed(path, meta.get("loss"), number, "loss"))
+    except (TypeError, ValueError):
+        raise storage.CorruptCheckpointError(
+            f"{path}: the metadata's loss or monitored value is not a number.") from None
+    written_at = float(_typed(path, meta.get("written_at", 0.0), (int, float), "time written"))
     return CheckpointInfo(
         path=path,
-        epoch=progress.get("epoch"),
-        step=progress.get("step"),
-        epoch_complete=bool(progress.get("epoch_complete")),
-        global_step=int(progress.get("global_step", -1)),
-        monitor=meta.get("monitor"),
-        monitor_value=decode_float(meta.get("monitor_value")),
-        loss=decode_float(meta.get("loss")),
-        written_at=float(meta.get("written_at", 0.0)),
-        kind=meta.get("kind", "regular"),
+        epoch=_typed(path, progress.get("epoch"), none_int, "epoch"),
+        step=_typed(path, progress.get("step"), none_int, "step"),
+        epoch_complete=_typed(path, progress.get("epoch_complete", False), (bool,),
+                              "epoch_complete"),
+        global_step=_typed(path, progress.get("global_step", -1), (int,), "global step"),
+        monitor=_typed(path, meta.get("monitor"), (str, type(None)), "monitor"),
+        monitor_value=monitor_value,
+        loss=loss,
+        written_at=written_at if math.isfinite(written_at) else 0.0,
+        kind=_typed(path, meta.get("kind", "regular"), (str,), "kind"),
         size=size,
     )
+
+
+def read_verified(path: str, verify: bool = True) -> state_lib.Snapshot:
+    """`storage.read`, and the state's structure checked (`state_checks.check_snapshot`).
+
+    Raises:
+        CorruptCheckpointError: the file is damaged, foreign or its state malformed.
+    """
+    snapshot = storage.read(path, verify=verify)
+    try:
+        check_snapshot(snapshot)
+        if snapshot.meta.get("rng") is not None:
+            rng_tuples(snapshot.meta["rng"], snapshot.arrays)
+    except state_lib.StateMismatchError as e:
+        raise storage.CorruptCheckpointError(f"{path}: {e}") from None
+    return snapshot
 
 
 def _candidates(directory: str) -> list[str]:
@@ -179,7 +218,7 @@ def latest_valid(infos: Sequence[CheckpointInfo], *, verify: bool = True
         if not info.finite:
             continue
         try:
-            return info, storage.read(info.path, verify=verify)
+            return info, read_verified(info.path, verify=verify)
         except storage.CorruptCheckpointError as e:
             warnings.warn(f"Skipping a checkpoint that fails verification (left on disk): {e}",
                           stacklevel=3)
@@ -246,7 +285,7 @@ def restore(model: Any, path: str | os.PathLike, *, weights_only: bool = False,
             "The model is not built, so its variables cannot be restored. Build it first: "
             "call it on a batch, call model.build(input_shape), or start it with keras.Input."
         )
-    snapshot = storage.read(path)
+    snapshot = read_verified(path)
     state_lib.apply(snapshot, model, objects, weights_only=weights_only, rng=rng)
     return info_from_meta(path, snapshot.meta, os.path.getsize(path))
 

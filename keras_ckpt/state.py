@@ -28,7 +28,7 @@ from keras_ckpt.snapshot import (
     describe,
     model_variables,
 )
-from keras_ckpt.state_checks import check_arrays, check_compatible
+from keras_ckpt.state_checks import check_compatible, check_snapshot
 
 __all__ = ["Stateful", "Snapshot", "capture", "host_view", "view_is_stable", "object_states",
            "capture_rng", "restore_rng_at_step", "apply", "apply_metrics", "saved_metrics",
@@ -219,8 +219,15 @@ def apply(snapshot: Snapshot, model: Any, objects: Mapping[str, Stateful] | None
         StateMismatchError: the snapshot does not fit the model.
     """
     meta = snapshot.meta
+    check_snapshot(snapshot)
+    optimizer = getattr(model, "optimizer", None)
+    if (not weights_only and optimizer is not None and not optimizer.built
+            and meta["variables"]["optimizer"]):
+        # Built (it creates its own variables, changes nothing else) and checked
+        # before anything is assigned: a mismatch leaves the model as it was.
+        check_compatible(meta, model, weights_only=True)
+        optimizer.build(model.trainable_variables)
     orders = check_compatible(meta, model, weights_only=weights_only)
-    check_arrays(snapshot)
     rng_states = rng_tuples(meta.get("rng"), snapshot.arrays) if rng and not weights_only \
         else None
     if weights_only:
@@ -231,13 +238,7 @@ def apply(snapshot: Snapshot, model: Any, objects: Mapping[str, Stateful] | None
     variables = _saved_order(groups["model"], orders.get("model"))
     _assign(variables, "model", snapshot.arrays)
     assign_replicas(model, variables, meta.get("replicas", {}), snapshot.arrays, "model")
-    optimizer = getattr(model, "optimizer", None)
-    saved_opt = meta["variables"]["optimizer"]
-    if optimizer is not None and saved_opt:
-        if not optimizer.built:
-            optimizer.build(model.trainable_variables)
-            groups["optimizer"] = list(optimizer.variables)
-            orders = check_compatible(meta, model)
+    if optimizer is not None and meta["variables"]["optimizer"]:
         _assign(_saved_order(groups["optimizer"], orders.get("optimizer")), "optimizer",
                 snapshot.arrays)
     if metrics:

@@ -15,7 +15,7 @@ from keras_ckpt.snapshot import (
     model_variables,
 )
 
-__all__ = ["check_compatible", "check_arrays", "saved_order"]
+__all__ = ["check_compatible", "check_arrays", "check_snapshot", "saved_order"]
 
 
 def check_compatible(meta: Mapping[str, Any], model: Any, *,
@@ -128,6 +128,30 @@ def check_arrays(snapshot: Snapshot) -> None:
     if missing:
         raise StateMismatchError(
             f"The checkpoint's metadata lists the array {missing[0]!r}, which it does not hold.")
+
+
+def check_snapshot(snapshot: Snapshot) -> None:
+    """A snapshot read from a file is well-formed: checked before it is used at all.
+
+    Its metadata has the structure `apply` reads, every array it lists is
+    there, and each variable's array has exactly the shape and dtype the
+    variable's entry declares (no silent cast, no partial assignment later).
+
+    Raises:
+        StateMismatchError: naming the first thing malformed.
+    """
+    meta = snapshot.meta
+    _check_structure(meta)
+    check_arrays(snapshot)
+    for group in GROUPS:
+        for i, entry in enumerate(meta["variables"][group]):
+            array = snapshot.arrays[f"{group}/{i:05d}"]
+            shape, dtype = list(getattr(array, "shape", ())), getattr(array, "dtype", None)
+            if shape != entry["shape"] or getattr(dtype, "name", None) != entry["dtype"]:
+                raise StateMismatchError(
+                    f"The checkpoint's array for {group} variable {entry['path']} is "
+                    f"{tuple(shape)} {dtype}, but its entry declares "
+                    f"{tuple(entry['shape'])} {entry['dtype']}.")
 
 
 def _compare(group: str, saved: list[dict], now: list[dict]) -> None:

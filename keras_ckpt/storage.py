@@ -38,6 +38,7 @@ from keras_ckpt.storage_format import (  # noqa: F401 - the format, as before
     FORMAT_VERSION,
     GROUP,
     KERAS_WEIGHTS_MEMBER,
+    META_MEMBER,
     ZIP_MEMBER,
     CorruptCheckpointError,
     ForeignFileError,
@@ -63,9 +64,6 @@ __all__ = ["CorruptCheckpointError", "ForeignFileError", "NonFiniteStateError", 
            "read_meta",
            "is_temporary", "extension", "Layout", "OnePassWeights", "OnePassArchive",
            "KerasPartFirst", "choose_layout", "FORMAT", "FORMAT_VERSION", "EXTENSIONS"]
-
-
-
 
 
 def _memory_limit() -> int:
@@ -125,23 +123,57 @@ def _member_window(path: str, archive: zipfile.ZipFile, member: str) -> tuple[in
     return info.header_offset + 30 + name_len + extra_len, info.file_size
 
 
+def _archive(path: str, archive: zipfile.ZipFile) -> list[str]:
+    """The archive's member names; refuses one that holds a name twice."""
+    names = archive.namelist()
+    if len(set(names)) != len(names):
+        twice = next(n for n in names if names.count(n) > 1)
+        raise CorruptCheckpointError(
+            f"{path}: the archive holds two members named {twice!r}; refusing it.")
+    return names
+
+
+def _check_member_crc(path: str, archive: zipfile.ZipFile, member: str) -> None:
+    """Reads `member` through, in pieces, so that zipfile checks its CRC-32.
+
+    Damaged HDF5 can make the HDF5 library loop forever: no member is parsed
+    before its bytes are known to be the ones written.
+    """
+    with archive.open(member) as f:
+        while f.read(1 << 20):
+            pass
+
+
+def _hard_child(path: str, parent: h5py.Group, name: str, what: str) -> Any:
+    """`parent[name]` if it is there through a hard link (never a soft or external one)."""
+    link = parent.get(name, getlink=True)
+    if link is None:
+        return None
+    if not isinstance(link, h5py.HardLink):
+        raise CorruptCheckpointError(
+            f"{path}: {what} is a link ({type(link).__name__}) to elsewhere; refusing it.")
+    return parent.get(name)
+
+
 @contextlib.contextmanager
 def _open_group(path: str, verify: bool = False, fileobj: Any = None):
     raw = None
     try:
         if path.endswith(".keras"):
             with zipfile.ZipFile(fileobj or path) as archive:
+                names = _archive(path, archive)
                 bad = archive.testzip() if verify else None
                 if bad is not None:
                     raise CorruptCheckpointError(f"{path}: archive member {bad} fails its CRC.")
-                names = archive.namelist()
                 member = ZIP_MEMBER if ZIP_MEMBER in names else KERAS_WEIGHTS_MEMBER
                 if member not in names:
                     raise ForeignFileError(
                         f"{path} is a Keras archive without keras-ckpt training state.")
                 window = _member_window(path, archive, member)
-                if window is None:
+                if window is None:  # compressed: read whole, its CRC checked by zipfile
                     source: Any = io.BytesIO(archive.read(member))
+                elif not verify:
+                    _check_member_crc(path, archive, member)
             if window is not None:
                 # Read our member in place: no copy of the state into memory.
                 raw = None if fileobj else open(path, "rb")  # noqa: SIM115 - closed below
@@ -153,13 +185,13 @@ def _open_group(path: str, verify: bool = False, fileobj: Any = None):
         if raw is not None:
             raw.close()
         raise
-    except (OSError, zipfile.BadZipFile, zlib.error, ValueError, KeyError) as e:
+    except Exception as e:  # whatever zipfile, zlib or h5py raise on a damaged file
         if raw is not None:
             raw.close()
         raise CorruptCheckpointError(f"{path} cannot be opened as a checkpoint: {e}") from None
     try:
         with h5:
-            group = h5.get(GROUP)
+            group = _hard_child(path, h5, GROUP, f"the {GROUP!r} group")
             if not isinstance(group, h5py.Group) or group.attrs.get("format") != FORMAT:
                 what = "is a Keras archive without" if path.endswith(".keras") else "holds no"
                 raise ForeignFileError(f"{path} {what} keras-ckpt training state.")
@@ -167,6 +199,38 @@ def _open_group(path: str, verify: bool = False, fileobj: Any = None):
     finally:
         if raw is not None:
             raw.close()
+
+
+@contextlib.contextmanager
+def _one_error(path: str):
+    """Any error reading `path` leaves as one `CorruptCheckpointError` naming the file."""
+    try:
+        yield
+    except (CorruptCheckpointError, MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as e:
+        raise CorruptCheckpointError(
+            f"{path} cannot be read as a checkpoint: {type(e).__name__}: {e}") from None
+
+
+def _archive_meta_text(path: str, fileobj: Any = None) -> str | None:
+    """The metadata text of a `.keras` archive's `META_MEMBER` (CRC-checked), or None."""
+    with zipfile.ZipFile(fileobj or path) as archive:
+        names = _archive(path, archive)
+        if META_MEMBER not in names:
+            return None
+        if archive.getinfo(META_MEMBER).file_size > _MAX_META_BYTES:
+            raise CorruptCheckpointError(
+                f"{path}: the metadata member is larger than {_MAX_META_BYTES} bytes.")
+        record = json.loads(archive.read(META_MEMBER))
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise CorruptCheckpointError(f"{path}: the metadata member is not keras-ckpt's.")
+    _check_version(path, record.get("format_version"))
+    text = record.get("meta")
+    if not isinstance(text, str) or zlib.crc32(text.encode("utf-8", "surrogateescape")) != \
+            record.get("meta_crc32"):
+        raise CorruptCheckpointError(f"{path}: the metadata member fails its checksum.")
+    return text
 
 
 def _verify_keras_part(path: str, group: h5py.Group, meta: dict) -> None:
@@ -182,13 +246,18 @@ def _verify_keras_part(path: str, group: h5py.Group, meta: dict) -> None:
             raise CorruptCheckpointError(f"{path}: Keras's dataset {name!r} fails its checksum.")
 
 
-def _parse_meta(path: str, group: h5py.Group) -> dict:
-    version = int(group.attrs.get("format_version", -1))
-    if version > FORMAT_VERSION or version < 1:
+def _check_version(path: str, version: Any) -> None:
+    if not isinstance(version, (int, np.integer)) or isinstance(version, bool) or not (
+            1 <= version <= FORMAT_VERSION):
         raise CorruptCheckpointError(
             f"{path} has keras-ckpt format version {version}; this keras-ckpt reads "
             f"version {FORMAT_VERSION} and older. Upgrade keras-ckpt to read it."
         )
+
+
+def _meta_text(path: str, group: h5py.Group) -> str:
+    """The HDF5 metadata attribute's text, checked against its CRC-32."""
+    _check_version(path, group.attrs.get("format_version", -1))
     try:
         meta_size = group.attrs.get_id("meta").get_storage_size()
     except (KeyError, OSError):
@@ -203,6 +272,10 @@ def _parse_meta(path: str, group: h5py.Group) -> dict:
     if not isinstance(text, str) or zlib.crc32(text.encode("utf-8", "surrogateescape")) != int(
             group.attrs.get("meta_crc32", -1)):
         raise CorruptCheckpointError(f"{path}: the metadata fails its checksum.")
+    return text
+
+
+def _parse_meta(path: str, text: str) -> dict:
     try:
         meta = json.loads(text)
     except (json.JSONDecodeError, RecursionError) as e:
@@ -224,8 +297,12 @@ def read_meta(path: str, fileobj: Any = None) -> dict[str, Any]:
     Raises:
         CorruptCheckpointError: not a readable keras-ckpt checkpoint.
     """
-    with _open_group(path, fileobj=fileobj) as group:
-        return _parse_meta(path, group)
+    with _one_error(path):
+        text = _archive_meta_text(path, fileobj) if path.endswith(".keras") else None
+        if text is None:
+            with _open_group(path, fileobj=fileobj) as group:
+                text = _meta_text(path, group)
+        return _parse_meta(path, text)
 
 
 def read(path: str, verify: bool = True) -> Snapshot:
@@ -234,11 +311,23 @@ def read(path: str, verify: bool = True) -> Snapshot:
     Raises:
         CorruptCheckpointError: partial, damaged, foreign or from a newer format.
     """
+    with _one_error(path):
+        return _read(path, verify)
+
+
+def _read(path: str, verify: bool) -> Snapshot:
+    sidecar = _archive_meta_text(path) if path.endswith(".keras") else None
     with _open_group(path, verify=verify) as group:
-        meta = _parse_meta(path, group)
+        text = _meta_text(path, group)
+        if sidecar is not None and sidecar != text:
+            raise CorruptCheckpointError(
+                f"{path}: the archive's metadata member disagrees with its state.")
+        meta = _parse_meta(path, text)
         if verify:
             _verify_keras_part(path, group, meta)
-        data = group.get("arrays")
+        data = _hard_child(path, group, "arrays", "the arrays group")
+        if data is not None and not isinstance(data, h5py.Group):
+            raise CorruptCheckpointError(f"{path}: the arrays group is not a group.")
         arrays: dict[str, np.ndarray] = {}
         limit, total = _memory_limit(), 0
         # Checksums run on a worker thread while the next array is read

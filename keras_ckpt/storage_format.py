@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import zlib
 from typing import Any
 
 import h5py
@@ -12,7 +14,7 @@ import numpy as np
 from keras_ckpt import atomic, dtypes
 
 __all__ = ["CorruptCheckpointError", "ForeignFileError", "FORMAT", "FORMAT_VERSION",
-           "EXTENSIONS", "GROUP", "ZIP_MEMBER", "KERAS_WEIGHTS_MEMBER", "extension",
+           "EXTENSIONS", "GROUP", "ZIP_MEMBER", "KERAS_WEIGHTS_MEMBER", "META_MEMBER", "extension",
            "NonFiniteStateError",
            "is_temporary"]
 
@@ -21,6 +23,9 @@ FORMAT_VERSION = 1
 GROUP = "keras_ckpt"
 ZIP_MEMBER = "keras_ckpt.h5"  # our state beside Keras's archive (Keras wrote its part)
 KERAS_WEIGHTS_MEMBER = "model.weights.h5"  # one-pass archives: our state inside it
+# `.keras`: a copy of the metadata as a small member of its own, so that listing
+# an archive reads a few CRC-checked bytes and never parses HDF5 unverified.
+META_MEMBER = "keras_ckpt.json"
 EXTENSIONS = (".weights.h5", ".keras", ".h5")
 _TMP_MARK = atomic.MARK  # also the older writers' names (`.last.tmp-PID-link`)
 _DATASET_NAME = re.compile(r"a\d{5,}")
@@ -86,6 +91,13 @@ def _check_dataset_storage(path: str, name: str, dataset: h5py.Dataset) -> None:
     if dataset.external or dataset.is_virtual:
         raise CorruptCheckpointError(
             f"{path}: dataset {name!r} takes its data from another file; refusing to read it.")
+
+
+def meta_member(text: str) -> str:
+    """The `META_MEMBER` of an archive whose metadata is `text`."""
+    return json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION,
+                       "meta_crc32": zlib.crc32(text.encode()), "meta": text},
+                      separators=(",", ":"))
 
 
 def extension(path: str) -> str:

@@ -27,11 +27,13 @@ from keras_ckpt.storage_format import (
     FORMAT_VERSION,
     GROUP,
     KERAS_WEIGHTS_MEMBER,
+    META_MEMBER,
     ZIP_MEMBER,
     _crc,
     _crc_finite,
     _keras_part_crcs,
     extension,
+    meta_member,
 )
 
 __all__ = ["write", "Layout", "OnePassWeights", "OnePassArchive", "KerasPartFirst",
@@ -41,8 +43,10 @@ __all__ = ["write", "Layout", "OnePassWeights", "OnePassArchive", "KerasPartFirs
 
 
 def _write_group(h5: h5py.File, snapshot: Snapshot, meta: dict, layout: Any = None,
-                 sync_path: str | None = None, compression: str | None = None) -> None:
+                 sync_path: str | None = None, compression: str | None = None) -> str:
     """Writes our group (and, with a `keras_layout.Layout`, Keras's datasets) in one pass.
+
+    Returns the metadata's JSON text.
 
     With `layout`, each variable's data is written once, where Keras's
     `load_weights` looks for it, and our group hard-links to it. Checksums
@@ -115,6 +119,12 @@ def _write_group(h5: h5py.File, snapshot: Snapshot, meta: dict, layout: Any = No
     group.attrs["format_version"] = FORMAT_VERSION
     group.attrs["meta"] = text
     group.attrs["meta_crc32"] = zlib.crc32(text.encode())
+    return text
+
+
+def _add_meta_member(archive: zipfile.ZipFile, text: str) -> None:
+    """The metadata's copy that listing reads (`storage.read_meta`), compressed: it is JSON."""
+    archive.writestr(META_MEMBER, meta_member(text), compress_type=zipfile.ZIP_DEFLATED)
 
 
 def _fsync_path(path: str, directory: bool = False) -> None:
@@ -157,12 +167,14 @@ class OnePassArchive(Layout):
     def produce(self, tmp, ext, snapshot, meta, compression, fsync):
         buffer = io.BytesIO()
         with h5py.File(buffer, "w") as h5:
-            _write_group(h5, snapshot, meta, layout=self.keras_layout, compression=compression)
+            text = _write_group(h5, snapshot, meta, layout=self.keras_layout,
+                                compression=compression)
         config_json, metadata_json = self.archive
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as archive:
             archive.writestr("metadata.json", metadata_json)
             archive.writestr("config.json", config_json)
             archive.writestr(KERAS_WEIGHTS_MEMBER, buffer.getbuffer())
+            _add_meta_member(archive, text)
 
 
 class KerasPartFirst(Layout):
@@ -182,10 +194,11 @@ class KerasPartFirst(Layout):
         if ext == ".keras":
             buffer = io.BytesIO()
             with h5py.File(buffer, "w") as h5:
-                _write_group(h5, snapshot, meta, compression=compression)
+                text = _write_group(h5, snapshot, meta, compression=compression)
             with zipfile.ZipFile(tmp, "a" if writer else "w",
                                  compression=zipfile.ZIP_STORED) as archive:
                 archive.writestr(ZIP_MEMBER, buffer.getbuffer())
+                _add_meta_member(archive, text)
             return
         with h5py.File(tmp, "a" if writer is not None else "w") as h5:
             if GROUP in h5:

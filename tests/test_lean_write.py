@@ -134,8 +134,9 @@ def test_one_pass_keras_archive_loads_in_keras_with_the_state_inside(tmp_path):
     model = make_model(batchnorm=True, metrics=["mae"])
     path = tmp_path / "m.keras"
     fit(model, [keras_ckpt.ModelCheckpoint(str(path))])
+    # Keras's three members (our state inside its weights) and our metadata's copy.
     assert zipfile.ZipFile(path).namelist() == ["metadata.json", "config.json",
-                                                "model.weights.h5"]
+                                                "model.weights.h5", "keras_ckpt.json"]
     loaded = keras.saving.load_model(path)
     for v, w in zip(model.variables + model.optimizer.variables,
                     loaded.variables + loaded.optimizer.variables, strict=True):

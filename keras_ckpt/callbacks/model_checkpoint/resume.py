@@ -143,7 +143,7 @@ def resume(owner: Any) -> None:
         print_msg(f"ModelCheckpoint: {owner.files.path} already holds this run's "
                   f"checkpoints; continuing from {info.path}, not from {owner.options.resume}.")
     else:
-        snapshot = storage.read(owner.options.resume)
+        snapshot = manager.read_verified(owner.options.resume)
         info = manager.info_from_meta(owner.options.resume, snapshot.meta)
     _agree(owner, info)
     _build_lazily(model, snapshot)
