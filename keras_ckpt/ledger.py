@@ -301,7 +301,9 @@ class Ledger:
                 self._charge_late(data, record, paid, now, limits)
             elif now < paid:  # clean end: the unused reservation goes back
                 for day, seconds in self.days.split(now, paid):
-                    entry = data["days"][day]
+                    entry = data["days"].get(day)
+                    if entry is None:  # never charged (a file edited meanwhile)
+                        continue
                     entry["seconds"] = max(0.0, entry["seconds"] - seconds)
                     entry["cost"] = max(0.0, entry["cost"] - seconds * self.price_per_second)
             charged = now - record["start"] - record.get("overrun", 0.0)

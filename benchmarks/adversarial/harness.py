@@ -54,11 +54,11 @@ def library_fingerprint() -> dict:
     def git(*args: str) -> str:
         try:
             return subprocess.run(["git", "-C", root, *args], capture_output=True, text=True,
-                                  timeout=10).stdout.strip()
+                                  timeout=10).stdout.rstrip()
         except (OSError, subprocess.SubprocessError):
             return ""
 
-    return {"git_head": git("rev-parse", "HEAD"),
+    return {"git_head": git("rev-parse", "HEAD").strip(),
             "modified": git("status", "--short", "keras_ckpt").splitlines(),
             "sources_sha256": digest.hexdigest()}
 

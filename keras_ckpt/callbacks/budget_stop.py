@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime
 import math
 import os
-import time
 from collections.abc import Callable
 
 from keras_ckpt import keras_compat, multi_worker, registry
@@ -16,6 +15,7 @@ from keras_ckpt.callbacks.budget_report import (
     check_seconds,
 )
 from keras_ckpt.callbacks.model_checkpoint import ModelCheckpoint
+from keras_ckpt.clocks import SteadyClock
 from keras_ckpt.fit.protocol import steps_done
 from keras_ckpt.ledger import DayClock, Ledger, default_ledger_path
 from keras_ckpt.validation import check_bool, check_number
@@ -40,11 +40,11 @@ class BudgetStop(StatefulCallback):
       device times `devices`.
 
     Usage is kept in a ledger file shared by every run that names it: charged
-    as training goes (paid ahead one `sync_interval` at a time, under a lock),
-    so that a crash loses at most one interval, two processes never both
-    spend the same budget, and resuming an older checkpoint never refunds
-    time. Each run is recorded (start, end, seconds, cost, stop reason, the
-    checkpoint left behind); `python -m keras_ckpt budget LEDGER` prints it.
+    on a monotonic clock as training goes (paid ahead one `sync_interval` at a
+    time, under a lock), so that a crash loses at most one interval, two
+    processes never both spend the same budget, and neither resuming an older
+    checkpoint nor a wall clock stepped back refunds time. Each run is
+    recorded; `python -m keras_ckpt budget LEDGER` prints it.
 
     From running estimates of the step, validation and checkpoint-save
     durations, it stops at the last step whose projected end, the final save
@@ -77,8 +77,10 @@ class BudgetStop(StatefulCallback):
             leave uncharged... or charged in advance).
         raise_if_exhausted: raise `BudgetExhaustedError` when the budget is
             already spent at train begin, instead of returning.
-        clock: a zero-argument function returning POSIX seconds (default
-            `time.time`); tests pass a fake one.
+        clock: POSIX seconds (default `time.time`), read once a fit to place
+            it in its budget days; tests pass a fake one.
+        monotonic_clock: seconds that never go back, by which time is charged
+            (default `time.monotonic`; `clock` when only that is given).
         verbose: 0 or 1.
 
     Attributes:
@@ -114,6 +116,7 @@ class BudgetStop(StatefulCallback):
         sync_interval: float = 60.0,
         raise_if_exhausted: bool = False,
         clock: Callable[[], float] | None = None,
+        monotonic_clock: Callable[[], float] | None = None,
         verbose: int = 1,
     ) -> None:
         super().__init__()
@@ -137,6 +140,9 @@ class BudgetStop(StatefulCallback):
                              "`daily_cost_limit` or `run_cost_limit`.")
         if clock is not None and not callable(clock):
             raise TypeError(f"`clock` must be a function returning POSIX seconds; got {clock!r}.")
+        if monotonic_clock is not None and not callable(monotonic_clock):
+            raise TypeError("`monotonic_clock` must be a function returning seconds; got "
+                            f"{monotonic_clock!r}.")
         if ledger is not None and not isinstance(ledger, (str, os.PathLike)):
             raise TypeError(f"`ledger` must be a file path or None; got {ledger!r}.")
         self.days = DayClock(timezone, reset_hour)  # validates both
@@ -144,10 +150,9 @@ class BudgetStop(StatefulCallback):
         self.price_per_hour, self.devices = price_per_hour, int(devices)
         self.daily_cost_limit, self.run_cost_limit = daily_cost_limit, run_cost_limit
         self.ledger_path = os.fspath(ledger) if ledger is not None else default_ledger_path()
-        self.sync_interval = float(sync_interval)
-        self.raise_if_exhausted = raise_if_exhausted
+        self.sync_interval, self.raise_if_exhausted = float(sync_interval), raise_if_exhausted
         self.verbose = verbose
-        self._clock = clock or time.time
+        self._clock = SteadyClock(clock, monotonic_clock)
         self._workers: multi_worker.Workers | None = None
         self.async_safe = True
         self.stop_reason: str | None = None
@@ -161,7 +166,7 @@ class BudgetStop(StatefulCallback):
         return (self.price_per_hour or 0.0) * self.devices / 3600.0
 
     def get_config(self) -> dict:
-        """The constructor arguments (the clock excepted)."""
+        """The constructor arguments (the clocks excepted)."""
         return {"max_duration": self.max_duration, "daily_budget": self.daily_budget,
                 "timezone": self.timezone, "reset_hour": self.reset_hour,
                 "price_per_hour": self.price_per_hour, "devices": self.devices,
@@ -179,6 +184,7 @@ class BudgetStop(StatefulCallback):
     # ------------------------------------------------------------ hooks
     def on_train_begin(self, logs: dict | None = None) -> None:
         super().on_train_begin(logs)
+        self._clock.start()  # the wall clock, read once a fit
         now = self._clock()
         self.stop_reason, self.stopped_at, self.checkpoint = None, None, None
         # Fixed for the fit (the registry is sealed by now): checked again near the
