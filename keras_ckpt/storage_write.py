@@ -8,13 +8,14 @@ and a partial write is never listed or loaded.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import threading
 import zipfile
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import h5py
@@ -122,6 +123,19 @@ def _write_group(h5: h5py.File, snapshot: Snapshot, meta: dict, layout: Any = No
     return text
 
 
+@contextlib.contextmanager
+def _h5_file(path: str, mode: str) -> Iterator[h5py.File]:
+    """An HDF5 file written through a Python file object.
+
+    A write that fails (a full disk, a quota) is then an `OSError` from
+    Python's own I/O: h5py's native writer can fail at close instead, with a
+    `RuntimeError`, or leave the HDF5 library in a state that crashes the
+    process later.
+    """
+    with open(path, "r+b" if mode == "a" else "w+b") as f, h5py.File(f, mode) as h5:
+        yield h5
+
+
 def _add_meta_member(archive: zipfile.ZipFile, text: str) -> None:
     """The metadata's copy that listing reads (`storage.read_meta`), compressed: it is JSON."""
     archive.writestr(META_MEMBER, meta_member(text), compress_type=zipfile.ZIP_DEFLATED)
@@ -153,7 +167,7 @@ class OnePassWeights(Layout):
         self.keras_layout = keras_layout
 
     def produce(self, tmp, ext, snapshot, meta, compression, fsync):
-        with h5py.File(tmp, "w") as h5:
+        with _h5_file(tmp, "w") as h5:
             _write_group(h5, snapshot, meta, layout=self.keras_layout,
                          sync_path=tmp if fsync else None, compression=compression)
 
@@ -200,7 +214,7 @@ class KerasPartFirst(Layout):
                 archive.writestr(ZIP_MEMBER, buffer.getbuffer())
                 _add_meta_member(archive, text)
             return
-        with h5py.File(tmp, "a" if writer is not None else "w") as h5:
+        with _h5_file(tmp, "a" if writer is not None else "w") as h5:
             if GROUP in h5:
                 del h5[GROUP]
             keras_part = {"keras_part_crc32": _keras_part_crcs(h5)} if writer else {}

@@ -1,6 +1,7 @@
 """Trains into DIR until writes fail; prints what it saw as JSON (run by test_fault_tolerance).
 
 Usage: python diskfull_child.py DIR warn|raise [--fsize-after-epoch BYTES | --tmpfs SIZE]
+       [--ext .keras|.weights.h5] [--async]
 
 `--fsize-after-epoch` lowers this process's file-size limit (RLIMIT_FSIZE)
 after the first epoch, so later checkpoint writes fail with EFBIG like a
@@ -52,30 +53,45 @@ def own_tmpfs(directory: str, size: str) -> None:
 
 
 class Limit(keras.callbacks.Callback):
-    def __init__(self, size):
+    """Lowers the file-size limit at the end of epoch `after` (after the checkpoint's save)."""
+
+    def __init__(self, size, after=0):
         super().__init__()
-        self.size = size
+        self.size, self.after = size, after
 
     def on_epoch_end(self, epoch, logs=None):
-        if epoch == 0:
+        if epoch == self.after:
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a kill
             resource.setrlimit(resource.RLIMIT_FSIZE, (self.size, resource.RLIM_INFINITY))
 
 
 def main() -> None:
-    directory, policy = sys.argv[1], sys.argv[2]
-    option = sys.argv[3] if len(sys.argv) > 3 else None
-    limit = int(sys.argv[4]) if option == "--fsize-after-epoch" else None
+    args = sys.argv[1:]
+    background = "--async" in args
+    if background:
+        args.remove("--async")
+    ext = ".keras"
+    if "--ext" in args:
+        at = args.index("--ext")
+        ext = args.pop(at + 1)
+        args.pop(at)
+    directory, policy = args[0], args[1]
+    option = args[2] if len(args) > 2 else None
+    limit = int(args[3]) if option == "--fsize-after-epoch" else None
     if option == "--tmpfs":
-        own_tmpfs(directory, sys.argv[4])
+        own_tmpfs(directory, args[3])
     keras.utils.set_random_seed(0)
     x = np.random.default_rng(0).normal(size=(64, 8)).astype("float32")
     y = x.sum(axis=1, keepdims=True)
     model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(2048), keras.layers.Dense(1)])
     model.compile("adam", "mse")  # about 230 KiB of state with Adam's slots
-    checkpoint = keras_ckpt.ModelCheckpoint(os.path.join(directory, "ckpt-{epoch:02d}.keras"),
-                                            on_save_error=policy)
-    callbacks = [checkpoint] if limit is None else [checkpoint, Limit(limit)]
+    checkpoint = keras_ckpt.ModelCheckpoint(os.path.join(directory, "ckpt-{epoch:02d}" + ext),
+                                            on_save_error=policy, async_write=background,
+                                            save_weights_only=ext == ".weights.h5")
+    # A background write of epoch 1's checkpoint may still be in flight at its end;
+    # at epoch 2's end it is done (a save waits for the one before).
+    callbacks = [checkpoint] if limit is None else [
+        checkpoint, Limit(limit, after=1 if background else 0)]
     outcome: dict = {}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
