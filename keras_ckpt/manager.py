@@ -329,10 +329,13 @@ def template_regex(template: str, whole: bool = False) -> re.Pattern:
 
 
 def apply_retention(checkpoints: Sequence[CheckpointInfo], policies: Iterable[Any],
-                    protect: Iterable[str] = ()) -> list[str]:
+                    protect: Iterable[str] = (),
+                    failed: dict[str, OSError] | None = None) -> list[str]:
     """Deletes the checkpoints no policy keeps; returns the deleted paths.
 
-    The newest checkpoint and the paths in `protect` are always kept.
+    The newest checkpoint and the paths in `protect` are always kept. A file
+    that cannot be deleted (permission denied, immutable) is left and the
+    rest are still applied; its error goes into `failed` by path.
     """
     checkpoints = list(checkpoints)
     if not checkpoints:
@@ -348,4 +351,7 @@ def apply_retention(checkpoints: Sequence[CheckpointInfo], policies: Iterable[An
                 deleted.append(c.path)
             except FileNotFoundError:
                 pass
+            except OSError as e:
+                if failed is not None:
+                    failed[c.path] = e
     return deleted

@@ -292,3 +292,46 @@ def test_an_argument_keras_3_removed_names_its_replacement():
         keras_ckpt.ModelCheckpoint("c.keras", period=1)
     with pytest.raises(TypeError, match="unexpected keyword argument 'colour'"):
         keras_ckpt.ModelCheckpoint("c.keras", colour="red")
+
+
+# ------------------------------------------------------------------ retention
+def undeletable(path) -> str | None:
+    """Makes `path` impossible to delete, for real: immutable (root, `chattr +i`) or
+    in a directory without write permission (anyone else). Returns how, or None."""
+    if os.geteuid() == 0:
+        done = subprocess.run(["chattr", "+i", str(path)], capture_output=True)
+        return "chattr +i" if done.returncode == 0 else None
+    os.chmod(os.path.dirname(path), 0o555)
+    return "a read-only directory"
+
+
+def deletable(path) -> None:
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "-i", str(path)], capture_output=True)
+    else:
+        os.chmod(os.path.dirname(path), 0o755)
+
+
+def test_retention_that_cannot_delete_a_file_warns_once_and_keeps_applying(tmp_path):
+    # One directory per checkpoint, so that a read-only one blocks deleting its file only.
+    template = str(tmp_path / "e{epoch}" / "m.weights.h5")
+    fit(make_model(), [keras_ckpt.ModelCheckpoint(template, save_weights_only=True)], epochs=1)
+    stuck = str(tmp_path / "e1" / "m.weights.h5")
+    how = undeletable(stuck)
+    if how is None:
+        pytest.fail("this machine can make no file undeletable (chattr +i failed as root)")
+    try:
+        checkpoint = keras_ckpt.ModelCheckpoint(template, save_weights_only=True, resume=True,
+                                                retention=[keras_ckpt.KeepLast(2)])
+        with pytest.warns(UserWarning, match="retention cannot delete .*e1.m.weights.h5") as w:
+            fit(make_model(), [checkpoint], epochs=8)
+        assert sum("retention cannot delete" in str(x.message) for x in w) == 1, how
+        assert checkpoint.save_errors == []  # every save was written and is valid
+        names = sorted(os.path.relpath(c.path, tmp_path)
+                       for c in manager.list_checkpoints(tmp_path / "e8"))
+        assert names == ["e8/m.weights.h5"]
+        left = sorted(d for d in os.listdir(tmp_path) if os.listdir(tmp_path / d))
+        assert left == ["e1", "e7", "e8"]  # the stuck one, and the last two kept
+        assert checkpoint.last_saved_path == str(tmp_path / "e8" / "m.weights.h5")
+    finally:
+        deletable(stuck)

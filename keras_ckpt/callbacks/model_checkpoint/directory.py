@@ -63,6 +63,7 @@ class CheckpointDirectory:
         self.mirror = mirror
         self.lock = lock
         self.verbose = verbose
+        self._undeletable: set[str] = set()  # retention warned of these once
         self.last_path = os.path.join(self.path, "last" + storage.extension(filepath))
         self._owner: Any = None
 
@@ -193,7 +194,14 @@ class CheckpointDirectory:
     def apply_retention(self, policies: Sequence[Any], protect: Sequence[str | None]) -> None:
         """Deletes the checkpoints no policy keeps (here, then on the remote side)."""
         kept = [c for c in self.checkpoints() if c.kind == "regular"]
-        deleted = manager.apply_retention(kept, policies, [p for p in protect if p])
+        failed: dict[str, OSError] = {}
+        deleted = manager.apply_retention(kept, policies, [p for p in protect if p], failed)
+        for path, error in failed.items():
+            if path not in self._undeletable:  # once a file: it stays, the rest are applied
+                self._undeletable.add(path)
+                warnings.warn(f"ModelCheckpoint: retention cannot delete {path} "
+                              f"({error.strerror or error}); it is left, and the rest of "
+                              "the retention policy is applied.", stacklevel=5)
         if deleted and self.verbose > 0:
             print_msg(f"ModelCheckpoint: retention removed {len(deleted)} checkpoint(s)")
         if self.mirror is not None:
