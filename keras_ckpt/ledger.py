@@ -23,6 +23,7 @@ import dataclasses
 import datetime
 import fcntl
 import json
+import math
 import os
 import secrets
 import zoneinfo
@@ -122,6 +123,56 @@ class Session:
     checkpoint: str | None = None
 
 
+def _amount(value: Any) -> bool:
+    """A finite number of seconds or money, at least 0."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and value >= 0)
+
+
+def _time(value: Any) -> bool:
+    """A finite POSIX time."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def _schema_problem(data: dict) -> str | None:
+    """What in a ledger's contents is not what keras-ckpt writes, or None.
+
+    Checked on every read, so before anything is written: a malformed ledger
+    is never charged, and no session is opened in it.
+    """
+    days, sessions, config = data.get("days"), data.get("sessions"), data.get("config", {})
+    if not isinstance(days, dict):
+        return "`days` is not a mapping of days"
+    for day, entry in days.items():
+        try:
+            datetime.date.fromisoformat(day)
+        except (TypeError, ValueError):
+            return f"the day {day!r} is not an ISO date"
+        if not isinstance(entry, dict) or not all(
+                _amount(entry.get(k, 0.0)) for k in ("seconds", "cost", "overrun")):
+            return f"day {day}: {entry!r} is not seconds and cost of at least 0"
+    if not isinstance(sessions, list):
+        return "`sessions` is not a list"
+    for record in sessions:
+        if not (isinstance(record, dict) and isinstance(record.get("id"), str)
+                and _time(record.get("start")) and _time(record.get("paid_until"))
+                and (record.get("end") is None or _time(record["end"]))
+                and all(_time(record.get(k, 0.0)) for k in ("seconds", "cost"))
+                and _amount(record.get("overrun", 0.0))):
+            return f"the session {record!r} is not a session record"
+    if not isinstance(config, dict):
+        return "`config` is not a mapping"
+    hour = config.get("reset_hour", 0)
+    if not isinstance(config.get("timezone", "UTC"), str) or not (
+            isinstance(hour, int) and not isinstance(hour, bool) and 0 <= hour <= 23):
+        return f"the configuration's time zone or reset hour is {config!r}"
+    for name in ("daily_seconds", "daily_cost"):
+        if config.get(name) is not None and not _amount(config[name]):
+            return f"the configuration's {name} is {config[name]!r}"
+    return None
+
+
 class Ledger:
     """A budget ledger file.
 
@@ -172,18 +223,30 @@ class Ledger:
                     "sessions": [], "config": {}}
         except OSError as e:
             raise LedgerError(f"Cannot read the budget ledger {self.path!r}: {e}.") from None
+        except UnicodeDecodeError:
+            raise LedgerError(f"The budget ledger {self.path!r} is not text (a binary file?). "
+                              "It was left as it is.") from None
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, RecursionError) as e:
             raise LedgerError(
                 f"The budget ledger {self.path!r} is not valid JSON ({e}). It was left as it is: "
                 "repair or move it; keras-ckpt never resets a ledger by itself.") from None
         if not isinstance(data, dict) or data.get("format") != "keras-ckpt-ledger":
             raise LedgerError(f"{self.path!r} is not a keras-ckpt budget ledger; it was left "
                               "as it is.")
-        if int(data.get("version", 0)) > _VERSION:
+        version = data.get("version", 0)
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise LedgerError(f"The budget ledger {self.path!r}: `version` is {version!r}; it "
+                              "was left as it is.")
+        if version > _VERSION:
             raise LedgerError(f"The budget ledger {self.path!r} has version {data['version']}; "
                               f"this keras-ckpt reads version {_VERSION}. Upgrade keras-ckpt.")
+        problem = _schema_problem(data)
+        if problem is not None:
+            raise LedgerError(f"The budget ledger {self.path!r} is malformed: {problem}. It was "
+                              "left as it is: repair or move it; keras-ckpt never resets a "
+                              "ledger by itself.")
         return data
 
     def _write(self, data: dict) -> None:

@@ -1,8 +1,10 @@
-"""BudgetStop charges a monotonic clock: wall-clock jumps neither refund nor charge time.
+"""Budgets that survive any clock and any ledger file.
 
-The wall clock is read once a fit, to place the run in its budget days; every
-charge after that is monotonic time. Each test injects both clocks: the wall
-clock jumps, the monotonic one only advances with the steps trained.
+BudgetStop charges a monotonic clock: the wall clock is read once a fit, to
+place the run in its budget days, and its jumps neither refund nor charge time
+(each test injects both clocks: the wall clock jumps, the monotonic one only
+advances with the steps trained). A ledger whose contents are not what
+keras-ckpt writes is one `LedgerError`, before anything is written to it.
 """
 
 from __future__ import annotations
@@ -81,3 +83,59 @@ def test_the_steady_clock_starts_at_the_wall_and_never_goes_back():
     only_wall.start()
     wall.t += 30.0
     assert only_wall() == only_wall.started_at + 30.0
+
+
+# ------------------------------------------------------------------ the ledger's contents
+def ledger_with(**changes) -> dict:
+    data = {"format": "keras-ckpt-ledger", "version": 1, "config": {},
+            "days": {"2026-11-22": {"seconds": 10.0, "cost": 0.0}},
+            "sessions": [{"id": "a", "start": 1.0, "paid_until": 11.0, "end": 11.0,
+                          "seconds": 10.0, "cost": 0.0}]}
+    data.update(changes)
+    return data
+
+
+MALFORMED = {
+    "days-list": ledger_with(days=[]),
+    "day-not-a-date": ledger_with(days={"yesterday": {"seconds": 1.0, "cost": 0.0}}),
+    "seconds-text": ledger_with(days={"2026-11-22": {"seconds": "10", "cost": 0.0}}),
+    "seconds-negative": ledger_with(days={"2026-11-22": {"seconds": -1e9, "cost": 0.0}}),
+    "day-a-number": ledger_with(days={"2026-11-22": 5}),
+    "sessions-dict": ledger_with(sessions={}),
+    "session-a-string": ledger_with(sessions=["a"]),
+    "session-without-id": ledger_with(sessions=[{"start": 1.0, "paid_until": 2.0}]),
+    "session-start-text": ledger_with(sessions=[{"id": "a", "start": "x", "paid_until": 2.0}]),
+    "config-list": ledger_with(config=[]),
+    "reset-hour-text": ledger_with(config={"reset_hour": "9"}),
+    "version-text": ledger_with(version="1"),
+}
+
+
+@pytest.mark.parametrize("data", MALFORMED.values(), ids=MALFORMED.keys())
+def test_a_malformed_ledger_is_one_error_and_is_left_untouched(tmp_path, data, capsys):
+    import json
+
+    from keras_ckpt.cli import run_budget
+    from keras_ckpt.ledger import LedgerError
+
+    path = tmp_path / "ledger.json"
+    path.write_text(json.dumps(data))
+    before = path.read_bytes()
+    model = make_model()
+    budget = keras_ckpt.BudgetStop(daily_budget=600, ledger=str(path), verbose=0)
+    with pytest.raises(LedgerError, match="ledger.json"):
+        model.fit(X, Y, epochs=1, verbose=0, callbacks=[budget])
+    assert path.read_bytes() == before and steps(model) == 0  # no session opened in it
+    assert run_budget(str(path)) == 2
+    assert "ledger.json" in capsys.readouterr().out
+
+
+def test_a_binary_ledger_is_one_error(tmp_path, capsys):
+    from keras_ckpt.cli import run_budget
+    from keras_ckpt.ledger import LedgerError
+
+    path = tmp_path / "ledger.json"
+    path.write_bytes(bytes(range(256)))
+    with pytest.raises(LedgerError, match="not text"):
+        Ledger(path, DayClock())
+    assert run_budget(str(path)) == 2 and "not text" in capsys.readouterr().out
