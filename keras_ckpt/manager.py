@@ -19,7 +19,7 @@ from keras_ckpt import state as state_lib
 from keras_ckpt import storage
 from keras_ckpt.jsonsafe import decode_float
 from keras_ckpt.rng import rng_tuples
-from keras_ckpt.state_checks import check_snapshot
+from keras_ckpt.state_checks import check_snapshot, state_bytes_bound
 
 __all__ = ["CheckpointInfo", "list_checkpoints", "latest_checkpoint", "best_checkpoint",
            "restore", "template_regex", "read_infos", "latest_valid", "read_verified"]
@@ -113,13 +113,16 @@ def info_from_meta(path: str, meta: Mapping[str, Any], size: int = 0) -> Checkpo
     )
 
 
-def read_verified(path: str, verify: bool = True) -> state_lib.Snapshot:
+def read_verified(path: str, verify: bool = True,
+                  state_bytes: int | None = None) -> state_lib.Snapshot:
     """`storage.read`, and the state's structure checked (`state_checks.check_snapshot`).
+
+    `state_bytes`: see `storage.read` (`state_checks.state_bytes_bound(model)`).
 
     Raises:
         CorruptCheckpointError: the file is damaged, foreign or its state malformed.
     """
-    snapshot = storage.read(path, verify=verify)
+    snapshot = storage.read(path, verify=verify, state_bytes=state_bytes)
     try:
         check_snapshot(snapshot)
         if snapshot.meta.get("rng") is not None:
@@ -207,9 +210,13 @@ def latest_checkpoint(directory: str | os.PathLike, *, verify: bool = True
     return latest_valid(list_checkpoints(directory, include_invalid=True), verify=verify)
 
 
-def latest_valid(infos: Sequence[CheckpointInfo], *, verify: bool = True
+def latest_valid(infos: Sequence[CheckpointInfo], *, verify: bool = True,
+                 state_bytes: int | None = None
                  ) -> tuple[CheckpointInfo, state_lib.Snapshot] | None:
-    """Reads the newest valid, finite checkpoint of `infos` (see `latest_checkpoint`)."""
+    """Reads the newest valid, finite checkpoint of `infos` (see `latest_checkpoint`).
+
+    `state_bytes`: the most a checkpoint's arrays may take (see `storage.read`).
+    """
     for info in infos:
         if info.error is not None and info.kind != "foreign":
             warnings.warn(f"Skipping a damaged checkpoint (left on disk): {info.error}",
@@ -218,7 +225,7 @@ def latest_valid(infos: Sequence[CheckpointInfo], *, verify: bool = True
         if not info.finite:
             continue
         try:
-            return info, read_verified(info.path, verify=verify)
+            return info, read_verified(info.path, verify=verify, state_bytes=state_bytes)
         except storage.CorruptCheckpointError as e:
             warnings.warn(f"Skipping a checkpoint that fails verification (left on disk): {e}",
                           stacklevel=3)
@@ -285,7 +292,7 @@ def restore(model: Any, path: str | os.PathLike, *, weights_only: bool = False,
             "The model is not built, so its variables cannot be restored. Build it first: "
             "call it on a batch, call model.build(input_shape), or start it with keras.Input."
         )
-    snapshot = read_verified(path)
+    snapshot = read_verified(path, state_bytes=state_bytes_bound(model))
     state_lib.apply(snapshot, model, objects, weights_only=weights_only, rng=rng)
     return info_from_meta(path, snapshot.meta, os.path.getsize(path))
 

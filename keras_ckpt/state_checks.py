@@ -6,6 +6,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+
 from keras_ckpt.snapshot import (
     GROUPS,
     Snapshot,
@@ -15,7 +17,8 @@ from keras_ckpt.snapshot import (
     model_variables,
 )
 
-__all__ = ["check_compatible", "check_arrays", "check_snapshot", "saved_order"]
+__all__ = ["check_compatible", "check_arrays", "check_snapshot", "saved_order",
+           "state_bytes_bound"]
 
 
 def check_compatible(meta: Mapping[str, Any], model: Any, *,
@@ -128,6 +131,41 @@ def check_arrays(snapshot: Snapshot) -> None:
     if missing:
         raise StateMismatchError(
             f"The checkpoint's metadata lists the array {missing[0]!r}, which it does not hold.")
+
+
+def _nbytes(variables: list) -> int:
+    total = 0
+    for v in variables:
+        size = 1
+        for d in v.shape:
+            size *= int(d)
+        total += size * np.dtype(str(v.dtype)).itemsize if str(v.dtype) in _NUMPY else size * 8
+    return total
+
+
+_NUMPY = {"bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64",
+          "float16", "float32", "float64", "complex64", "complex128"}
+
+
+def state_bytes_bound(model: Any) -> int | None:
+    """The most a checkpoint of `model` can hold in arrays: twice its state, or None.
+
+    Its state is the model's, optimizer's and metrics' variables (an optimizer
+    not built yet counted as four slots per trainable variable), times the
+    replicas of a distributed model; twice that leaves room for the callbacks'
+    arrays (EarlyStopping's best weights) and the RNG states. None when the
+    model has no variables yet (built lazily from the checkpoint).
+    """
+    if not getattr(model, "variables", None):
+        return None
+    groups = model_variables(model)
+    optimizer = getattr(model, "optimizer", None)
+    optimizer_bytes = _nbytes(groups["optimizer"]) if getattr(optimizer, "built", False) else \
+        4 * _nbytes(list(getattr(model, "trainable_variables", []))) + 4096
+    strategy = getattr(model, "distribute_strategy", None)
+    replicas = max(1, int(getattr(strategy, "num_replicas_in_sync", 1) or 1))
+    state = _nbytes(groups["model"]) + optimizer_bytes + _nbytes(groups["metrics"])
+    return 2 * replicas * state + (1 << 20)
 
 
 def check_snapshot(snapshot: Snapshot) -> None:

@@ -29,6 +29,13 @@ import numpy as np
 
 from keras_ckpt import dtypes
 from keras_ckpt.state import Snapshot
+from keras_ckpt.storage_archive import (
+    Slice,
+    archive_meta_text,
+    archive_names,
+    check_member_crc,
+    check_version,
+)
 from keras_ckpt.storage_format import (  # noqa: F401 - the format, as before
     _DATASET_NAME,
     _MAX_META_BYTES,
@@ -74,44 +81,35 @@ def _memory_limit() -> int:
         return 1 << 40
 
 
-class _Slice(io.RawIOBase):
-    """A read-only, seekable window [start, start + size) of an open binary file."""
+class _Limit:
+    """The most a read may take: this machine's memory, or what a model's state can need."""
 
-    def __init__(self, raw: Any, start: int, size: int) -> None:
-        super().__init__()
-        self._raw, self._start, self._size, self._pos = raw, start, size, 0
+    def __init__(self, state_bytes: int | None = None) -> None:
+        self.arrays = _memory_limit() if state_bytes is None else int(state_bytes)
+        self.what = ("this machine's memory" if state_bytes is None else
+                     "what the model's state can take (twice its variables)")
+        # A file holds Keras's part beside ours, and the metadata (history).
+        self.file = None if state_bytes is None else 2 * self.arrays + _FILE_ALLOWANCE
+        self.member = None if state_bytes is None else self.arrays + _FILE_ALLOWANCE
 
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
-        self._pos = max(0, base + offset)
-        return self._pos
-
-    def readinto(self, buffer: Any) -> int:
-        n = max(0, min(len(buffer), self._size - self._pos))
-        if n == 0:
-            return 0
-        self._raw.seek(self._start + self._pos)
-        got = self._raw.readinto(memoryview(buffer)[:n])
-        self._pos += got
-        return got
+    def check_file(self, path: str, size: int, what: str = "the file") -> None:
+        if self.file is not None and size > self.file:
+            raise CorruptCheckpointError(
+                f"{path}: {what} has {size} bytes, more than a checkpoint of the model's "
+                f"state can take ({self.file}); refusing to read it.")
 
 
-def _member_window(path: str, archive: zipfile.ZipFile, member: str) -> tuple[int, int] | None:
+_FILE_ALLOWANCE = 64 << 20
+
+
+def _member_window(path: str, archive: zipfile.ZipFile, member: str,
+                   limit: _Limit) -> tuple[int, int] | None:
     """(offset, size) of our stored member inside a `.keras` archive, or None if compressed."""
     info = archive.getinfo(member)
-    if info.file_size > _memory_limit():
+    if info.file_size > (limit.member if limit.member is not None else _memory_limit()):
         raise CorruptCheckpointError(
             f"{path}: the archive member {member} declares {info.file_size} bytes, more than "
-            "this machine's memory; refusing to read it.")
+            f"{limit.what}; refusing to read it.")
     if info.compress_type != zipfile.ZIP_STORED or info.file_size != info.compress_size:
         return None
     archive.fp.seek(info.header_offset)
@@ -121,27 +119,6 @@ def _member_window(path: str, archive: zipfile.ZipFile, member: str) -> tuple[in
     name_len = int.from_bytes(header[26:28], "little")
     extra_len = int.from_bytes(header[28:30], "little")
     return info.header_offset + 30 + name_len + extra_len, info.file_size
-
-
-def _archive(path: str, archive: zipfile.ZipFile) -> list[str]:
-    """The archive's member names; refuses one that holds a name twice."""
-    names = archive.namelist()
-    if len(set(names)) != len(names):
-        twice = next(n for n in names if names.count(n) > 1)
-        raise CorruptCheckpointError(
-            f"{path}: the archive holds two members named {twice!r}; refusing it.")
-    return names
-
-
-def _check_member_crc(path: str, archive: zipfile.ZipFile, member: str) -> None:
-    """Reads `member` through, in pieces, so that zipfile checks its CRC-32.
-
-    Damaged HDF5 can make the HDF5 library loop forever: no member is parsed
-    before its bytes are known to be the ones written.
-    """
-    with archive.open(member) as f:
-        while f.read(1 << 20):
-            pass
 
 
 def _hard_child(path: str, parent: h5py.Group, name: str, what: str) -> Any:
@@ -156,12 +133,15 @@ def _hard_child(path: str, parent: h5py.Group, name: str, what: str) -> Any:
 
 
 @contextlib.contextmanager
-def _open_group(path: str, verify: bool = False, fileobj: Any = None):
-    raw = None
+def _open_group(path: str, verify: bool = False, fileobj: Any = None,
+                limit: _Limit | None = None):
+    raw, limit = None, limit or _Limit()
     try:
+        if fileobj is None:
+            limit.check_file(path, os.path.getsize(path))
         if path.endswith(".keras"):
             with zipfile.ZipFile(fileobj or path) as archive:
-                names = _archive(path, archive)
+                names = archive_names(path, archive)
                 bad = archive.testzip() if verify else None
                 if bad is not None:
                     raise CorruptCheckpointError(f"{path}: archive member {bad} fails its CRC.")
@@ -169,15 +149,15 @@ def _open_group(path: str, verify: bool = False, fileobj: Any = None):
                 if member not in names:
                     raise ForeignFileError(
                         f"{path} is a Keras archive without keras-ckpt training state.")
-                window = _member_window(path, archive, member)
+                window = _member_window(path, archive, member, limit)
                 if window is None:  # compressed: read whole, its CRC checked by zipfile
                     source: Any = io.BytesIO(archive.read(member))
                 elif not verify:
-                    _check_member_crc(path, archive, member)
+                    check_member_crc(path, archive, member)
             if window is not None:
                 # Read our member in place: no copy of the state into memory.
                 raw = None if fileobj else open(path, "rb")  # noqa: SIM115 - closed below
-                source = io.BufferedReader(_Slice(fileobj or raw, *window), buffer_size=1 << 20)
+                source = io.BufferedReader(Slice(fileobj or raw, *window), buffer_size=1 << 20)
             h5 = h5py.File(source, "r")
         else:
             h5 = h5py.File(fileobj or path, "r")
@@ -213,26 +193,6 @@ def _one_error(path: str):
             f"{path} cannot be read as a checkpoint: {type(e).__name__}: {e}") from None
 
 
-def _archive_meta_text(path: str, fileobj: Any = None) -> str | None:
-    """The metadata text of a `.keras` archive's `META_MEMBER` (CRC-checked), or None."""
-    with zipfile.ZipFile(fileobj or path) as archive:
-        names = _archive(path, archive)
-        if META_MEMBER not in names:
-            return None
-        if archive.getinfo(META_MEMBER).file_size > _MAX_META_BYTES:
-            raise CorruptCheckpointError(
-                f"{path}: the metadata member is larger than {_MAX_META_BYTES} bytes.")
-        record = json.loads(archive.read(META_MEMBER))
-    if not isinstance(record, dict) or record.get("format") != FORMAT:
-        raise CorruptCheckpointError(f"{path}: the metadata member is not keras-ckpt's.")
-    _check_version(path, record.get("format_version"))
-    text = record.get("meta")
-    if not isinstance(text, str) or zlib.crc32(text.encode("utf-8", "surrogateescape")) != \
-            record.get("meta_crc32"):
-        raise CorruptCheckpointError(f"{path}: the metadata member fails its checksum.")
-    return text
-
-
 def _verify_keras_part(path: str, group: h5py.Group, meta: dict) -> None:
     expected = meta.get("keras_part_crc32")
     if not expected:
@@ -246,18 +206,9 @@ def _verify_keras_part(path: str, group: h5py.Group, meta: dict) -> None:
             raise CorruptCheckpointError(f"{path}: Keras's dataset {name!r} fails its checksum.")
 
 
-def _check_version(path: str, version: Any) -> None:
-    if not isinstance(version, (int, np.integer)) or isinstance(version, bool) or not (
-            1 <= version <= FORMAT_VERSION):
-        raise CorruptCheckpointError(
-            f"{path} has keras-ckpt format version {version}; this keras-ckpt reads "
-            f"version {FORMAT_VERSION} and older. Upgrade keras-ckpt to read it."
-        )
-
-
 def _meta_text(path: str, group: h5py.Group) -> str:
     """The HDF5 metadata attribute's text, checked against its CRC-32."""
-    _check_version(path, group.attrs.get("format_version", -1))
+    check_version(path, group.attrs.get("format_version", -1))
     try:
         meta_size = group.attrs.get_id("meta").get_storage_size()
     except (KeyError, OSError):
@@ -298,26 +249,34 @@ def read_meta(path: str, fileobj: Any = None) -> dict[str, Any]:
         CorruptCheckpointError: not a readable keras-ckpt checkpoint.
     """
     with _one_error(path):
-        text = _archive_meta_text(path, fileobj) if path.endswith(".keras") else None
+        text = archive_meta_text(path, fileobj) if path.endswith(".keras") else None
         if text is None:
             with _open_group(path, fileobj=fileobj) as group:
                 text = _meta_text(path, group)
         return _parse_meta(path, text)
 
 
-def read(path: str, verify: bool = True) -> Snapshot:
+def read(path: str, verify: bool = True, state_bytes: int | None = None) -> Snapshot:
     """Reads a whole checkpoint, checking every array against its declared shape, dtype and CRC.
+
+    Args:
+        path: the checkpoint.
+        verify: check every checksum (Keras's part and the archive's too).
+        state_bytes: the most the arrays may take together (for a model,
+            `state_checks.state_bytes_bound`); a file, member or declaration
+            beyond it is refused before anything is read. None: this
+            machine's memory.
 
     Raises:
         CorruptCheckpointError: partial, damaged, foreign or from a newer format.
     """
     with _one_error(path):
-        return _read(path, verify)
+        return _read(path, verify, _Limit(state_bytes))
 
 
-def _read(path: str, verify: bool) -> Snapshot:
-    sidecar = _archive_meta_text(path) if path.endswith(".keras") else None
-    with _open_group(path, verify=verify) as group:
+def _read(path: str, verify: bool, limit: _Limit) -> Snapshot:
+    sidecar = archive_meta_text(path) if path.endswith(".keras") else None
+    with _open_group(path, verify=verify, limit=limit) as group:
         text = _meta_text(path, group)
         if sidecar is not None and sidecar != text:
             raise CorruptCheckpointError(
@@ -329,7 +288,7 @@ def _read(path: str, verify: bool) -> Snapshot:
         if data is not None and not isinstance(data, h5py.Group):
             raise CorruptCheckpointError(f"{path}: the arrays group is not a group.")
         arrays: dict[str, np.ndarray] = {}
-        limit, total = _memory_limit(), 0
+        total = 0
         # Checksums run on a worker thread while the next array is read
         # (zlib and HDF5 both release the GIL).
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=1) if verify else None
@@ -345,7 +304,7 @@ def _read(path: str, verify: bool) -> Snapshot:
     return Snapshot(arrays=arrays, meta=meta)
 
 
-def _read_arrays(path: str, data: Any, index: dict, arrays: dict, limit: int, total: int,
+def _read_arrays(path: str, data: Any, index: dict, arrays: dict, limit: _Limit, total: int,
                  pool: Any, checks: list) -> None:
     """Reads and checks each indexed array into `arrays`; queues its checksum on `pool`."""
     for name, entry in index.items():
@@ -368,10 +327,10 @@ def _read_arrays(path: str, data: Any, index: dict, arrays: dict, limit: int, to
             raise CorruptCheckpointError(
                 f"{path}: array {name!r} has a malformed index entry.") from None
         total += dataset.size * dataset.dtype.itemsize
-        if total > limit:
+        if total > limit.arrays:
             raise CorruptCheckpointError(
-                f"{path}: the arrays declare more than {limit} bytes, this machine's "
-                "memory; refusing to read them.")
+                f"{path}: the arrays declare more than {limit.arrays} bytes, "
+                f"{limit.what}; refusing to read them.")
         if not dtypes.allowed(declared) or dataset.dtype != dtypes.stored(declared):
             raise CorruptCheckpointError(
                 f"{path}: array {name!r} has dtype {dataset.dtype}, declared {declared}."

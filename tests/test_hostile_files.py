@@ -412,3 +412,60 @@ def test_inspect_calls_corrupt_what_resume_would_reject_and_prints_a_nan_loss(tm
     assert "checksum" in verified["c-2.weights.h5"]["error"]
     assert verified["c-1.weights.h5"]["valid"] and verified["c-1.weights.h5"]["loss"] == "nan"
     assert rows(verify=False)["c-2.weights.h5"]["valid"]  # --meta-only: the metadata is whole
+
+
+# ------------------------------------------------------------------ reads bounded by the model
+def peak_bytes_of(call) -> int:
+    """Peak Python/NumPy memory `call()` allocated (it is expected to raise)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(CorruptCheckpointError, match="model's state can"):
+            call()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_file_declaring_more_than_the_model_needs_is_refused_before_reading(saved):
+    # 48 KiB on disk; its gzip-chunked array of fill values would be 2 GiB in memory.
+    model, path = saved
+    with h5py.File(path, "a") as f:
+        arrays = f["keras_ckpt/arrays"]
+        del arrays["a00000"]
+        arrays.create_dataset("a00000", shape=(1 << 28,), dtype="float64", chunks=(1 << 20,),
+                              compression="gzip", fillvalue=1.0)
+
+    def declare(meta):
+        meta["arrays"]["model/00000"].update(shape=[1 << 28], dtype="<f8")
+
+    edit_meta(path, declare)
+    assert os.path.getsize(path) < 1 << 20
+    before = values(model)
+    assert peak_bytes_of(lambda: keras_ckpt.restore(model, path)) < 16 << 20
+    assert_unchanged(model, before)
+
+
+def test_a_file_far_larger_than_the_model_is_refused_unread(saved):
+    model, path = saved  # a tiny model; an 80 MB metadata string
+    edit_meta(path, lambda meta: meta.update(padding="x" * (80 << 20)))
+    assert peak_bytes_of(lambda: keras_ckpt.restore(model, path)) < 16 << 20
+    with pytest.warns(UserWarning, match="model's state can"):
+        checkpoint = keras_ckpt.ModelCheckpoint(str(path), save_weights_only=True,
+                                                resume=True, if_none_valid="start_fresh")
+        fit(model, [checkpoint], epochs=1)
+    assert checkpoint.resumed_from is None
+
+
+def test_an_archive_member_inflating_past_the_model_is_refused_unread(archive):
+    model, path = archive
+    stored = members(path)
+    with zipfile.ZipFile(path, "w") as out:
+        for name, data in stored:
+            if name == "model.weights.h5":  # 128 MiB of zeros, 128 KiB packed
+                out.writestr(name, bytes(128 << 20), compress_type=zipfile.ZIP_DEFLATED)
+            elif name != "keras_ckpt.json":
+                out.writestr(name, data)
+    assert os.path.getsize(path) < 1 << 20
+    assert peak_bytes_of(lambda: keras_ckpt.restore(model, path)) < 16 << 20

@@ -104,9 +104,13 @@ class CheckpointDirectory:
         paths = self.candidates() + ([self.last_path] if os.path.isfile(self.last_path) else [])
         return manager.read_infos(paths, include_invalid=True)
 
-    def latest(self) -> tuple[manager.CheckpointInfo, Any] | None:
-        """The newest valid checkpoint to resume from, read and verified, or None."""
-        return manager.latest_valid(self.resumable())
+    def latest(self, state_bytes: int | None = None
+               ) -> tuple[manager.CheckpointInfo, Any] | None:
+        """The newest valid checkpoint to resume from, read and verified, or None.
+
+        `state_bytes`: the most its arrays may take (`state_checks.state_bytes_bound`).
+        """
+        return manager.latest_valid(self.resumable(), state_bytes=state_bytes)
 
     def file_path(self, logs: dict, epoch: int, steps_in_epoch: int | None) -> str:
         """The template filled with the logs, `epoch` (1-based) and `batch` (steps done)."""

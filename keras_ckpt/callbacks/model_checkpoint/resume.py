@@ -21,6 +21,7 @@ from keras_ckpt import state as state_lib
 from keras_ckpt.callbacks.base import StatefulCallback
 from keras_ckpt.jsonsafe import decode_log
 from keras_ckpt.keras_compat import print_msg
+from keras_ckpt.state_checks import state_bytes_bound
 
 __all__ = ["resume", "Replay", "restore_history_epochs"]
 
@@ -128,9 +129,10 @@ def _check_fit_arguments(owner: Any, info: Any, progress: dict, step: int) -> No
 def resume(owner: Any) -> None:
     """Restores the newest valid checkpoint into `owner`'s model and fit (at train begin)."""
     model, fit = owner.model, owner.fit
-    own = owner.files.latest() if owner.options.resume is not True else None
+    bound = state_bytes_bound(model)  # nothing bigger than the model's state is read
+    own = owner.files.latest(bound) if owner.options.resume is not True else None
     if owner.options.resume is True:
-        found = owner.files.latest()
+        found = owner.files.latest(bound)
         if found is None:
             _agree(owner, None)
             _no_valid_checkpoint(owner)
@@ -143,7 +145,7 @@ def resume(owner: Any) -> None:
         print_msg(f"ModelCheckpoint: {owner.files.path} already holds this run's "
                   f"checkpoints; continuing from {info.path}, not from {owner.options.resume}.")
     else:
-        snapshot = manager.read_verified(owner.options.resume)
+        snapshot = manager.read_verified(owner.options.resume, state_bytes=bound)
         info = manager.info_from_meta(owner.options.resume, snapshot.meta)
     _agree(owner, info)
     _build_lazily(model, snapshot)
