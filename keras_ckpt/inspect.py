@@ -82,10 +82,18 @@ def run_inspect(directory: str, as_json: bool = False, verify: bool = True) -> i
 
     `verify`: see `describe` (the CLI's `--meta-only` turns it off).
     """
+    if os.path.isfile(directory):
+        parent = os.path.dirname(os.path.abspath(directory))
+        print(f"{directory} is a file; inspect lists a checkpoint directory: "
+              f"python -m keras_ckpt inspect {parent}")
+        return 1
     if not os.path.isdir(directory):
         print(f"No such directory: {directory}")
         return 1
     rows = describe(directory, verify=verify)
+    if not rows and not as_json:
+        print(f"No keras-ckpt checkpoints in {directory}.")
+        return 0
     if as_json:
         rows = [{k: _json_value(v) for k, v in row.items()} for row in rows]
         print(json.dumps(rows, indent=2, allow_nan=False, default=str))

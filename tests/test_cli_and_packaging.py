@@ -83,3 +83,15 @@ def test_public_api():
         assert getattr(keras_ckpt, name) is not None
     assert keras_ckpt.ModelCheckpoint.__doc__.splitlines()[0].strip()
     assert "Example" in keras_ckpt.ModelCheckpoint.__doc__
+
+
+def test_inspect_on_a_file_or_an_empty_directory_says_so(tmp_path, capsys):
+    from keras_ckpt.cli import main
+
+    assert main(["inspect", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.strip() == f"No keras-ckpt checkpoints in {tmp_path}."
+    assert main(["inspect", str(tmp_path), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+    (tmp_path / "c.keras").write_bytes(b"x")
+    assert main(["inspect", str(tmp_path / "c.keras")]) == 1
+    assert f"inspect {tmp_path}" in capsys.readouterr().out
