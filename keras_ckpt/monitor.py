@@ -156,6 +156,7 @@ class Monitor:
         self.owner = owner
         self.direction: str | None = None if mode == "auto" else mode
         self._warned_missing = False
+        self.missing_hint = ""  # what the owner does without the value (said in the warning)
         self.reset()
 
     # ----------------------------------------------------------------- set-up
@@ -217,10 +218,14 @@ class Monitor:
         logs = logs or {}
         value = logs.get(self.monitor)
         if value is None:
+            import difflib
+
             available = ", ".join(sorted(logs)) or "(none)"
+            close = difflib.get_close_matches(str(self.monitor), [str(k) for k in logs], n=1)
             message = (
                 f"{self.owner} monitors {self.monitor!r}, which is not in the logs. "
-                f"Available keys: {available}."
+                + (f"Did you mean {close[0]!r}? " if close else "")
+                + f"Available keys: {available}.{self.missing_hint}"
             )
             if self.strict:
                 raise KeyError(message)

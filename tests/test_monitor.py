@@ -249,3 +249,18 @@ def test_auto_mode_custom_metric_function_fails_at_train_begin():
         model.fit(x, y, validation_split=0.25, epochs=2, callbacks=[begin], verbose=0)
     assert int(model.optimizer.iterations.numpy()) == 0  # nothing was trained
     assert Monitor("val_my_score", mode="max").resolve(model) == "max"
+
+
+def test_a_missing_monitor_suggests_the_close_key_and_says_what_then_happens():
+    import keras_ckpt
+
+    checkpoint = keras_ckpt.ModelCheckpoint("/tmp/unused/c.keras", monitor="val_acc",
+                                            save_best_only=True)
+    with pytest.warns(UserWarning) as caught:
+        assert checkpoint._monitor.get_value({"loss": 1.0, "val_accuracy": 0.5}) is None
+    message = str(caught[0].message)
+    assert "Did you mean 'val_accuracy'?" in message
+    assert "save_best_only saves at every save moment" in message
+    with pytest.warns(UserWarning) as caught:
+        Monitor("zzz", owner="EarlyStopping").get_value({"loss": 1.0})
+    assert "Did you mean" not in str(caught[0].message)

@@ -138,6 +138,9 @@ class ModelCheckpoint(MonitorAttributes, StatefulCallback):
         self._metric_fields = [f for f in self._fields if f not in ("epoch", "batch")]
         self._monitor = Monitor(monitor, self.mode, initial_value_threshold=initial_value_threshold,
                                 owner="ModelCheckpoint")
+        if self.save_best_only:  # as Keras's: without the value, every epoch is saved
+            self._monitor.missing_hint = (" Without it, save_best_only saves at every save "
+                                          "moment, as Keras's ModelCheckpoint does.")
         self.best_only = policies.BestOnly(self._monitor)
         self._policies = policies.policies_for(save_freq, self.options.save_interval,
                                                self.options.now)
