@@ -19,7 +19,7 @@ from keras_ckpt import state as state_lib
 from keras_ckpt import storage
 from keras_ckpt.jsonsafe import decode_float
 from keras_ckpt.rng import rng_tuples
-from keras_ckpt.state_checks import check_snapshot, state_bytes_bound
+from keras_ckpt.state_checks import check_progress, check_snapshot, state_bytes_bound
 
 __all__ = ["CheckpointInfo", "list_checkpoints", "latest_checkpoint", "best_checkpoint",
            "restore", "template_regex", "read_infos", "latest_valid", "read_verified"]
@@ -88,6 +88,10 @@ def info_from_meta(path: str, meta: Mapping[str, Any], size: int = 0) -> Checkpo
         CorruptCheckpointError: a field has another type than keras-ckpt writes.
     """
     progress = _typed(path, meta.get("progress", {}), (dict,), "progress")
+    try:
+        check_progress(progress)
+    except state_lib.StateMismatchError as e:
+        raise storage.CorruptCheckpointError(f"{path}: {e}") from None
     none_int, number = (int, type(None)), (int, float, str, type(None))
     try:
         monitor_value = decode_float(_typed(path, meta.get("monitor_value"), number,
@@ -129,6 +133,7 @@ def read_verified(path: str, verify: bool = True,
             rng_tuples(snapshot.meta["rng"], snapshot.arrays)
     except state_lib.StateMismatchError as e:
         raise storage.CorruptCheckpointError(f"{path}: {e}") from None
+    info_from_meta(path, snapshot.meta)  # what listing checks, checked here too
     return snapshot
 
 
@@ -293,8 +298,9 @@ def restore(model: Any, path: str | os.PathLike, *, weights_only: bool = False,
             "call it on a batch, call model.build(input_shape), or start it with keras.Input."
         )
     snapshot = read_verified(path, state_bytes=state_bytes_bound(model))
+    info = info_from_meta(path, snapshot.meta, os.path.getsize(path))
     state_lib.apply(snapshot, model, objects, weights_only=weights_only, rng=rng)
-    return info_from_meta(path, snapshot.meta, os.path.getsize(path))
+    return info
 
 
 def template_fields(template: str) -> list[str]:

@@ -18,7 +18,7 @@ from keras_ckpt.snapshot import (
 )
 
 __all__ = ["check_compatible", "check_arrays", "check_snapshot", "saved_order",
-           "state_bytes_bound"]
+           "state_bytes_bound", "check_progress"]
 
 
 def check_compatible(meta: Mapping[str, Any], model: Any, *,
@@ -168,6 +168,17 @@ def state_bytes_bound(model: Any) -> int | None:
     return 2 * replicas * state + (1 << 20)
 
 
+def check_progress(progress: Any) -> None:
+    """The run's progress and history as resume reads them."""
+    history = progress.get("history", {}) if isinstance(progress, Mapping) else None
+    values = history.get("values", {}) if isinstance(history, Mapping) else None
+    if not (isinstance(values, Mapping) and all(
+            isinstance(k, str) and isinstance(v, list) for k, v in values.items())
+            and isinstance(history.get("epoch", []), list)):
+        raise StateMismatchError(
+            f"The checkpoint's metadata is malformed: its progress is {progress!r:.200}.")
+
+
 def check_snapshot(snapshot: Snapshot) -> None:
     """A snapshot read from a file is well-formed: checked before it is used at all.
 
@@ -180,6 +191,7 @@ def check_snapshot(snapshot: Snapshot) -> None:
     """
     meta = snapshot.meta
     _check_structure(meta)
+    check_progress(meta.get("progress", {}))
     check_arrays(snapshot)
     for group in GROUPS:
         for i, entry in enumerate(meta["variables"][group]):

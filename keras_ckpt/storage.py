@@ -45,6 +45,7 @@ from keras_ckpt.storage_format import (  # noqa: F401 - the format, as before
     FORMAT_VERSION,
     GROUP,
     KERAS_WEIGHTS_MEMBER,
+    META_DATASET,
     META_MEMBER,
     ZIP_MEMBER,
     CorruptCheckpointError,
@@ -168,11 +169,12 @@ def _open_group(path: str, verify: bool = False, fileobj: Any = None,
     except Exception as e:  # whatever zipfile, zlib or h5py raise on a damaged file
         if raw is not None:
             raw.close()
-        raise CorruptCheckpointError(f"{path} cannot be opened as a checkpoint: {e}") from None
+        raise CorruptCheckpointError(
+            f"{path} cannot be opened as a checkpoint: {type(e).__name__}: {e}") from None
     try:
         with h5:
             group = _hard_child(path, h5, GROUP, f"the {GROUP!r} group")
-            if not isinstance(group, h5py.Group) or group.attrs.get("format") != FORMAT:
+            if not isinstance(group, h5py.Group) or _format_of(path, group) != FORMAT:
                 what = "is a Keras archive without" if path.endswith(".keras") else "holds no"
                 raise ForeignFileError(f"{path} {what} keras-ckpt training state.")
             yield group
@@ -186,8 +188,12 @@ def _one_error(path: str):
     """Any error reading `path` leaves as one `CorruptCheckpointError` naming the file."""
     try:
         yield
-    except (CorruptCheckpointError, MemoryError, KeyboardInterrupt):
+    except CorruptCheckpointError:
         raise
+    except MemoryError:  # (a file declaring more than this process can hold)
+        raise CorruptCheckpointError(
+            f"{path} declares more data than this process has memory for; refusing it."
+        ) from None
     except Exception as e:
         raise CorruptCheckpointError(
             f"{path} cannot be read as a checkpoint: {type(e).__name__}: {e}") from None
@@ -206,9 +212,31 @@ def _verify_keras_part(path: str, group: h5py.Group, meta: dict) -> None:
             raise CorruptCheckpointError(f"{path}: Keras's dataset {name!r} fails its checksum.")
 
 
+def _is_vlen(group: h5py.Group, name: str) -> bool:
+    """Whether attribute `name` holds variable-length data (kept in HDF5's global heap)."""
+    dtype = group.attrs.get_id(name).dtype
+    info = h5py.check_string_dtype(dtype)
+    return (info is not None and info.length is None) or h5py.check_vlen_dtype(dtype) is not None
+
+
+def _format_of(path: str, group: h5py.Group) -> Any:
+    """Our group's `format` attribute, read without HDF5's global heap from format 2 on."""
+    if "format" not in group.attrs:
+        return None
+    version = group.attrs.get("format_version", -1)
+    if isinstance(version, (int, np.integer)) and version >= 2 and _is_vlen(group, "format"):
+        raise CorruptCheckpointError(f"{path}: the format attribute is not the one keras-ckpt "
+                                     "writes; refusing it.")
+    value = group.attrs.get("format")
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
 def _meta_text(path: str, group: h5py.Group) -> str:
-    """The HDF5 metadata attribute's text, checked against its CRC-32."""
-    check_version(path, group.attrs.get("format_version", -1))
+    """The metadata's text, checked against its CRC-32."""
+    version = group.attrs.get("format_version", -1)
+    check_version(path, version)
+    if version >= 2:
+        return _checked(path, group, _meta_dataset_bytes(path, group))
     try:
         meta_size = group.attrs.get_id("meta").get_storage_size()
     except (KeyError, OSError):
@@ -216,7 +244,23 @@ def _meta_text(path: str, group: h5py.Group) -> str:
     if meta_size > _MAX_META_BYTES:
         raise CorruptCheckpointError(
             f"{path}: the metadata declares {meta_size} bytes (at most {_MAX_META_BYTES}).")
-    text = group.attrs.get("meta")
+    return _checked(path, group, group.attrs.get("meta"))  # format 1: a string attribute
+
+
+def _meta_dataset_bytes(path: str, group: h5py.Group) -> bytes:
+    data = _hard_child(path, group, META_DATASET, "the metadata")
+    if not isinstance(data, h5py.Dataset) or data.dtype != np.uint8 or data.ndim != 1:
+        raise CorruptCheckpointError(f"{path}: the metadata is missing.")
+    _check_dataset_storage(path, META_DATASET, data)
+    if data.size > _MAX_META_BYTES:
+        raise CorruptCheckpointError(
+            f"{path}: the metadata has {data.size} bytes (at most {_MAX_META_BYTES}).")
+    if data.size and data.compression is None and data.id.get_storage_size() < data.size:
+        raise CorruptCheckpointError(f"{path}: the metadata is truncated.")
+    return data[()].tobytes()
+
+
+def _checked(path: str, group: h5py.Group, text: Any) -> str:
     if isinstance(text, bytes):
         text = text.decode("utf-8", "surrogateescape")
     # Damaged bytes come back as surrogates: they fail the checksum, not the encoder.

@@ -16,10 +16,14 @@ from keras_ckpt import atomic, dtypes
 __all__ = ["CorruptCheckpointError", "ForeignFileError", "FORMAT", "FORMAT_VERSION",
            "EXTENSIONS", "GROUP", "ZIP_MEMBER", "KERAS_WEIGHTS_MEMBER", "META_MEMBER", "extension",
            "NonFiniteStateError",
-           "is_temporary"]
+           "is_temporary", "set_meta", "META_DATASET"]
 
 FORMAT = "keras-ckpt"
-FORMAT_VERSION = 1
+# 2: the metadata is a uint8 dataset and `format` a fixed-length string, so that no
+# read of ours goes through HDF5's global heap (a damaged one made HDF5 loop forever).
+# 1 (read still): the metadata was a variable-length string attribute.
+FORMAT_VERSION = 2
+META_DATASET = "meta"
 GROUP = "keras_ckpt"
 ZIP_MEMBER = "keras_ckpt.h5"  # our state beside Keras's archive (Keras wrote its part)
 KERAS_WEIGHTS_MEMBER = "model.weights.h5"  # one-pass archives: our state inside it
@@ -91,6 +95,19 @@ def _check_dataset_storage(path: str, name: str, dataset: h5py.Dataset) -> None:
     if dataset.external or dataset.is_virtual:
         raise CorruptCheckpointError(
             f"{path}: dataset {name!r} takes its data from another file; refusing to read it.")
+
+
+def set_meta(group: h5py.Group, text: str) -> None:
+    """Writes our group's `format` and metadata text, with its CRC-32 (format 2)."""
+    data = text.encode("utf-8", "surrogateescape")
+    if META_DATASET in group:
+        del group[META_DATASET]
+    if "meta" in group.attrs:  # a format-1 file rewritten
+        del group.attrs["meta"]
+    group.attrs["format"] = np.bytes_(FORMAT.encode())
+    group.attrs["format_version"] = FORMAT_VERSION
+    group.create_dataset(META_DATASET, data=np.frombuffer(data, dtype=np.uint8))
+    group.attrs["meta_crc32"] = zlib.crc32(data)
 
 
 def meta_member(text: str) -> str:

@@ -14,7 +14,6 @@ import json
 import os
 import threading
 import zipfile
-import zlib
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -24,8 +23,6 @@ import numpy as np
 from keras_ckpt import atomic, dtypes
 from keras_ckpt.state import Snapshot
 from keras_ckpt.storage_format import (
-    FORMAT,
-    FORMAT_VERSION,
     GROUP,
     KERAS_WEIGHTS_MEMBER,
     META_MEMBER,
@@ -35,6 +32,7 @@ from keras_ckpt.storage_format import (
     _keras_part_crcs,
     extension,
     meta_member,
+    set_meta,
 )
 
 __all__ = ["write", "Layout", "OnePassWeights", "OnePassArchive", "KerasPartFirst",
@@ -116,10 +114,7 @@ def _write_group(h5: h5py.File, snapshot: Snapshot, meta: dict, layout: Any = No
     extra = {"keras_part_crc32": keras_crcs} if keras_crcs else {}
     full = {**snapshot.meta, **meta, **extra, "arrays": arrays_meta}
     text = json.dumps(full, allow_nan=False, separators=(",", ":"))
-    group.attrs["format"] = FORMAT
-    group.attrs["format_version"] = FORMAT_VERSION
-    group.attrs["meta"] = text
-    group.attrs["meta_crc32"] = zlib.crc32(text.encode())
+    set_meta(group, text)
     return text
 
 

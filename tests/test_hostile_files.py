@@ -24,6 +24,7 @@ import keras_ckpt
 from keras_ckpt import manager, storage
 from keras_ckpt.state import StateMismatchError
 from keras_ckpt.storage import CorruptCheckpointError
+from keras_ckpt.storage_format import set_meta
 
 
 def fit(model, callbacks, epochs=2):
@@ -50,14 +51,11 @@ def saved(tmp_path):
 
 
 def edit_meta(path, change):
+    """Changes a `.weights.h5` checkpoint's metadata, with a valid checksum."""
+    meta = storage.read_meta(str(path))
+    change(meta)
     with h5py.File(path, "a") as f:
-        group = f["keras_ckpt"]
-        meta = json.loads(group.attrs["meta"])
-        change(meta)
-        text = json.dumps(meta)
-        group.attrs["meta"] = text
-        import zlib
-        group.attrs["meta_crc32"] = zlib.crc32(text.encode())
+        set_meta(f["keras_ckpt"], json.dumps(meta))
 
 
 def test_a_newer_format_version_is_refused(saved):
@@ -155,10 +153,7 @@ def test_malformed_metadata_is_refused_before_anything_is_applied(saved):
 def test_deeply_nested_json_is_a_clear_error(saved):
     _, path = saved
     with h5py.File(path, "a") as f:
-        import zlib
-        text = "[" * 100000 + "]" * 100000
-        f["keras_ckpt"].attrs["meta"] = text
-        f["keras_ckpt"].attrs["meta_crc32"] = zlib.crc32(text.encode())
+        set_meta(f["keras_ckpt"], "[" * 100000 + "]" * 100000)
     with pytest.raises(keras_ckpt.CorruptCheckpointError, match="not valid JSON"):
         storage.read(str(path))
 
@@ -311,17 +306,16 @@ def test_a_link_in_place_of_the_state_is_refused_not_followed(tmp_path, make):
 # ------------------------------------------------------------------ arrays and metadata
 def test_an_array_of_another_dtype_than_its_variable_is_refused_not_cast(saved):
     model, path = saved
+    meta = storage.read_meta(str(path))
     with h5py.File(path, "a") as f:
         group = f["keras_ckpt"]
-        meta = json.loads(group.attrs["meta"])
         entry = meta["arrays"]["model/00000"]
         data = group["arrays"][entry["dataset"]]
         wide = data[()].astype("float64")
         del group["arrays"][entry["dataset"]]
         group["arrays"][entry["dataset"]] = wide
         entry["dtype"], entry["crc32"] = wide.dtype.str, zlib.crc32(wide.tobytes())
-        text = json.dumps(meta)
-        group.attrs["meta"], group.attrs["meta_crc32"] = text, zlib.crc32(text.encode())
+        set_meta(group, json.dumps(meta))
     assert storage.read(str(path)).arrays["model/00000"].dtype == np.float64  # well-formed
     before = values(model)
     with pytest.raises(CorruptCheckpointError, match="float64.*declares.*float32"):
@@ -337,6 +331,8 @@ WRONG_TYPES = {
     "written-at-text": lambda m: m.update(written_at="now"),
     "kind-number": lambda m: m.update(kind=7),
     "complete-text": lambda m: m["progress"].update(epoch_complete="yes"),
+    "history-number": lambda m: m["progress"].update(history=7),
+    "history-values-list": lambda m: m["progress"].update(history={"values": [1]}),
 }
 
 
@@ -352,6 +348,12 @@ def test_metadata_of_the_wrong_types_is_one_error_and_resume_falls_back(tmp_path
                                storage.read_meta(str(directory / "c-2.weights.h5")))
     infos = manager.list_checkpoints(directory, include_invalid=True)
     assert [i.error is None for i in infos] == [False, True]
+    model = make_model()
+    fit(model, [], epochs=1)
+    before = values(model)
+    with pytest.raises(CorruptCheckpointError, match="c-2.weights.h5"):
+        keras_ckpt.restore(model, directory / "c-2.weights.h5")
+    assert_unchanged(model, before)
     with pytest.warns(UserWarning, match="c-2.weights.h5"):
         info, _ = manager.latest_checkpoint(directory)
     assert os.path.basename(info.path) == "c-1.weights.h5"
@@ -469,3 +471,59 @@ def test_an_archive_member_inflating_past_the_model_is_refused_unread(archive):
                 out.writestr(name, data)
     assert os.path.getsize(path) < 1 << 20
     assert peak_bytes_of(lambda: keras_ckpt.restore(model, path)) < 16 << 20
+
+
+# ------------------------------------------------------------------ HDF5's global heap
+GLOBAL_HEAP_CHILD = r"""
+import sys
+import keras_ckpt
+from keras_ckpt import storage
+for read in (storage.read_meta, storage.read):
+    try:
+        read(sys.argv[1])
+        print(read.__name__, "ok")
+    except keras_ckpt.CorruptCheckpointError as e:
+        print(read.__name__, "CorruptCheckpointError")
+"""
+
+
+@pytest.mark.slow
+def test_a_damaged_global_heap_cannot_make_a_read_hang(saved, tmp_path):
+    # HDF5 loops forever on some damaged global-heap collections (where variable-
+    # length strings live): keras-ckpt's metadata and format are no longer kept there.
+    import subprocess
+    import sys
+
+    import forkserver
+
+    _, path = saved
+    blob = bytearray(path.read_bytes())
+    heap = blob.find(b"GCOL")
+    assert heap > 0  # Keras's part keeps its strings there
+    blob[heap + 25] ^= 1  # the first heap object's size (a case that hung reads forever)
+    damaged = tmp_path / "heap.weights.h5"
+    damaged.write_bytes(bytes(blob))
+    try:
+        done = forkserver.run([sys.executable, "-c", GLOBAL_HEAP_CHILD, str(damaged)],
+                              capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("a read hung on a damaged global heap")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["read_meta", "ok", "read", "ok"]  # Keras's part: not read
+
+
+def test_a_format_1_checkpoint_still_reads(saved):
+    # Written before format 2: the metadata a variable-length string attribute.
+    _, path = saved
+    meta = storage.read_meta(str(path))
+    text = json.dumps(meta)
+    with h5py.File(path, "a") as f:
+        group = f["keras_ckpt"]
+        del group["meta"]
+        group.attrs["format"], group.attrs["format_version"] = "keras-ckpt", 1
+        group.attrs["meta"], group.attrs["meta_crc32"] = text, zlib.crc32(text.encode())
+    assert storage.read(str(path)).meta["progress"] == meta["progress"]
+    with h5py.File(path, "a") as f:  # format 2 claimed, a heap string given: refused unread
+        f["keras_ckpt"].attrs["format_version"] = 2
+    with pytest.raises(CorruptCheckpointError, match="format attribute"):
+        storage.read_meta(str(path))

@@ -20,7 +20,7 @@ from collections.abc import Callable
 import h5py
 import numpy as np
 
-from keras_ckpt import dtypes
+from keras_ckpt import dtypes, storage_format
 
 GROUP = "keras_ckpt"
 HUGE_SHAPE = (3_000_000, 1_000)  # float32: 12 GB, below this machine's memory limit check
@@ -31,6 +31,14 @@ META_PAD = 300_000_000
 def set_meta(group: h5py.Group, meta: dict | str) -> None:
     """Stores `meta` (a dict, or the exact text) with a correct checksum, as keras-ckpt does."""
     text = meta if isinstance(meta, str) else json.dumps(meta, separators=(",", ":"))
+    storage_format.set_meta(group, text)
+
+
+def set_meta_v1(group: h5py.Group, text: str) -> None:
+    """Stores `text` as format 1 did: a variable-length string attribute."""
+    if storage_format.META_DATASET in group:
+        del group[storage_format.META_DATASET]
+    group.attrs["format"], group.attrs["format_version"] = storage_format.FORMAT, 1
     group.attrs["meta"] = text
     group.attrs["meta_crc32"] = zlib.crc32(text.encode())
 
@@ -40,8 +48,15 @@ def _edit(path: str, fn: Callable[[h5py.File], None]) -> None:
         fn(h5)
 
 
+def _meta_text(h5: h5py.File) -> str:
+    group = h5[GROUP]
+    if storage_format.META_DATASET in group:
+        return group[storage_format.META_DATASET][()].tobytes().decode()
+    return group.attrs["meta"]
+
+
 def _meta(h5: h5py.File) -> dict:
-    return json.loads(h5[GROUP].attrs["meta"])
+    return json.loads(_meta_text(h5))
 
 
 # ------------------------------------------------------------------ links
@@ -221,12 +236,20 @@ def _mixed(meta: dict) -> None:
 
 
 def meta_300mb(src: str, dst: str, ctx: dict) -> None:
-    """Metadata a 300 MB variable-length string: the JSON + 300 MB of spaces, checksum valid."""
+    """Metadata of 300 MB (the JSON + 300 MB of spaces, checksum valid), as format 2 stores it."""
     shutil.copyfile(src, dst)
 
     def fn(h5: h5py.File) -> None:
-        text = h5[GROUP].attrs["meta"]
-        set_meta(h5[GROUP], text + " " * META_PAD)
+        set_meta(h5[GROUP], _meta_text(h5) + " " * META_PAD)
+    _edit(dst, fn)
+
+
+def meta_300mb_v1(src: str, dst: str, ctx: dict) -> None:
+    """The same as format 1 stored it: a 300 MB variable-length string attribute."""
+    shutil.copyfile(src, dst)
+
+    def fn(h5: h5py.File) -> None:
+        set_meta_v1(h5[GROUP], _meta_text(h5) + " " * META_PAD)
     _edit(dst, fn)
 
 
@@ -245,6 +268,7 @@ RECIPES: dict[str, tuple[str, Callable[[str, str, dict], None]]] = {
     "meta_history_num": (".weights.h5", _meta_edit(_history_num)),
     "meta_mixed_types": (".weights.h5", _meta_edit(_mixed)),
     "meta_300mb": (".weights.h5", meta_300mb),
+    "meta_300mb_v1": (".weights.h5", meta_300mb_v1),
     "huge_gzip_fill": (".weights.h5", huge_gzip_fill),
     "zip_bomb": (".keras", zip_bomb),
 }

@@ -45,7 +45,8 @@ def _cell(op: str, o: dict) -> str:
         return f"{verdict} rc{o.get('rc')}{extra}" if "rc" in o else o.get("type", status)
     if status == "error":
         name = o["type"]
-        return ABBREV.get(name, name + "!")
+        changed = "+changed!" if o.get("changed_then_raised") else ""
+        return ABBREV.get(name, name + "!") + changed
     if op == "resume":
         where = (o.get("resumed_from") or "fresh").split(".")[0]
         return f"{where}=" + "|".join(o.get("equals") or ["?"])
