@@ -57,6 +57,7 @@ from keras_ckpt.storage_format import (  # noqa: F401 - the format, as before
     extension,
     is_temporary,
 )
+from keras_ckpt.storage_limits import FILE_ALLOWANCE, Limit, declared_bytes
 from keras_ckpt.storage_write import (  # noqa: F401 - the write side, as before
     KerasPartFirst,
     Layout,
@@ -74,40 +75,13 @@ __all__ = ["CorruptCheckpointError", "ForeignFileError", "NonFiniteStateError", 
            "KerasPartFirst", "choose_layout", "FORMAT", "FORMAT_VERSION", "EXTENSIONS"]
 
 
-def _memory_limit() -> int:
-    """The largest array a checkpoint may declare: the machine's physical memory."""
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # pragma: no cover
-        return 1 << 40
-
-
-class _Limit:
-    """The most a read may take: this machine's memory, or what a model's state can need."""
-
-    def __init__(self, state_bytes: int | None = None) -> None:
-        self.arrays = _memory_limit() if state_bytes is None else int(state_bytes)
-        self.what = ("this machine's memory" if state_bytes is None else
-                     "what the model's state can take (twice its variables)")
-        # A file holds Keras's part beside ours, and the metadata (history).
-        self.file = None if state_bytes is None else 2 * self.arrays + _FILE_ALLOWANCE
-        self.member = None if state_bytes is None else self.arrays + _FILE_ALLOWANCE
-
-    def check_file(self, path: str, size: int, what: str = "the file") -> None:
-        if self.file is not None and size > self.file:
-            raise CorruptCheckpointError(
-                f"{path}: {what} has {size} bytes, more than a checkpoint of the model's "
-                f"state can take ({self.file}); refusing to read it.")
-
-
-_FILE_ALLOWANCE = 64 << 20
 
 
 def _member_window(path: str, archive: zipfile.ZipFile, member: str,
-                   limit: _Limit) -> tuple[int, int] | None:
+                   limit: Limit) -> tuple[int, int] | None:
     """(offset, size) of our stored member inside a `.keras` archive, or None if compressed."""
     info = archive.getinfo(member)
-    if info.file_size > (limit.member if limit.member is not None else _memory_limit()):
+    if info.file_size > limit.member:
         raise CorruptCheckpointError(
             f"{path}: the archive member {member} declares {info.file_size} bytes, more than "
             f"{limit.what}; refusing to read it.")
@@ -135,8 +109,8 @@ def _hard_child(path: str, parent: h5py.Group, name: str, what: str) -> Any:
 
 @contextlib.contextmanager
 def _open_group(path: str, verify: bool = False, fileobj: Any = None,
-                limit: _Limit | None = None):
-    raw, limit = None, limit or _Limit()
+                limit: Limit | None = None):
+    raw, limit = None, limit or Limit()
     try:
         if fileobj is None:
             limit.check_file(path, os.path.getsize(path))
@@ -315,11 +289,16 @@ def read(path: str, verify: bool = True, state_bytes: int | None = None) -> Snap
         CorruptCheckpointError: partial, damaged, foreign or from a newer format.
     """
     with _one_error(path):
-        return _read(path, verify, _Limit(state_bytes))
+        return _read(path, verify, Limit(state_bytes))
 
 
-def _read(path: str, verify: bool, limit: _Limit) -> Snapshot:
+def _read(path: str, verify: bool, limit: Limit) -> Snapshot:
     sidecar = archive_meta_text(path) if path.endswith(".keras") else None
+    if sidecar is not None:
+        # Our member holds what its own index declares (Keras's datasets share
+        # that data), and the metadata: nothing more is inflated.
+        limit = limit.within(2 * declared_bytes(_parse_meta(path, sidecar)) + FILE_ALLOWANCE,
+                             "what the archive's own index declares")
     with _open_group(path, verify=verify, limit=limit) as group:
         text = _meta_text(path, group)
         if sidecar is not None and sidecar != text:
@@ -348,7 +327,7 @@ def _read(path: str, verify: bool, limit: _Limit) -> Snapshot:
     return Snapshot(arrays=arrays, meta=meta)
 
 
-def _read_arrays(path: str, data: Any, index: dict, arrays: dict, limit: _Limit, total: int,
+def _read_arrays(path: str, data: Any, index: dict, arrays: dict, limit: Limit, total: int,
                  pool: Any, checks: list) -> None:
     """Reads and checks each indexed array into `arrays`; queues its checksum on `pool`."""
     for name, entry in index.items():

@@ -21,7 +21,7 @@ import pytest
 from conftest import make_model
 
 import keras_ckpt
-from keras_ckpt import manager, storage
+from keras_ckpt import manager, storage, storage_limits
 from keras_ckpt.state import StateMismatchError
 from keras_ckpt.storage import CorruptCheckpointError
 from keras_ckpt.storage_format import set_meta
@@ -124,7 +124,7 @@ def test_a_zip_bomb_member_is_refused_unread(tmp_path, monkeypatch):
         archive.writestr("config.json", "{}")
         archive.writestr("keras_ckpt.h5", bytes(64 << 20))  # 64 MiB of zeros, 64 KiB packed
     assert os.path.getsize(path) < 1 << 20
-    monkeypatch.setattr(storage, "_memory_limit", lambda: 32 << 20)  # a 32 MiB machine
+    monkeypatch.setattr(storage_limits, "memory_limit", lambda: 32 << 20)  # a 32 MiB machine
     with pytest.raises(keras_ckpt.CorruptCheckpointError, match="more than"):
         storage.read(str(path))
 
@@ -527,3 +527,25 @@ def test_a_format_1_checkpoint_still_reads(saved):
         f["keras_ckpt"].attrs["format_version"] = 2
     with pytest.raises(CorruptCheckpointError, match="format attribute"):
         storage.read_meta(str(path))
+
+
+def test_an_archive_member_inflating_past_its_own_index_is_refused_without_a_model(archive):
+    # inspect and storage.read have no model: the archive's own metadata member says
+    # how much its state member can hold.
+    _, path = archive
+    stored = members(path)
+    with zipfile.ZipFile(path, "w") as out:
+        for name, data in stored:
+            if name == "model.weights.h5":  # the real member, then 128 MiB of zeros
+                out.writestr(name, data + bytes(128 << 20), compress_type=zipfile.ZIP_DEFLATED)
+            else:
+                out.writestr(name, data)
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(CorruptCheckpointError, match="archive's own index declares"):
+            storage.read(str(path))
+        assert tracemalloc.get_traced_memory()[1] < 16 << 20
+    finally:
+        tracemalloc.stop()
