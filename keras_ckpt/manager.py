@@ -22,7 +22,8 @@ from keras_ckpt.rng import rng_tuples
 from keras_ckpt.state_checks import check_progress, check_snapshot, state_bytes_bound
 
 __all__ = ["CheckpointInfo", "list_checkpoints", "latest_checkpoint", "best_checkpoint",
-           "restore", "template_regex", "read_infos", "latest_valid", "read_verified"]
+           "restore", "template_regex", "read_infos", "latest_valid", "read_verified",
+           "candidate_paths"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,7 +138,8 @@ def read_verified(path: str, verify: bool = True,
     return snapshot
 
 
-def _candidates(directory: str) -> list[str]:
+def candidate_paths(directory: str) -> list[str]:
+    """The files of `directory` that may be checkpoints (by extension, not hidden)."""
     try:
         names = os.listdir(directory)
     except FileNotFoundError:
@@ -169,24 +171,25 @@ def list_checkpoints(directory: str | os.PathLike, include_invalid: bool = False
     >>> list_checkpoints("/nonexistent")
     []
     """
-    return read_infos(_candidates(os.fspath(directory)), include_invalid)
+    return read_infos(candidate_paths(os.fspath(directory)), include_invalid)
 
 
 _LAST_NAMES = ("last.keras", "last.weights.h5", "last.h5")
 
 
-def read_infos(paths: Iterable[str], include_invalid: bool = False) -> list[CheckpointInfo]:
+def read_infos(paths: Iterable[str], include_invalid: bool = False,
+               state_bytes: int | None = None) -> list[CheckpointInfo]:
     """`CheckpointInfo` of each file (metadata only), ordered as `list_checkpoints` orders.
 
     A file named `last.keras` / `last.weights.h5` is the `save_last` copy of
     the newest state (often a hard link to a regular checkpoint): its kind is
-    "last", whatever its metadata says.
+    "last", whatever its metadata says. `state_bytes`: see `storage.read_meta`.
     """
     infos = []
     for path in paths:
         size = os.path.getsize(path)
         try:
-            info = info_from_meta(path, storage.read_meta(path), size)
+            info = info_from_meta(path, storage.read_meta(path, state_bytes=state_bytes), size)
         except storage.ForeignFileError as e:
             if include_invalid:
                 infos.append(CheckpointInfo(path=path, size=size, error=str(e), kind="foreign"))

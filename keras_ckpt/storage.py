@@ -254,7 +254,7 @@ def _parse_meta(path: str, text: str) -> dict:
     return meta
 
 
-def read_meta(path: str, fileobj: Any = None) -> dict[str, Any]:
+def read_meta(path: str, fileobj: Any = None, state_bytes: int | None = None) -> dict[str, Any]:
     """Reads a checkpoint's metadata only (cheap: no array is read).
 
     Args:
@@ -262,11 +262,15 @@ def read_meta(path: str, fileobj: Any = None) -> dict[str, Any]:
         fileobj: an open, seekable binary file to read instead of `path` (a
             remote one: only the few blocks holding the metadata are read);
             `path` then names it in errors.
+        state_bytes: as for `read`: a file larger than a checkpoint of that
+            state can be is refused unread.
 
     Raises:
         CorruptCheckpointError: not a readable keras-ckpt checkpoint.
     """
     with _one_error(path):
+        if fileobj is None:
+            Limit(state_bytes).check_file(path, os.path.getsize(path))
         text = archive_meta_text(path, fileobj) if path.endswith(".keras") else None
         if text is None:
             with _open_group(path, fileobj=fileobj) as group:

@@ -549,3 +549,33 @@ def test_an_archive_member_inflating_past_its_own_index_is_refused_without_a_mod
         assert tracemalloc.get_traced_memory()[1] < 16 << 20
     finally:
         tracemalloc.stop()
+
+
+def test_resume_lists_nothing_larger_than_the_model_could_write(tmp_path):
+    # A format-1 file (its metadata a heap string, read whole before it can be
+    # checked): 80 MB of it beside a tiny model's checkpoints is never read.
+    import tracemalloc
+
+    run = tmp_path / "run"
+    fit(make_model(), [keras_ckpt.ModelCheckpoint(str(run / "c-{epoch}.weights.h5"),
+                                                  save_weights_only=True)])
+    newer = run / "c-2.weights.h5"
+    text = json.dumps(storage.read_meta(str(newer))) + " " * (80 << 20)
+    with h5py.File(newer, "a") as f:
+        group = f["keras_ckpt"]
+        del group["meta"]
+        group.attrs["format"], group.attrs["format_version"] = "keras-ckpt", 1
+        group.attrs["meta"], group.attrs["meta_crc32"] = text, zlib.crc32(text.encode())
+    del text
+    model = make_model()
+    checkpoint = keras_ckpt.ModelCheckpoint(str(run / "c-{epoch}.weights.h5"),
+                                            save_weights_only=True, resume=True)
+    tracemalloc.start()
+    try:
+        with pytest.warns(UserWarning, match="c-2.weights.h5.*model's state can take"):
+            fit(model, [checkpoint], epochs=2)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert os.path.basename(checkpoint.resumed_from.path) == "c-1.weights.h5"
+    assert peak < 40 << 20

@@ -97,12 +97,11 @@ class CheckpointDirectory:
         return [c for c in manager.read_infos(self.candidates(), include_invalid)
                 if c.kind in ("regular", "foreign") or c.error is not None]
 
-    def resumable(self) -> list[manager.CheckpointInfo]:
+    def resumable(self, state_bytes: int | None = None) -> list[manager.CheckpointInfo]:
         """Every file resume may choose from, damaged ones included (see `latest`)."""
-        if not self.nested:
-            return manager.list_checkpoints(self.path, include_invalid=True)
-        paths = self.candidates() + ([self.last_path] if os.path.isfile(self.last_path) else [])
-        return manager.read_infos(paths, include_invalid=True)
+        paths = (manager.candidate_paths(self.path) if not self.nested else self.candidates()
+                 + ([self.last_path] if os.path.isfile(self.last_path) else []))
+        return manager.read_infos(paths, include_invalid=True, state_bytes=state_bytes)
 
     def latest(self, state_bytes: int | None = None
                ) -> tuple[manager.CheckpointInfo, Any] | None:
@@ -110,7 +109,7 @@ class CheckpointDirectory:
 
         `state_bytes`: the most its arrays may take (`state_checks.state_bytes_bound`).
         """
-        return manager.latest_valid(self.resumable(), state_bytes=state_bytes)
+        return manager.latest_valid(self.resumable(state_bytes), state_bytes=state_bytes)
 
     def file_path(self, logs: dict, epoch: int, steps_in_epoch: int | None) -> str:
         """The template filled with the logs, `epoch` (1-based) and `batch` (steps done)."""

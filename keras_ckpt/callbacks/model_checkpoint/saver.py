@@ -24,6 +24,7 @@ from keras_ckpt import state as state_lib
 from keras_ckpt.callbacks.base import StatefulCallback, non_finite_logs
 from keras_ckpt.jsonsafe import encode_float, encode_log
 from keras_ckpt.keras_compat import print_msg
+from keras_ckpt.state_checks import state_bytes_bound
 from keras_ckpt.writer import BackgroundWriter
 
 __all__ = ["Saver"]
@@ -275,8 +276,8 @@ class Saver:
             raise IsADirectoryError(
                 f"ModelCheckpoint: filepath {filepath!r} is a directory; give a file name.")
         if filepath not in fit.written and os.path.exists(filepath):
-            try:
-                storage.read_meta(filepath)
+            try:  # (a file no checkpoint of this model could be is not read)
+                storage.read_meta(filepath, state_bytes=state_bytes_bound(self.owner.model))
             except storage.CorruptCheckpointError as e:
                 warnings.warn(f"ModelCheckpoint: replacing {filepath}, which is not a valid "
                               f"keras-ckpt checkpoint ({e}).", stacklevel=4)
