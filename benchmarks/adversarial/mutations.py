@@ -132,6 +132,11 @@ def _garbage(length: int, kind: str, seed: int, blob: bytes) -> bytes:
     return random.Random(seed).randbytes(length)
 
 
+def _zeroed(blob: bytes, offset: int, length: int) -> bytes:
+    end = min(len(blob), offset + length)
+    return blob[:offset] + bytes(end - offset) + blob[end:]
+
+
 def _member_bytes(body: bytes, p: dict) -> bytes:
     op = p["op"]
     if op == "bitflip":
@@ -139,8 +144,7 @@ def _member_bytes(body: bytes, p: dict) -> bytes:
     if op == "truncate":
         return body[:p["length"]]
     if op == "zero":
-        end = min(len(body), p["offset"] + p["length"])
-        return body[:p["offset"]] + bytes(end - p["offset"]) + body[end:]
+        return _zeroed(body, p["offset"], p["length"])
     return body + _garbage(p["length"], "random", p["seed"], body)
 
 
@@ -171,8 +175,7 @@ def apply(spec: dict, manifest: dict) -> bytes:
     if cls == "truncate":
         return blob[:p["length"]]
     if cls == "zero_page":
-        end = min(len(blob), p["offset"] + p["length"])
-        return blob[:p["offset"]] + bytes(end - p["offset"]) + blob[end:]
+        return _zeroed(blob, p["offset"], p["length"])
     if cls == "append":
         return blob + _garbage(p["length"], p["kind"], p["seed"], blob)
     if cls == "splice":
