@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from keras_ckpt import dtypes
 from keras_ckpt.snapshot import (
     GROUPS,
     Snapshot,
@@ -136,15 +137,12 @@ def check_arrays(snapshot: Snapshot) -> None:
 def _nbytes(variables: list) -> int:
     total = 0
     for v in variables:
-        size = 1
-        for d in v.shape:
-            size *= int(d)
-        total += size * np.dtype(str(v.dtype)).itemsize if str(v.dtype) in _NUMPY else size * 8
+        try:
+            itemsize = dtypes.declared(str(v.dtype)).itemsize  # ml_dtypes' floats too
+        except (TypeError, ValueError):
+            itemsize = 8
+        total += int(np.prod([int(d) for d in v.shape], dtype=np.int64)) * itemsize
     return total
-
-
-_NUMPY = {"bool", "int8", "uint8", "int16", "uint16", "int32", "uint32", "int64", "uint64",
-          "float16", "float32", "float64", "complex64", "complex128"}
 
 
 def state_bytes_bound(model: Any) -> int | None:

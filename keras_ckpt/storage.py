@@ -75,8 +75,6 @@ __all__ = ["CorruptCheckpointError", "ForeignFileError", "NonFiniteStateError", 
            "KerasPartFirst", "choose_layout", "FORMAT", "FORMAT_VERSION", "EXTENSIONS"]
 
 
-
-
 def _member_window(path: str, archive: zipfile.ZipFile, member: str,
                    limit: Limit) -> tuple[int, int] | None:
     """(offset, size) of our stored member inside a `.keras` archive, or None if compressed."""
@@ -269,11 +267,14 @@ def read_meta(path: str, fileobj: Any = None, state_bytes: int | None = None) ->
         CorruptCheckpointError: not a readable keras-ckpt checkpoint.
     """
     with _one_error(path):
-        if fileobj is None:
-            Limit(state_bytes).check_file(path, os.path.getsize(path))
-        text = archive_meta_text(path, fileobj) if path.endswith(".keras") else None
-        if text is None:
-            with _open_group(path, fileobj=fileobj) as group:
+        limit = Limit(state_bytes)
+        text = None
+        if path.endswith(".keras"):
+            if fileobj is None:
+                limit.check_file(path, os.path.getsize(path))
+            text = archive_meta_text(path, fileobj)
+        if text is None:  # (_open_group checks the file's size itself)
+            with _open_group(path, fileobj=fileobj, limit=limit) as group:
                 text = _meta_text(path, group)
         return _parse_meta(path, text)
 

@@ -6,6 +6,7 @@ arrays' declared sizes against a `Limit` before it reads any data.
 
 from __future__ import annotations
 
+import copy
 import os
 
 from keras_ckpt import dtypes
@@ -37,8 +38,7 @@ class Limit:
 
     def within(self, member_bytes: int, what: str) -> Limit:
         """This limit, with an archive member held to at most `member_bytes`."""
-        tighter = Limit()
-        tighter.__dict__.update(self.__dict__)
+        tighter = copy.copy(self)
         if member_bytes < self.member:
             tighter.member, tighter.what = member_bytes, what
         return tighter

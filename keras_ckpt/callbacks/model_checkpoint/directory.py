@@ -99,8 +99,11 @@ class CheckpointDirectory:
 
     def resumable(self, state_bytes: int | None = None) -> list[manager.CheckpointInfo]:
         """Every file resume may choose from, damaged ones included (see `latest`)."""
-        paths = (manager.candidate_paths(self.path) if not self.nested else self.candidates()
-                 + ([self.last_path] if os.path.isfile(self.last_path) else []))
+        if self.nested:
+            paths = self.candidates() + (
+                [self.last_path] if os.path.isfile(self.last_path) else [])
+        else:
+            paths = manager.candidate_paths(self.path)
         return manager.read_infos(paths, include_invalid=True, state_bytes=state_bytes)
 
     def latest(self, state_bytes: int | None = None
