@@ -12,7 +12,7 @@ import os
 import re
 import string
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from keras_ckpt import state as state_lib
@@ -219,24 +219,43 @@ def latest_checkpoint(directory: str | os.PathLike, *, verify: bool = True
 
 
 def latest_valid(infos: Sequence[CheckpointInfo], *, verify: bool = True,
-                 state_bytes: int | None = None
+                 state_bytes: int | None = None,
+                 fits: Callable[[state_lib.Snapshot], Any] | None = None
                  ) -> tuple[CheckpointInfo, state_lib.Snapshot] | None:
     """Reads the newest valid, finite checkpoint of `infos` (see `latest_checkpoint`).
 
     `state_bytes`: the most a checkpoint's arrays may take (see `storage.read`).
+    `fits`: raises `StateMismatchError` for a snapshot of another model. Such
+    a checkpoint is passed over for an older one that fits, with a warning
+    naming it; when none fits, the newest one's mismatch is raised (a changed
+    model is an error, never a silent fresh start).
     """
     for info in infos:
         if info.error is not None and info.kind != "foreign":
             warnings.warn(f"Skipping a damaged checkpoint (left on disk): {info.error}",
                           stacklevel=3)
+    mismatches: list[state_lib.StateMismatchError] = []
     for info in reversed([c for c in infos if c.error is None]):
         if not info.finite:
             continue
         try:
-            return info, read_verified(info.path, verify=verify, state_bytes=state_bytes)
+            snapshot = read_verified(info.path, verify=verify, state_bytes=state_bytes)
         except storage.CorruptCheckpointError as e:
             warnings.warn(f"Skipping a checkpoint that fails verification (left on disk): {e}",
                           stacklevel=3)
+            continue
+        try:
+            if fits is not None:
+                fits(snapshot)
+        except state_lib.StateMismatchError as e:
+            mismatches.append(state_lib.StateMismatchError(f"{info.path}: {e}"))
+            continue
+        for e in mismatches:
+            warnings.warn(f"Skipping a checkpoint written for another model (left on disk): "
+                          f"{e}", stacklevel=3)
+        return info, snapshot
+    if mismatches:
+        raise mismatches[0]
     return None
 
 

@@ -70,8 +70,7 @@ from keras_ckpt.storage_write import (  # noqa: F401 - the write side, as before
 )
 
 __all__ = ["CorruptCheckpointError", "ForeignFileError", "NonFiniteStateError", "write", "read",
-           "read_meta",
-           "is_temporary", "extension", "Layout", "OnePassWeights", "OnePassArchive",
+           "read_meta", "is_temporary", "extension", "Layout", "OnePassWeights", "OnePassArchive",
            "KerasPartFirst", "choose_layout", "FORMAT", "FORMAT_VERSION", "EXTENSIONS"]
 
 
@@ -213,10 +212,29 @@ def _meta_text(path: str, group: h5py.Group) -> str:
         meta_size = group.attrs.get_id("meta").get_storage_size()
     except (KeyError, OSError):
         raise CorruptCheckpointError(f"{path}: the metadata is missing.") from None
-    if meta_size > _MAX_META_BYTES:
+    unexplained = _bytes_beside_datasets(group.file) if _is_vlen(group, "meta") else 0
+    if max(meta_size, unexplained) > _MAX_META_BYTES:
         raise CorruptCheckpointError(
-            f"{path}: the metadata declares {meta_size} bytes (at most {_MAX_META_BYTES}).")
+            f"{path}: the metadata may take {max(meta_size, unexplained)} bytes (at most "
+            f"{_MAX_META_BYTES}); refusing to read it.")
     return _checked(path, group, group.attrs.get("meta"))  # format 1: a string attribute
+
+
+def _bytes_beside_datasets(file: h5py.File) -> int:
+    """The bytes of `file` that no dataset holds: the most a format-1 string attribute can be.
+
+    HDF5 reports only a variable-length string's descriptor, not its size;
+    its data lies in the file beside the datasets.
+    """
+    stored = 0
+
+    def add(_name: str, obj: Any) -> None:
+        nonlocal stored
+        if isinstance(obj, h5py.Dataset):
+            stored += obj.id.get_storage_size()
+
+    file.visititems(add)  # hard links only: no soft or external link is followed
+    return max(0, file.id.get_filesize() - stored)
 
 
 def _meta_dataset_bytes(path: str, group: h5py.Group) -> bytes:

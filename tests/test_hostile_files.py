@@ -519,7 +519,8 @@ def test_a_format_1_checkpoint_still_reads(saved):
     text = json.dumps(meta)
     with h5py.File(path, "a") as f:
         group = f["keras_ckpt"]
-        del group["meta"]
+        if "meta" in group:
+            del group["meta"]
         group.attrs["format"], group.attrs["format_version"] = "keras-ckpt", 1
         group.attrs["meta"], group.attrs["meta_crc32"] = text, zlib.crc32(text.encode())
     assert storage.read(str(path)).meta["progress"] == meta["progress"]
@@ -551,6 +552,38 @@ def test_an_archive_member_inflating_past_its_own_index_is_refused_without_a_mod
         tracemalloc.stop()
 
 
+def as_format_1(path, pad=0):
+    """Rewrites a checkpoint's metadata as format 1 stored it (a heap string), padded."""
+    text = json.dumps(storage.read_meta(str(path))) + " " * pad
+    with h5py.File(path, "a") as f:
+        group = f["keras_ckpt"]
+        if "meta" in group:
+            del group["meta"]
+        group.attrs["format"], group.attrs["format_version"] = "keras-ckpt", 1
+        group.attrs["meta"], group.attrs["meta_crc32"] = text, zlib.crc32(text.encode())
+
+
+def test_a_format_1_string_larger_than_the_cap_is_refused_without_a_model(saved, monkeypatch):
+    # HDF5 reports a heap string's descriptor, not its size: the bytes no
+    # dataset holds bound it, so listing and inspect never read it whole.
+    import tracemalloc
+
+    model, path = saved
+    as_format_1(path)
+    assert storage.read_meta(str(path))["progress"]["epoch"] == 0  # format 1 still reads
+    monkeypatch.setattr(storage, "_MAX_META_BYTES", 4 << 20)
+    as_format_1(path, pad=8 << 20)
+    tracemalloc.start()
+    try:
+        with pytest.raises(CorruptCheckpointError, match=r"w\.weights\.h5: the metadata may take"):
+            storage.read_meta(str(path))
+        [info] = manager.list_checkpoints(path.parent, include_invalid=True)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "may take" in info.error and peak < 2 << 20
+
+
 def test_resume_lists_nothing_larger_than_the_model_could_write(tmp_path):
     # A format-1 file (its metadata a heap string, read whole before it can be
     # checked): 80 MB of it beside a tiny model's checkpoints is never read.
@@ -560,13 +593,7 @@ def test_resume_lists_nothing_larger_than_the_model_could_write(tmp_path):
     fit(make_model(), [keras_ckpt.ModelCheckpoint(str(run / "c-{epoch}.weights.h5"),
                                                   save_weights_only=True)])
     newer = run / "c-2.weights.h5"
-    text = json.dumps(storage.read_meta(str(newer))) + " " * (80 << 20)
-    with h5py.File(newer, "a") as f:
-        group = f["keras_ckpt"]
-        del group["meta"]
-        group.attrs["format"], group.attrs["format_version"] = "keras-ckpt", 1
-        group.attrs["meta"], group.attrs["meta_crc32"] = text, zlib.crc32(text.encode())
-    del text
+    as_format_1(newer, pad=80 << 20)
     model = make_model()
     checkpoint = keras_ckpt.ModelCheckpoint(str(run / "c-{epoch}.weights.h5"),
                                             save_weights_only=True, resume=True)

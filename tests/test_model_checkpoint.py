@@ -349,6 +349,27 @@ def test_resume_into_a_different_model_names_the_first_variable(tmp_path):
     assert int(wider.optimizer.iterations.numpy()) == 0
 
 
+def test_another_models_newer_checkpoint_is_skipped_loudly(tmp_path):
+    """Resume falls back past a file of another model, warning; with none that fits, it raises."""
+    path = str(tmp_path / "e{epoch}.keras")
+    model = make_model()
+    fit(model, [keras_ckpt.ModelCheckpoint(path)], epochs=1)
+    expected = [v.numpy().copy() for v in model.variables]
+    wider = keras.Sequential([keras.Input((4,)), keras.layers.Dense(9), keras.layers.Dense(1)])
+    wider.compile(keras.optimizers.Adam(0.01), "mse")
+    fit(wider, [keras_ckpt.ModelCheckpoint(str(tmp_path / "x{epoch}.keras"))], epochs=1)
+    os.replace(tmp_path / "x1.keras", tmp_path / "e2.keras")  # newer, of another model
+    resumed, probe = make_model(), keras_ckpt.ModelCheckpoint(path, resume=True)
+    with pytest.warns(UserWarning, match=r"another model.*e2\.keras.*\(4, 9\)"):
+        fit(resumed, [probe], epochs=1)
+    assert probe.resumed_from.path.endswith("e1.keras")
+    for a, v in zip(expected, resumed.variables, strict=True):
+        np.testing.assert_array_equal(a, v.numpy())
+    os.remove(tmp_path / "e1.keras")
+    with pytest.raises(StateMismatchError, match=r"e2\.keras.*\(4, 9\)"):
+        fit(make_model(), [keras_ckpt.ModelCheckpoint(path, resume=True)], epochs=2)
+
+
 def test_resume_with_a_different_optimizer_is_refused(tmp_path):
     path = str(tmp_path / "e{epoch}.keras")
     fit(make_model(), [keras_ckpt.ModelCheckpoint(path)], epochs=1)

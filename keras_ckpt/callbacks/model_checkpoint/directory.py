@@ -106,13 +106,15 @@ class CheckpointDirectory:
             paths = manager.candidate_paths(self.path)
         return manager.read_infos(paths, include_invalid=True, state_bytes=state_bytes)
 
-    def latest(self, state_bytes: int | None = None
+    def latest(self, state_bytes: int | None = None, fits: Any = None
                ) -> tuple[manager.CheckpointInfo, Any] | None:
         """The newest valid checkpoint to resume from, read and verified, or None.
 
         `state_bytes`: the most its arrays may take (`state_checks.state_bytes_bound`).
+        `fits`: see `manager.latest_valid` (another model's checkpoints are skipped).
         """
-        return manager.latest_valid(self.resumable(state_bytes), state_bytes=state_bytes)
+        return manager.latest_valid(self.resumable(state_bytes), state_bytes=state_bytes,
+                                    fits=fits)
 
     def file_path(self, logs: dict, epoch: int, steps_in_epoch: int | None) -> str:
         """The template filled with the logs, `epoch` (1-based) and `batch` (steps done)."""

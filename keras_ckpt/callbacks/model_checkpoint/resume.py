@@ -130,9 +130,14 @@ def resume(owner: Any) -> None:
     """Restores the newest valid checkpoint into `owner`'s model and fit (at train begin)."""
     model, fit = owner.model, owner.fit
     bound = state_bytes_bound(model)  # nothing bigger than the model's state is read
-    own = owner.files.latest(bound) if owner.options.resume is not True else None
+
+    def fits(snapshot: state_lib.Snapshot) -> None:
+        _build_lazily(model, snapshot)
+        state_lib.check_compatible(snapshot.meta, model)
+
+    own = owner.files.latest(bound, fits) if owner.options.resume is not True else None
     if owner.options.resume is True:
-        found = owner.files.latest(bound)
+        found = owner.files.latest(bound, fits)
         if found is None:
             _agree(owner, None)
             _no_valid_checkpoint(owner)
