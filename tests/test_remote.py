@@ -132,6 +132,7 @@ def test_a_fixed_name_rewritten_by_another_machine_is_pulled_again(tmp_path, mon
     elif os.path.getsize(stale) > remote_size:
         with tf.io.gfile.GFile(path, "rb") as f:
             data = f.read()
+        tf.io.gfile.remove(path)  # TF's ram:// appends to an existing file opened "wb"
         with tf.io.gfile.GFile(path, "wb") as f:
             f.write(data + bytes(os.path.getsize(stale) - remote_size))
     assert os.path.getsize(stale) == tf.io.gfile.stat(path).length
