@@ -166,12 +166,16 @@ def input_problems(x: Any, steps_per_epoch: Any, model: Any = None) -> list[str]
     return problems
 
 
-def check_input(model: Any) -> list[str]:
-    """Warns, at train begin, about each way the running fit's input would resume inexactly."""
+def check_input(model: Any, more: list[str] | None = None) -> list[str]:
+    """Warns, at train begin, about each way the running fit's input would resume inexactly.
+
+    `more`: other such problems of the fit (its Keras callbacks), warned alike.
+    """
     arguments = keras_compat.fit_arguments(model)
+    problems = list(more or [])
     if arguments is None:
-        return []
-    problems = input_problems(arguments.get("x"), arguments.get("steps_per_epoch"), model)
+        return _warn(problems)
+    problems += input_problems(arguments.get("x"), arguments.get("steps_per_epoch"), model)
     validation = arguments.get("validation_data")
     if _is_tf_dataset(validation) and _reshuffling(validation):
         # Keras keeps one evaluation iterator maker for the whole fit; its seeds
@@ -180,7 +184,11 @@ def check_input(model: Any) -> list[str]:
             "the validation tf.data input reshuffles every epoch (`.shuffle(...)`): a resumed "
             "run validates in another order, so its validation logs differ in the last "
             "bits. Validation needs no shuffle: remove it from `validation_data`.")
+    return _warn(problems)
+
+
+def _warn(problems: list[str]) -> list[str]:
     for problem in problems:
         warnings.warn(f"ModelCheckpoint(resume=...): {problem} Until then a resumed run "
-                      "differs from an uninterrupted one.", stacklevel=4)
+                      "differs from an uninterrupted one.", stacklevel=5)
     return problems

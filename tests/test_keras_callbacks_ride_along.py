@@ -58,3 +58,19 @@ def test_a_resumed_run_equals_the_uninterrupted_one(tmp_path, save_freq, crash, 
     assert history.history == reference.history
     for name in ("wait", "cooldown_counter", "best"):
         assert getattr(resumed_callback, name, None) == getattr(straight_callback, name, None)
+
+
+def test_a_csv_logger_that_rewrites_its_file_is_named_at_train_begin(tmp_path):
+    import warnings
+
+    template = str(tmp_path / "c{epoch}.keras")
+    rewrites = keras.callbacks.CSVLogger(str(tmp_path / "log.csv"))
+    with pytest.warns(UserWarning, match=r"CSVLogger\(append=False\) rewrites .*log\.csv"):
+        fit(make_model(), [keras_ckpt.ModelCheckpoint(template, resume=True), rewrites],
+            epochs=1)
+    appends = keras.callbacks.CSVLogger(str(tmp_path / "log.csv"), append=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        fit(make_model(), [keras_ckpt.ModelCheckpoint(template, resume=True), appends],
+            epochs=2)
+    assert len((tmp_path / "log.csv").read_text().splitlines()) == 3  # the header, 2 epochs

@@ -9,6 +9,7 @@ their state saved and restored with the rest of the training state:
 | `EarlyStopping` | `wait`, `stopped_epoch`, `best`, `best_epoch`, `best_weights` |
 | `ModelCheckpoint` | `best` |
 | `LearningRateScheduler` | nothing; not applied twice to a resumed epoch (its rate is restored) |
+| `CSVLogger` | nothing: its file is its state; `append=False` is warned (`lost_on_resume`) |
 
 Each one's epoch end runs once per epoch: a checkpoint written at an epoch
 end runs it first ("settles" it) wherever the callback stands in the list, so
@@ -26,7 +27,7 @@ import numpy as np
 
 from keras_ckpt import keras_compat
 
-__all__ = ["attach", "KerasCallbackState"]
+__all__ = ["attach", "KerasCallbackState", "lost_on_resume"]
 
 
 def _counters() -> dict[type, tuple[str, ...]]:
@@ -142,3 +143,18 @@ def _apply_schedule_once(scheduler: Any, session: Any) -> None:
     keras_compat.set_instance_attr(scheduler, "on_epoch_begin", on_epoch_begin)
     session.on_close("LearningRateScheduler epoch begin",
                      lambda: scheduler.__dict__.pop("on_epoch_begin", None))
+
+
+def lost_on_resume(session: Any) -> list[str]:
+    """What the Keras callbacks of the session's fit lose in a resume, each with what to do."""
+    import keras
+
+    callbacks = session.callback_list()
+    problems = []
+    for callback in callbacks.callbacks if callbacks is not None else []:
+        if type(callback) is keras.callbacks.CSVLogger and not callback.append:
+            problems.append(
+                f"keras.callbacks.CSVLogger(append=False) rewrites {callback.filename} at "
+                "train begin: after a resume it holds the resumed epochs' rows only. Pass "
+                "append=True.")
+    return problems

@@ -26,6 +26,7 @@ from keras_ckpt.callbacks.model_checkpoint.options import legacy_argument_error,
 from keras_ckpt.callbacks.model_checkpoint.preemption import Preemption
 from keras_ckpt.callbacks.model_checkpoint.resume import restore_history_epochs, resume
 from keras_ckpt.callbacks.model_checkpoint.saver import Saver, global_step
+from keras_ckpt.fit import keras_callbacks
 from keras_ckpt.fit.protocol import keep_default_hooks, overrides, steps_done
 from keras_ckpt.monitor import Monitor
 from keras_ckpt.retention import KeepBest
@@ -221,7 +222,8 @@ class ModelCheckpoint(MonitorAttributes, StatefulCallback):
         session.on_close("background writer", self._close_writer)
         self.files.pull()
         if self.options.resume:
-            inputs.check_input(model)  # what a resume could not replay, said now
+            # What a resume could not replay, said now.
+            inputs.check_input(model, keras_callbacks.lost_on_resume(session))
             resume(self)
         self.fit.last_save_time = self.options.now()
         self.fit.in_fit = True
