@@ -66,6 +66,36 @@ def test_running_a_finished_script_again_returns_its_history(tmp_path, capsys):
     assert again.history == first.history
 
 
+class Validations(keras.callbacks.Callback):
+    count = 0
+
+    def on_test_begin(self, logs=None):
+        self.count += 1
+
+
+@pytest.mark.parametrize("min_delta, epochs", [(100.0, 6), (0.0, 3)],
+                         ids=["early-stopped", "finished"])
+def test_with_mid_epoch_checkpoints_a_rerun_after_the_end_trains_and_validates_nothing(
+        tmp_path, capsys, min_delta, epochs):
+    # save_freq=3 of 4 steps an epoch: the newest batch checkpoint predates the
+    # last epoch's validation and the stop; the epoch end is saved too.
+    def run():
+        validations = Validations()
+        stop = keras_ckpt.EarlyStopping("val_loss", patience=0, min_delta=min_delta)
+        checkpoint = keras_ckpt.ModelCheckpoint(str(tmp_path / "c-{epoch}-{batch}.keras"),
+                                                resume=True, save_freq=3)
+        history = fit(make_model(seed=4), [checkpoint, stop, validations], epochs=epochs)
+        return history, validations.count
+
+    first, validated = run()
+    assert validated == len(first.epoch) and len(first.epoch) == (2 if min_delta else 3)
+    capsys.readouterr()
+    again, validated = run()
+    said = capsys.readouterr().out
+    assert validated == 0 and again.history == first.history and again.epoch == first.epoch
+    assert ("already stopped training" if min_delta else "nothing left to train") in said
+
+
 class PoisonKernel(keras.callbacks.Callback):
     """Puts one NaN into the first kernel at the end of `epoch` (the loss logged stays finite)."""
 

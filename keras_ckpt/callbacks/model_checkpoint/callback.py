@@ -294,15 +294,29 @@ class ModelCheckpoint(MonitorAttributes, StatefulCallback):
             elif pending:
                 stops.stop(f"during epoch {epoch + 1}")
             return
-        if self._epoch_end_saves or pending:
-            # The other keras-ckpt callbacks finish the epoch first, so the
-            # checkpoint holds their state after it, whatever the order.
-            for obj in registry.objects_for(self.model).values():
-                if hasattr(obj, "settle_epoch_end") and not isinstance(obj, ModelCheckpoint):
-                    obj.settle_epoch_end(epoch, logs)
-            self.saver.save(logs or {}, steps_in_epoch=None, force=pending)
+        # The other keras-ckpt callbacks (and Keras's stateful ones) finish the
+        # epoch first, so a checkpoint holds their state after it, whatever the
+        # order. Without epoch-end saves, an epoch after which a callback stops
+        # training is saved (a sibling's stop), and the fit's last epoch
+        # rewrites its last step's checkpoint when that is this step's: else
+        # their newest checkpoint predates the validation and the decision, and
+        # a re-run would validate and decide again, not say it had finished.
+        for obj in registry.objects_for(self.model).values():
+            if hasattr(obj, "settle_epoch_end") and not isinstance(obj, ModelCheckpoint):
+                obj.settle_epoch_end(epoch, logs)
+        stopping = bool(getattr(self.model, "stop_training", False))
+        if self._epoch_end_saves or pending or stopping or self._rewrites_last_step(epoch, logs):
+            self.saver.save(logs or {}, steps_in_epoch=None, force=pending or stopping)
         if pending:
             stops.stop(f"after epoch {epoch + 1}")
+
+    def _rewrites_last_step(self, epoch: int, logs: dict | None) -> bool:
+        """The fit's last epoch ends on a step saved before its validation, under this name."""
+        saved, o = self.fit.saved_at, self.options
+        return (epoch + 1 == (self.params or {}).get("epochs") and not o.save_best_only
+                and saved is not None and not saved[3]
+                and saved[:2] == (registry.current_fit(self.model), global_step(self.model))
+                and saved[2] == self.file_path(logs or {}, None))
 
     def on_train_end(self, logs: dict | None = None) -> None:
         session = self.fit_session

@@ -72,13 +72,15 @@ class Saver:
 
         `force` (a stop: a sibling's, a signal's, an exception's): save
         regardless of `save_best_only`, into the `last` file when the regular
-        one is reserved for the best; nothing new if this very step is saved.
+        one is reserved for the best; nothing new if this very step is saved
+        (at an epoch end: if it was saved at the epoch end, after validation).
         `metrics`: the compiled metrics' values to store (see `capture`).
         """
         owner, o, fit, model = self.owner, self.options, self.owner.fit, self.owner.model
         session = registry.current_fit(model)
         step_now = global_step(model)
-        if force and fit.saved_at is not None and fit.saved_at[:2] == (session, step_now):
+        if force and fit.saved_at is not None and fit.saved_at[:2] == (session, step_now) and (
+                steps_in_epoch is not None or fit.saved_at[3]):
             return fit.saved_at[2]
         self.wait()  # the write in flight decides what the best saved value is
         epoch = fit.epoch
@@ -132,7 +134,7 @@ class Saver:
             self.last_saved_path = filepath
             if o.save_best_only:
                 self.best_path = filepath
-        fit.saved_at = (session, step_now, written)
+        fit.saved_at = (session, step_now, written, steps_in_epoch is None)
         if not owner.writes:
             return written  # a worker beside the chief: the chief writes this state
         # Everything that reads the model is done here, on the training
