@@ -25,33 +25,65 @@ def _build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--meta-only", action="store_true",
                          help="read each file's metadata only (fast; damaged data not seen)")
     budget = commands.add_parser(
-        "budget", help="today's use of a BudgetStop ledger, what remains, the sessions")
+        "budget", help="today's use of a BudgetStop ledger, what remains, the sessions",
+        epilog="exit status: 0 reported, 1 no such ledger, 3 a ledger that cannot be read "
+               "(2: wrong arguments). Times are H:MM:SS.")
     budget.add_argument("ledger", help="the ledger file BudgetStop writes")
     budget.add_argument("--json", action="store_true", help="print JSON for scripts")
-    budget.add_argument("--now", type=float, default=None,
-                        help="report as of this POSIX time (default: now)")
+    budget.add_argument("--now", default=None,
+                        help="report as of this time: POSIX seconds, or ISO 8601 such as "
+                             "2026-11-22T12:00 (in the ledger's time zone unless it has an "
+                             "offset); default: now")
     return parser
 
 
-def run_budget(path: str, as_json: bool = False, now: float | None = None) -> int:
-    """Prints a ledger's report; returns 1 if it does not exist, 2 if it cannot be read."""
+def clock(seconds: float | None) -> str:
+    """`H:MM:SS` (rounded to the second); `-` for None."""
+    if seconds is None:
+        return "-"
+    whole = int(round(seconds))
+    return f"{whole // 3600}:{whole % 3600 // 60:02d}:{whole % 60:02d}"
+
+
+def _moment(text: str | float | None, tz) -> float | None:
+    """`--now`: POSIX seconds or ISO 8601 (naive: in `tz`); None for now."""
+    import datetime
+
+    if text is None or isinstance(text, (int, float)):
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"--now {text!r} is neither POSIX seconds nor an ISO 8601 time "
+                         "(e.g. 2026-11-22T12:00).") from None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=tz)).timestamp()
+
+
+def run_budget(path: str, as_json: bool = False, now: str | float | None = None) -> int:
+    """Prints a ledger's report; returns 1 if it does not exist, 3 if it cannot be read."""
     import datetime
     import json
     import os
     import time
 
     from keras_ckpt.ledger import DayClock, Ledger, LedgerError
-    from keras_ckpt.ledger import format_duration as span
 
     if not os.path.isfile(path):
         print(f"No such ledger: {path}")
         return 1
-    now = time.time() if now is None else now
     try:
         config = Ledger(path, DayClock()).config()
         days = DayClock(config.get("timezone", "UTC"), config.get("reset_hour", 0))
-        report = Ledger(path, days).summary(now)
+        at = _moment(now, days.tz)
+        report = Ledger(path, days).summary(time.time() if at is None else at)
     except LedgerError as e:
+        print(e)
+        return 3
+    except ValueError as e:  # --now
         print(e)
         return 2
     if as_json:
@@ -59,11 +91,13 @@ def run_budget(path: str, as_json: bool = False, now: float | None = None) -> in
         return 0
 
     budget = report["daily_seconds"]
-    line = f"{report['today']} ({report['timezone']}): used {span(report['used_seconds'])}"
+    line = f"{report['today']} ({report['timezone']}): used {clock(report['used_seconds'])}"
     if budget is not None:
-        line += f" of {span(budget)}, {span(report['remaining_seconds'])} left"
+        line += f" of {clock(budget)}, {clock(report['remaining_seconds'])} left"
+    else:
+        line += " (no daily time limit)"
     if report["overrun_seconds"]:
-        line += f" (+{span(report['overrun_seconds'])} overrun: steps slower than projected)"
+        line += f" (+{clock(report['overrun_seconds'])} overrun: steps slower than projected)"
     if report["daily_cost"] is not None:
         line += f"; spent {report['used_cost']:.2f} of {report['daily_cost']:.2f}"
     print(f"Ledger {path}\n{line}; next window opens {report['next_window']}")
@@ -72,7 +106,7 @@ def run_budget(path: str, as_json: bool = False, now: float | None = None) -> in
         start = datetime.datetime.fromtimestamp(s["start"], days.tz).strftime("%Y-%m-%d %H:%M")
         end = ("running or killed" if s["end"] is None else
                datetime.datetime.fromtimestamp(s["end"], days.tz).strftime("%H:%M"))
-        print(f"  {start}  {end:<17}  {span(s['seconds']):>7}  {s['cost']:8.2f}  "
+        print(f"  {start}  {end:<17}  {clock(s['seconds']):>8}  {s['cost']:8.2f}  "
               f"{s['stop_reason'] or '-':<22}  {s['checkpoint'] or '-'}")
     return 0
 

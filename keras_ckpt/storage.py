@@ -161,10 +161,11 @@ def _one_error(path: str):
         yield
     except CorruptCheckpointError:
         raise
-    except MemoryError:  # (a file declaring more than this process can hold)
-        raise CorruptCheckpointError(
-            f"{path} declares more data than this process has memory for; refusing it."
-        ) from None
+    except MemoryError:  # a file declaring more than this process can hold
+        raise CorruptCheckpointError(f"{path} declares more data than this process has "
+                                     "memory for; refusing it.") from None
+    except (zlib.error, zipfile.BadZipFile, EOFError) as e:  # a damaged archive member
+        raise CorruptCheckpointError(f"{path}: damaged compressed data ({e}).") from None
     except Exception as e:
         raise CorruptCheckpointError(
             f"{path} cannot be read as a checkpoint: {type(e).__name__}: {e}") from None
@@ -379,13 +380,10 @@ def _read_arrays(path: str, data: Any, index: dict, arrays: dict, limit: Limit, 
                 f"{limit.what}; refusing to read them.")
         if not dtypes.allowed(declared) or dataset.dtype != dtypes.stored(declared):
             raise CorruptCheckpointError(
-                f"{path}: array {name!r} has dtype {dataset.dtype}, declared {declared}."
-            )
+                f"{path}: array {name!r} has dtype {dataset.dtype}, declared {declared}.")
         if list(dataset.shape) != shape:
             raise CorruptCheckpointError(
-                f"{path}: array {name!r} has shape {dataset.shape}, declared "
-                f"{tuple(shape)}."
-            )
+                f"{path}: array {name!r} has shape {dataset.shape}, declared {tuple(shape)}.")
         if dataset.size and dataset.id.get_storage_size() < dataset.nbytes and (
                 dataset.compression is None):
             raise CorruptCheckpointError(f"{path}: array {name!r} is truncated.")

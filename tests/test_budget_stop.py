@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -267,14 +268,40 @@ def test_budget_cli(tmp_path, capsys):
     run(tmp_path, clock, daily_budget=1800, checkpoint=False)
     from keras_ckpt.cli import main
 
-    assert main(["budget", str(tmp_path / "ledger.json"), "--now",
-                 str(at(2026, 11, 22, 12))]) == 0
+    ledger = str(tmp_path / "ledger.json")
+    capsys.readouterr()
+    assert main(["budget", ledger, "--now", str(at(2026, 11, 22, 12))]) == 0
     out = capsys.readouterr().out
-    assert "2026-11-22 (Europe/Berlin): used 30m of 30m, 0.0s left" in out
+    # One unit on every line: H:MM:SS.
+    assert "2026-11-22 (Europe/Berlin): used 0:30:00 of 0:30:00, 0:00:00 left" in out
     assert "next window opens 2026-11-23 00:00" in out and "daily-budget" in out
-    assert main(["budget", str(tmp_path / "ledger.json"), "--json"]) == 0
+    assert re.search(r"2026-11-22 09:00  09:30 +0:30:00 ", out), out
+    # --now in ISO 8601: in the ledger's time zone, or with an offset.
+    assert main(["budget", ledger, "--now", "2026-11-22T12:00"]) == 0
+    assert capsys.readouterr().out == out
+    assert main(["budget", ledger, "--now", "2026-11-22T11:00+00:00"]) == 0
+    assert capsys.readouterr().out == out
+    assert main(["budget", ledger, "--now", "noon"]) == 2
+    assert "neither POSIX seconds nor an ISO 8601 time" in capsys.readouterr().out
+    assert main(["budget", ledger, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["daily_seconds"] == 1800
     assert main(["budget", str(tmp_path / "missing.json")]) == 1
+
+
+def test_a_session_ended_by_early_stopping_says_so_in_the_ledger(tmp_path, capsys):
+    clock = FakeClock(at(2026, 11, 22, 9))
+    model = make_model(seed=0)
+    ledger = str(tmp_path / "ledger.json")
+    stop = keras_ckpt.EarlyStopping("loss", patience=0, min_delta=100.0)
+    model.fit(X, Y, batch_size=8, epochs=5, verbose=0, shuffle=False, callbacks=[
+        Tick(clock), stop, keras_ckpt.BudgetStop(max_duration=3600, ledger=ledger, clock=clock,
+                                                 timezone="Europe/Berlin", verbose=0)])
+    from keras_ckpt.cli import main
+
+    capsys.readouterr()
+    assert main(["budget", ledger, "--now", str(at(2026, 11, 22, 12))]) == 0
+    out = capsys.readouterr().out
+    assert "(no daily time limit)" in out and "early-stopping" in out
 
 
 # ------------------------------------------------------------------ real processes, real time

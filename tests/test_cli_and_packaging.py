@@ -69,7 +69,10 @@ def test_inspect_labels_valid_partial_and_corrupt(tmp_path, capsys):
     assert main(["inspect", str(tmp_path), "--json"]) == 0
     rows = {os.path.basename(r["path"]): r for r in json.loads(capsys.readouterr().out)}
     assert set(rows) == {"e1.keras", "e2.keras"}  # the partial write is not a checkpoint
-    assert not rows["e1.keras"]["valid"] and re.search("CRC|checksum", rows["e1.keras"]["error"])
+    # Where the flipped byte lands (a stored or a deflated member) varies with the
+    # metadata's length: a checksum fails, or the compressed data is damaged.
+    assert not rows["e1.keras"]["valid"]
+    assert re.search("CRC|checksum|damaged", rows["e1.keras"]["error"])
     assert rows["e2.keras"]["valid"] and rows["e2.keras"]["latest"]
     assert rows["e2.keras"]["best"]  # the only valid one: its val_loss is the best
     assert main(["inspect", str(tmp_path)]) == 0

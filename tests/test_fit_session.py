@@ -294,3 +294,42 @@ def test_a_fit_stopped_mid_epoch_leaves_no_garbage_cycle_holding_its_data(tmp_pa
         data, epochs=2, verbose=0, callbacks=[checkpoint, StopMidEpoch(release=False)]))
     assert left == []
     assert os.path.exists(tmp_path / "c-1-2.keras")  # it stopped after step 2
+
+
+def test_the_restored_state_is_let_go_when_the_skipped_batches_end(tmp_path, monkeypatch):
+    """A mid-epoch resume holds the checkpoint it read only while it skips the trained batches."""
+    import gc
+    import weakref
+
+    from test_step_counting import StopAfter
+
+    from keras_ckpt import manager
+
+    x, y = make_data(64)
+    template = str(tmp_path / "c-{epoch}-{batch}.weights.h5")
+
+    def fit(callbacks):
+        return make_model().fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0,
+                                callbacks=[keras_ckpt.ModelCheckpoint(
+                                    template, save_weights_only=True, resume=True,
+                                    save_freq=3), *callbacks])
+
+    with pytest.raises(RuntimeError, match="crash"):
+        fit([StopAfter(7)])  # the newest checkpoint: epoch 2, after step 2 of 4
+    read, alive = [], []
+    original = manager.read_verified
+
+    def read_verified(*args, **kwargs):
+        snapshot = original(*args, **kwargs)
+        read.append(weakref.ref(snapshot))
+        return snapshot
+
+    monkeypatch.setattr(manager, "read_verified", read_verified)
+
+    class Probe(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            gc.collect()
+            alive.append((batch, read[-1]() is not None))
+
+    fit([Probe()])
+    assert alive == [(0, True), (1, False), (2, False), (3, False)]  # batch 1: the last skipped

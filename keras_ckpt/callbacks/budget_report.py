@@ -8,7 +8,7 @@ from typing import Any
 from keras_ckpt.ledger import format_duration as _fmt
 from keras_ckpt.validation import check_number
 
-__all__ = ["BudgetExhaustedError", "budget_message", "check_seconds"]
+__all__ = ["BudgetExhaustedError", "budget_message", "check_seconds", "other_stop"]
 
 
 class BudgetExhaustedError(RuntimeError):
@@ -46,3 +46,15 @@ def budget_message(stop: Any, now: float, stopped: bool) -> str:
     if stop.stop_reason in ("daily-budget", "daily-cost-limit"):
         window = f"; next window opens {stop.days.format(stop.days.next_start(now))}"
     return f"{head}; stopped {where} ({stop.stop_reason}){saved}{window}."
+
+
+def other_stop(model: Any) -> str | None:
+    """Why another callback stopped the fit, for the ledger: `early-stopping`, `stopped` or None."""
+    from keras_ckpt import registry
+
+    if not getattr(model, "stop_training", False):
+        return None
+    session = registry.current_fit(model)
+    callbacks = session.callback_list() if session is not None else None
+    stoppers = callbacks.callbacks if callbacks is not None else []
+    return "early-stopping" if any(getattr(c, "stopped_epoch", 0) for c in stoppers) else "stopped"

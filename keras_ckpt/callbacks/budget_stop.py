@@ -13,6 +13,7 @@ from keras_ckpt.callbacks.budget_report import (
     BudgetExhaustedError,
     budget_message,
     check_seconds,
+    other_stop,
 )
 from keras_ckpt.callbacks.model_checkpoint import ModelCheckpoint
 from keras_ckpt.clocks import SteadyClock
@@ -24,7 +25,6 @@ from keras_ckpt.validation import check_bool, check_number
 _REASONS = ("daily-budget", "daily-cost-limit", "max-duration", "run-cost-limit")
 
 __all__ = ["BudgetStop", "BudgetExhaustedError"]
-
 
 
 class BudgetStop(StatefulCallback):
@@ -156,9 +156,8 @@ class BudgetStop(StatefulCallback):
         self._workers: multi_worker.Workers | None = None
         self.async_safe = True
         self.stop_reason: str | None = None
+        self.checkpoint, self.session = None, None  # the path written at a stop; the record
         self.stopped_at: tuple[int, int | None] | None = None
-        self.checkpoint: str | None = None
-        self.session: dict | None = None
 
     # ------------------------------------------------------------ config
     @property
@@ -272,8 +271,8 @@ class BudgetStop(StatefulCallback):
             written = [c.last_saved_path for c in self._checkpoints() if c.last_saved_path]
             self.checkpoint = written[0] if written else None
         timings = {"step_seconds": self._step_time, "validation_seconds": self._val_time}
-        self.session = self._ledger.end(self._session, now, self.stop_reason, self.checkpoint,
-                                        timings, (self.daily_budget, self.daily_cost_limit))
+        self.session = self._ledger.end(self._session, now, self.stop_reason or other_stop(
+            self.model), self.checkpoint, timings, (self.daily_budget, self.daily_cost_limit))
         self._session = None
         if self.stop_reason is not None and self.stop_reason != "budget-spent-at-start":
             print_msg(self._message(now, stopped=True))
@@ -398,3 +397,4 @@ class BudgetStop(StatefulCallback):
 
     def _message(self, now: float, stopped: bool) -> str:
         return budget_message(self, now, stopped)
+

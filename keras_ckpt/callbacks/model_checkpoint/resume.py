@@ -215,8 +215,9 @@ class Replay:
     The resumed epoch then sees exactly the batches the interrupted run had not
     trained on yet, in the same order. At the first call (after Keras has reset
     the metrics for the epoch) the compiled metrics get the interrupted epoch's
-    running state back, so the epoch ends with the same logs. Afterwards calls
-    pass through, and the snapshot is let go. Keras calls the train function as
+    running state back, so the epoch ends with the same logs; the logs are
+    computed once (nothing changes them while batches are skipped). The
+    snapshot is let go at the last skipped call. Keras calls the train function as
     `f(iterator)` on TensorFlow, `f(state, iterator)` on JAX (the state is
     passed in and returned) and `f(batches)` on torch (already fetched).
     """
@@ -231,20 +232,22 @@ class Replay:
         # Keras's JAX loop detaches the variables from the model while it
         # trains: the logs' names are read now, their values at epoch end.
         self.logs = dict(model.get_metrics_result()) if self.backend == "jax" else {}
+        self.skipped_logs: dict = {}
 
     def __call__(self, original: Any, *args: Any) -> Any:
         if self.remaining <= 0:
-            self.snapshot = None
             return original(*args)
         model, snapshot = self.model, self.snapshot
         first = self.remaining == self.calls
         self.remaining -= 1
+        if self.remaining == 0:
+            self.snapshot = None  # nothing of the restored state outlives the replay
         if self.backend == "torch":
             if first:
                 state_lib.apply_metrics(snapshot, model)
             if self.remaining == 0:  # the data order is drawn: the step's RNG state now
                 state_lib.restore_rng_at_step(snapshot)
-            return model.get_metrics_result()
+            return self._logs(first)
         iterator = args[-1]
         for i in range(self.spe):
             try:
@@ -257,10 +260,16 @@ class Replay:
                     keras_compat.symbolic_build(model, batch)
                 state_lib.apply_metrics(snapshot, model)
         if self.backend != "jax":
-            return model.get_metrics_result()
+            return self._logs(first)
         state = args[0]
         if first:
             saved = state_lib.saved_metrics(snapshot, model)
             if saved is not None:
                 state = (*state[:3], [keras.ops.convert_to_tensor(a) for a in saved])
         return self.logs, state
+
+    def _logs(self, first: bool) -> dict:
+        """The metrics' results, computed at the first skipped call (they stay as they are)."""
+        if first:
+            self.skipped_logs = dict(self.model.get_metrics_result())
+        return dict(self.skipped_logs)
