@@ -9,8 +9,12 @@ __all__ = ["main", "run_budget"]
 
 
 def _build_parser() -> argparse.ArgumentParser:
+    import os
+
+    # The console script `keras-ckpt`, or `python -m keras_ckpt`.
+    console = os.path.basename(sys.argv[0]) == "keras-ckpt"
     parser = argparse.ArgumentParser(
-        prog="python -m keras_ckpt",
+        prog="keras-ckpt" if console else "python -m keras_ckpt",
         description="keras-ckpt: Keras callbacks that make training safe to interrupt and "
                     "exact to resume.",
     )

@@ -65,13 +65,17 @@ def run_demo(out: str = "keras_ckpt_demo") -> int:
         out: directory for checkpoints, ledgers, results and the plot.
 
     Returns:
-        0 when the job equals the uninterrupted reference bit for bit, else 1.
+        0 when the job equals the uninterrupted reference bit for bit, else 1;
+        2 when `out` is a file.
     """
     import numpy as np
 
     from keras_ckpt.manager import list_checkpoints
 
     out = os.path.abspath(out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        print(f"keras-ckpt demo: --out {out} is a file; give a directory (made if missing).")
+        return 2
     for name in ("reference", "job"):
         shutil.rmtree(os.path.join(out, name), ignore_errors=True)
     os.makedirs(out, exist_ok=True)
@@ -82,9 +86,10 @@ def run_demo(out: str = "keras_ckpt_demo") -> int:
     result = os.path.join(out, "job.npz")
     started = time.monotonic()
     print("keras-ckpt demo: one training job with ModelCheckpoint(resume=True), "
-          "EarlyStopping(restore_best_weights=True),\nBudgetStop(30 min a day; simulated "
-          "clock, 20 s a step) and TerminateOnNaN(action='rollback').\nOne batch of epoch 10 "
-          "has NaN targets. Each run below is the same script in a new process.\n")
+          "EarlyStopping(patience=2, min_delta=0.02,\nrestore_best_weights=True) (the best "
+          "epoch is the last that improved by 0.02), BudgetStop(30 min a day;\nsimulated "
+          "clock, 20 s a step) and TerminateOnNaN(action='rollback'). One batch of epoch 10 "
+          "has\nNaN targets. Each run below is the same script in a new process.\n")
 
     proc = _child(os.path.join(out, "reference"), os.path.join(out, "reference.npz"),
                   os.path.join(out, "reference.json"), 1e9, DAY_1)

@@ -12,10 +12,10 @@ and what to do. A seeded `.shuffle(...)` is fast-forwarded (`fast_forward`).
 from __future__ import annotations
 
 import types
-import warnings
 from typing import Any
 
 from keras_ckpt import keras_compat
+from keras_ckpt.warn import warn
 
 __all__ = ["check_input", "fast_forward", "input_problems"]
 
@@ -189,6 +189,6 @@ def check_input(model: Any, more: list[str] | None = None) -> list[str]:
 
 def _warn(problems: list[str]) -> list[str]:
     for problem in problems:
-        warnings.warn(f"ModelCheckpoint(resume=...): {problem} Until then a resumed run "
-                      "differs from an uninterrupted one.", stacklevel=5)
+        warn(f"ModelCheckpoint(resume=...): {problem} Until then a resumed run "
+                      "differs from an uninterrupted one.")
     return problems

@@ -11,7 +11,6 @@ import math
 import os
 import re
 import string
-import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -20,6 +19,7 @@ from keras_ckpt import storage
 from keras_ckpt.jsonsafe import decode_float
 from keras_ckpt.rng import rng_tuples
 from keras_ckpt.state_checks import check_progress, check_snapshot, state_bytes_bound
+from keras_ckpt.warn import warn
 
 __all__ = ["CheckpointInfo", "list_checkpoints", "latest_checkpoint", "best_checkpoint",
            "restore", "template_regex", "read_infos", "latest_valid", "read_verified",
@@ -232,8 +232,7 @@ def latest_valid(infos: Sequence[CheckpointInfo], *, verify: bool = True,
     """
     for info in infos:
         if info.error is not None and info.kind != "foreign":
-            warnings.warn(f"Skipping a damaged checkpoint (left on disk): {info.error}",
-                          stacklevel=3)
+            warn(f"Skipping a damaged checkpoint (left on disk): {info.error}")
     mismatches: list[state_lib.StateMismatchError] = []
     for info in reversed([c for c in infos if c.error is None]):
         if not info.finite:
@@ -241,8 +240,7 @@ def latest_valid(infos: Sequence[CheckpointInfo], *, verify: bool = True,
         try:
             snapshot = read_verified(info.path, verify=verify, state_bytes=state_bytes)
         except storage.CorruptCheckpointError as e:
-            warnings.warn(f"Skipping a checkpoint that fails verification (left on disk): {e}",
-                          stacklevel=3)
+            warn(f"Skipping a checkpoint that fails verification (left on disk): {e}")
             continue
         try:
             if fits is not None:
@@ -251,8 +249,8 @@ def latest_valid(infos: Sequence[CheckpointInfo], *, verify: bool = True,
             mismatches.append(state_lib.StateMismatchError(f"{info.path}: {e}"))
             continue
         for e in mismatches:
-            warnings.warn(f"Skipping a checkpoint written for another model (left on disk): "
-                          f"{e}", stacklevel=3)
+            warn(f"Skipping a checkpoint written for another model (left on disk): "
+                          f"{e}")
         return info, snapshot
     if mismatches:
         raise mismatches[0]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,6 +21,7 @@ from keras_ckpt import metric_direction
 from keras_ckpt.jsonsafe import decode_float, encode_float
 from keras_ckpt.metric_direction import infer_mode
 from keras_ckpt.validation import check_choice, check_number
+from keras_ckpt.warn import warn
 
 __all__ = ["Monitor", "Decision", "infer_mode", "keras_mode"]
 
@@ -30,7 +30,7 @@ MIN_DELTA_MODES = ("absolute", "relative")
 _STATE_VERSION = 1
 
 
-def keras_mode(mode: Any, owner: str, stacklevel: int = 3) -> str:
+def keras_mode(mode: Any, owner: str) -> str:
     """A callback's `mode` as Keras takes it: an unknown one warns and becomes `"auto"`.
 
     Keras's monitoring callbacks do not refuse an unknown `mode`; they warn
@@ -40,16 +40,15 @@ def keras_mode(mode: Any, owner: str, stacklevel: int = 3) -> str:
 
     Args:
         mode: the `mode` argument as passed.
-        owner: the callback's class name, for the warning.
-        stacklevel: the frame the warning points at (the callback's caller).
+        owner: the callback's class name, for the warning (which points at the
+            user's line: `keras_ckpt.warn`).
 
     Returns:
         `mode` when it is `"auto"`, `"min"` or `"max"`; otherwise `"auto"`.
     """
     if isinstance(mode, str) and mode in MODES:
         return mode
-    warnings.warn(f"{owner} mode '{mode}' is unknown, fallback to auto mode.",
-                  stacklevel=stacklevel)
+    warn(f"{owner} mode '{mode}' is unknown, fallback to auto mode.")
     return "auto"
 
 
@@ -231,7 +230,7 @@ class Monitor:
                 raise KeyError(message)
             if not self._warned_missing:
                 self._warned_missing = True
-                warnings.warn(message, stacklevel=3)
+                warn(message)
             return None
         try:
             # A one-element array (F1Score of one class) is a scalar, as

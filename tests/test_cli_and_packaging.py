@@ -48,9 +48,19 @@ def test_demo_resumes_bitwise(tmp_path):
     out = proc.stdout
     assert "killed by SIGKILL" in out and "rolled back" in out and "budget spent" in out
     assert "early stopping at the end of epoch" in out
+    assert "EarlyStopping(patience=2, min_delta=0.02," in out  # what explains the best epoch
     assert "bitwise equal to the uninterrupted run" in out
     png = tmp_path / "training.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+
+
+def test_demo_out_naming_a_file_is_one_clear_line(tmp_path, capsys):
+    from keras_ckpt.cli import main
+
+    (tmp_path / "report.txt").write_text("keep me")
+    assert main(["demo", "--out", str(tmp_path / "report.txt")]) == 2
+    assert "is a file; give a directory" in capsys.readouterr().out
+    assert (tmp_path / "report.txt").read_text() == "keep me"
 
 
 def test_inspect_labels_valid_partial_and_corrupt(tmp_path, capsys):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import warnings
 from typing import Any
 
 import numpy as np
@@ -14,6 +13,7 @@ from keras_ckpt.callbacks.base import MonitorAttributes, StatefulCallback, print
 from keras_ckpt.monitor import Monitor, keras_mode
 from keras_ckpt.state import Snapshot
 from keras_ckpt.validation import check_bool, check_number
+from keras_ckpt.warn import warn
 
 __all__ = ["EarlyStopping"]
 
@@ -307,9 +307,9 @@ class EarlyStopping(MonitorAttributes, StatefulCallback):
             found.append(f"{path} holds the weights of epoch {snapshot.meta.get('epoch', -1) + 1}")
         # Both written after the checkpoint this run resumed from, by a run
         # that then crashed: not the best epoch of this run's history.
-        warnings.warn(
+        warn(
             f"EarlyStopping: cannot restore the best weights of epoch {self.best_epoch + 1} "
-            f"({'; '.join(found)}); the model keeps its current weights.", stacklevel=3)
+            f"({'; '.join(found)}); the model keeps its current weights.")
         return None
 
     def _restore_best(self, in_step: bool = False) -> None:

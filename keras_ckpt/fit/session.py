@@ -34,6 +34,7 @@ from typing import Any
 from keras_ckpt import keras_compat
 from keras_ckpt.fit import keras_callbacks
 from keras_ckpt.fit.step_guards import StepGuards
+from keras_ckpt.warn import warn
 
 __all__ = ["FitSession", "session_of", "join", "seal", "track_data"]
 
@@ -166,9 +167,8 @@ class FitSession:
         self._unwrap_callback_list()
         self.adapters, self.before_epoch = [], []  # Keras's callbacks are let go
         if problems:
-            import warnings
 
-            warnings.warn("keras-ckpt: closing the fit: " + "; ".join(problems), stacklevel=2)
+            warn("keras-ckpt: closing the fit: " + "; ".join(problems))
 
     # ------------------------------------------------------------ the fit's hooks
     def _wrap_callback_list(self, callbacks: Any) -> None:

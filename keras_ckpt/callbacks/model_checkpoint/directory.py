@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import os
 import string
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
 from keras_ckpt import atomic, dirlock, manager, remote, storage
 from keras_ckpt.keras_compat import print_msg
+from keras_ckpt.warn import warn
 
 __all__ = ["CheckpointDirectory", "local_template"]
 
@@ -181,9 +181,8 @@ class CheckpointDirectory:
                     os.remove(os.path.join(top, name))
                 except OSError:
                     continue
-                warnings.warn(f"ModelCheckpoint: removed {name} from {top}: an unfinished "
-                              "write of a process that ended mid-save (never a checkpoint).",
-                              stacklevel=4)
+                warn(f"ModelCheckpoint: removed {name} from {top}: an unfinished "
+                              "write of a process that ended mid-save (never a checkpoint).")
 
     def pull(self) -> None:
         """Makes the local mirror hold what the remote directory holds (URL `filepath`)."""
@@ -207,9 +206,9 @@ class CheckpointDirectory:
         for path, error in failed.items():
             if path not in self._undeletable:  # once a file: it stays, the rest are applied
                 self._undeletable.add(path)
-                warnings.warn(f"ModelCheckpoint: retention cannot delete {path} "
+                warn(f"ModelCheckpoint: retention cannot delete {path} "
                               f"({error.strerror or error}); it is left, and the rest of "
-                              "the retention policy is applied.", stacklevel=5)
+                              "the retention policy is applied.")
         if deleted and self.verbose > 0:
             print_msg(f"ModelCheckpoint: retention removed {len(deleted)} checkpoint(s)")
         if self.mirror is not None:

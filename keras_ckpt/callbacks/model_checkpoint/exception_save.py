@@ -11,7 +11,6 @@ variables while it trains).
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import keras
@@ -21,6 +20,7 @@ from keras_ckpt import keras_compat, registry
 from keras_ckpt.callbacks.model_checkpoint.preemption import logs_dict
 from keras_ckpt.callbacks.model_checkpoint.saver import global_step
 from keras_ckpt.keras_compat import print_msg
+from keras_ckpt.warn import warn
 
 __all__ = ["ExceptionSave"]
 
@@ -96,18 +96,18 @@ class ExceptionSave:
             spe = int(getattr(owner.model, "steps_per_execution", 1) or 1)
             where = f"epoch {fit.epoch + 1}, step {steps}"
             if steps % spe:
-                warnings.warn(
+                warn(
                     f"ModelCheckpoint: {type(error).__name__} at {where}, inside an execution of "
                     f"steps_per_execution={spe} steps; no checkpoint can be resumed from there. "
-                    "The previous checkpoints stay as they are.", stacklevel=4)
+                    "The previous checkpoints stay as they are.")
                 return
             if owner.workers is not None:
                 # A snapshot is a collective: the other workers, still in a
                 # step, would never join it. The last periodic save resumes.
-                warnings.warn(
+                warn(
                     f"ModelCheckpoint: {type(error).__name__} at {where}; with several workers "
                     "no checkpoint is written after an error. The previous checkpoints stay as "
-                    "they are.", stacklevel=4)
+                    "they are.")
                 return
             print_msg(f"\nModelCheckpoint: {type(error).__name__} at {where}; saving the last "
                       "completed step before it propagates.")
@@ -116,5 +116,4 @@ class ExceptionSave:
                              metrics=fit.train_metrics)
             owner.saver.wait()
         except Exception as e:  # never hide the original error
-            warnings.warn(f"ModelCheckpoint: could not save after {type(error).__name__}: {e}",
-                          stacklevel=4)
+            warn(f"ModelCheckpoint: could not save after {type(error).__name__}: {e}")

@@ -137,7 +137,7 @@ def parse_options(filepath: str, *, owner: str = "ModelCheckpoint", monitor: Any
     check_choice("on_save_error", on_save_error, ("warn", "raise"))
     check_choice("if_none_valid", if_none_valid, ("raise", "start_fresh"))
     check_choice("compression", compression, (None, "gzip", "lzf"))
-    mode = keras_mode(mode, owner, stacklevel=4)
+    mode = keras_mode(mode, owner)
     if preemption == "auto":
         preemption = "exit" if resume else None
     return Options(

@@ -22,6 +22,7 @@ from keras_ckpt.callbacks.base import StatefulCallback
 from keras_ckpt.jsonsafe import decode_log
 from keras_ckpt.keras_compat import print_msg
 from keras_ckpt.state_checks import state_bytes_bound
+from keras_ckpt.warn import warn
 
 __all__ = ["resume", "Replay", "restore_history_epochs"]
 
@@ -42,14 +43,13 @@ def _no_valid_checkpoint(owner: Any) -> None:
             f"ModelCheckpoint(resume=True): {directory.path} holds {len(files)} checkpoint "
             f"file(s), and none can be resumed from ({names}). Nothing was deleted. Move "
             "them away, or pass if_none_valid='start_fresh' to train from scratch.")
-    import warnings
 
     message = (f"ModelCheckpoint: none of the {len(files)} checkpoint file(s) in "
                f"{directory.path} can be resumed from ({names}); starting from scratch "
                "(if_none_valid='start_fresh'). They stay on disk until a save of the same "
                "name replaces them.")
     print_msg(message)
-    warnings.warn(message, stacklevel=4)
+    warn(message)
 
 
 def _agree(owner: Any, info: manager.CheckpointInfo | None) -> None:
@@ -120,10 +120,9 @@ def _check_fit_arguments(owner: Any, info: Any, progress: dict, step: int) -> No
                 f"{message} Resuming in the middle of an epoch would skip other batches than "
                 "the interrupted run trained. Run with the arguments of the interrupted run, "
                 "or resume from a checkpoint written at an epoch end.")
-        import warnings
 
-        warnings.warn(f"{message} Training continues from the end of epoch {info.epoch + 1}; "
-                      "the run will differ from an uninterrupted one.", stacklevel=5)
+        warn(f"{message} Training continues from the end of epoch {info.epoch + 1}; "
+                      "the run will differ from an uninterrupted one.")
 
 
 def resume(owner: Any) -> None:
@@ -193,9 +192,10 @@ def resume(owner: Any) -> None:
     if not finished:
         inputs.fast_forward(model, epoch)  # a seeded .shuffle(...) draws epoch `epoch`'s order next
     fit.last_save_step = info.global_step
-    if owner.options.verbose > 0 and not finished:
+    if not finished:  # one line, also at verbose=0 (Keras's printing: its logging switch)
         where = f"epoch {epoch + 1}" + (f", step {step + 1}" if step else "")
-        print_msg(f"ModelCheckpoint: resumed from {info.path}; continuing at {where}.")
+        replayed = f" ({step} trained batches skipped)" if step else ""
+        print_msg(f"ModelCheckpoint: resumed from {info.path}; continuing at {where}{replayed}.")
     if epochs is not None and epoch >= epochs and not finished:
         print_msg(f"ModelCheckpoint: the checkpoint already completed all {epochs} "
                   "epochs; nothing left to train.")

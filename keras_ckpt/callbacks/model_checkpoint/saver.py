@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import time
-import warnings
 from typing import Any
 
 import keras
@@ -25,6 +24,7 @@ from keras_ckpt.callbacks.base import StatefulCallback, non_finite_logs
 from keras_ckpt.jsonsafe import encode_float, encode_log
 from keras_ckpt.keras_compat import print_msg
 from keras_ckpt.state_checks import state_bytes_bound
+from keras_ckpt.warn import warn
 from keras_ckpt.writer import BackgroundWriter
 
 __all__ = ["Saver"]
@@ -96,9 +96,9 @@ class Saver:
         bad = non_finite_logs(logs)
         if bad:
             shown = ", ".join(f"{k}={v}" for k, v in bad.items())
-            warnings.warn(
+            warn(
                 f"ModelCheckpoint: not saving at {where}: the state is not finite ({shown}). "
-                "The previous checkpoints stay as they are.", stacklevel=3)
+                "The previous checkpoints stay as they are.")
             return None
         for obj in registry.objects_for(model).values():
             reason = obj.blocks_saving() if isinstance(obj, StatefulCallback) else None
@@ -205,7 +205,7 @@ class Saver:
             os.makedirs(os.path.dirname(os.path.abspath(regular)), exist_ok=True)
             self._write(regular, snapshot, {**meta, "kind": "regular"}, plan)
             written.append(regular)
-            if self.options.verbose > 0:
+            if self.options.verbose > 0 and self.options.async_write:  # (written later)
                 print_msg(f"\n{where}: finished saving model to {regular}")
         if write_last:
             written.append(self._write_last(regular, snapshot, meta, plan))
@@ -235,8 +235,8 @@ class Saver:
 
     def _failed(self, where: str, filepath: str, error: Exception, at: Any = None) -> None:
         if isinstance(error, storage.NonFiniteStateError):  # refused: never a checkpoint
-            warnings.warn(f"ModelCheckpoint: not saving at {where}: {error}. The previous "
-                          "checkpoints stay as they are.", stacklevel=4)
+            warn(f"ModelCheckpoint: not saving at {where}: {error}. The previous "
+                          "checkpoints stay as they are.")
             for obj in registry.objects_for(self.owner.model).values():
                 found = getattr(obj, "non_finite_state", None)  # TerminateOnNaN acts on it
                 if found is not None and at is not None:
@@ -249,7 +249,7 @@ class Saver:
         if self.options.on_save_error == "raise":
             raise error
         print_msg(f"\n{message} Training continues (on_save_error='warn').")
-        warnings.warn(message, stacklevel=4)
+        warn(message)
 
     def _keras_writer(self) -> Any:
         model = self.owner.model
@@ -281,8 +281,8 @@ class Saver:
             try:  # (a file no checkpoint of this model could be is not read)
                 storage.read_meta(filepath, state_bytes=state_bytes_bound(self.owner.model))
             except storage.CorruptCheckpointError as e:
-                warnings.warn(f"ModelCheckpoint: replacing {filepath}, which is not a valid "
-                              f"keras-ckpt checkpoint ({e}).", stacklevel=4)
+                warn(f"ModelCheckpoint: replacing {filepath}, which is not a valid "
+                              f"keras-ckpt checkpoint ({e}).")
         storage.write(filepath, snapshot, layout=plan, meta=meta, fsync=self.options.fsync,
                       compression=self.options.compression)
         fit.written.add(filepath)
