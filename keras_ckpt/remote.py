@@ -1,4 +1,4 @@
-"""Checkpoint directories at a remote URL (`gs://`, `s3://`, `hdfs://`, `ram://`, ...).
+"""Checkpoint directories at a remote URL (`s3://`, `gs://`, `az://`, `memory://`, `ram://`, ...).
 
 keras-ckpt's guarantees (fsync, an atomic rename, a directory lock) need a
 local file system, which object stores do not give. A remote `filepath` is
@@ -6,30 +6,29 @@ therefore served by a local mirror: every checkpoint is written, verified and
 resumed from in a local staging folder as usual, then uploaded under a
 temporary name and renamed into place on the remote side (a copy, then one
 rename: readers never see a partial file where the store's rename is atomic,
-as on HDFS and in memory; on `gs://` and `s3://` a rename is a copy then a
-delete, so a crash in between leaves a hidden temporary file, never a partial
-checkpoint under a checkpoint's name). Resuming downloads the remote
-checkpoints the mirror lacks or holds another version of: a file of the same
-name is compared by content (the metadata keras-ckpt records in it: every
-array's checksum, the step, the time written; only those few blocks of the
-remote file are read), never by size, so a fixed name (`last.keras`)
-rewritten by another machine is pulled again. URLs go through `tf.io.gfile`, as Keras's own
-file utilities do: the schemes are those TensorFlow's file systems register
-(`gs://` built in; `ram://` for tests; tensorflow-io, which added `s3://` and
-`hdfs://`, does not load on TensorFlow 2.21).
+as in memory; on `gs://` and `s3://` a rename is a copy then a delete, so a
+crash in between leaves a hidden temporary file, never a partial checkpoint
+under a checkpoint's name). Resuming downloads the remote checkpoints the
+mirror lacks or holds another version of: a file of the same name is compared
+by content (the metadata keras-ckpt records in it: every array's checksum, the
+step, the time written; only those few blocks of the remote file are read),
+never by size alone, so a fixed name (`last.keras`) rewritten by another
+machine is pulled again. URLs go through fsspec where its implementation for
+the scheme is installed (s3fs, gcsfs, adlfs; `remote_store.store_for`), else
+through `tf.io.gfile`, as Keras's own file utilities do (`gs://` built in,
+`ram://` in memory).
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import re
 import tempfile
 from collections.abc import Callable
-from typing import Any
 
 from keras_ckpt import atomic, storage
+from keras_ckpt.remote_store import store_for
 
 __all__ = ["Mirror", "is_remote"]
 
@@ -41,46 +40,8 @@ def is_remote(path: str) -> bool:
     return re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", path) is not None
 
 
-def _gfile():
-    try:
-        import tensorflow as tf
-    except ImportError:  # pragma: no cover - TensorFlow is a dependency
-        raise ValueError("A remote `filepath` needs TensorFlow's tf.io.gfile.") from None
-    return tf.io.gfile
-
-
 def _os_error(what: str, url: str, error: Exception) -> OSError:
     return OSError(f"{what} {url} failed: {type(error).__name__}: {error}")
-
-
-class _RemoteReader(io.RawIOBase):
-    """A remote file (`tf.io.gfile.GFile`) as a raw binary stream that h5py and zipfile read."""
-
-    def __init__(self, handle: Any) -> None:
-        super().__init__()
-        self._handle = handle
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._handle.tell()
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        if whence == io.SEEK_END:
-            offset, whence = self._handle.size() + offset, io.SEEK_SET
-        elif whence == io.SEEK_CUR:
-            offset, whence = self._handle.tell() + offset, io.SEEK_SET
-        self._handle.seek(max(0, offset))
-        return self._handle.tell()
-
-    def readinto(self, buffer: Any) -> int:
-        data = self._handle.read(len(buffer))
-        memoryview(buffer)[:len(data)] = data
-        return len(data)
 
 
 def _local_meta(path: str) -> dict | None:
@@ -99,7 +60,7 @@ class Mirror:
             temporary directory.
 
     Raises:
-        ValueError: `url`'s scheme has no `tf.io.gfile` file system here.
+        ValueError: no file system for `url`'s scheme is installed here.
 
     Example:
 
@@ -114,15 +75,7 @@ class Mirror:
         self.url = url.rstrip("/")
         digest = hashlib.sha256(self.url.encode()).hexdigest()[:16]
         self.local = local or os.path.join(tempfile.gettempdir(), "keras-ckpt-mirror", digest)
-        self._gfile = _gfile()
-        scheme = self.url.split("://", 1)[0]
-        schemes = self._gfile.get_registered_schemes()  # no network: the store is not touched
-        if scheme not in schemes:
-            known = ", ".join(f"{s}://" for s in sorted(schemes) if s not in ("", "file"))
-            raise ValueError(
-                f"`filepath` {url!r}: TensorFlow has no file system for this URL here "
-                f"(tf.io.gfile knows {known}). Supported: the schemes tf.io.gfile registers "
-                "(gs:// built in, ram:// in memory).")
+        self._store = store_for(self.url)  # no network: the store is not touched yet
 
     def _remote(self, name: str) -> str:
         return f"{self.url}/{name}"
@@ -130,9 +83,9 @@ class Mirror:
     def names(self) -> list[str]:
         """The remote directory's file names (without temporaries); [] if it does not exist."""
         try:
-            if not self._gfile.exists(self.url):
+            if not self._store.exists(self.url):
                 return []
-            return sorted(n.rstrip("/") for n in self._gfile.listdir(self.url)
+            return sorted(n for n in self._store.listdir(self.url)
                           if not (n.startswith(".") and _TMP in n))
         except Exception as e:
             raise _os_error("Listing", self.url, e) from None
@@ -160,7 +113,7 @@ class Mirror:
                 if os.path.exists(target) and self.same(name):
                     continue
                 def download(tmp: str, source: str = source) -> None:
-                    self._gfile.copy(source, tmp, overwrite=True)
+                    self._store.download(source, tmp)
 
                 atomic.write(target, download, purpose="pull")
             except Exception as e:
@@ -178,15 +131,13 @@ class Mirror:
         same (it is downloaded again).
         """
         source, target = self._remote(name), os.path.join(self.local, name)
-        if not os.path.exists(target) or self._gfile.stat(source).length != os.path.getsize(
-                target):
+        if not os.path.exists(target) or self._store.size(source) != os.path.getsize(target):
             return False
         local = _local_meta(target)
         if local is None:
             return False
         try:
-            with self._gfile.GFile(source, "rb") as handle, io.BufferedReader(
-                    _RemoteReader(handle), buffer_size=1 << 16) as reader:
+            with self._store.open_read(source) as reader:
                 theirs = storage.read_meta(source, fileobj=reader)
         except storage.CorruptCheckpointError:
             return False
@@ -206,13 +157,13 @@ class Mirror:
         target = self._remote(name)
         tmp = self._remote(atomic.temp_name(name, "upload"))
         try:
-            self._gfile.makedirs(self.url)
-            self._gfile.copy(path, tmp, overwrite=True)
-            self._gfile.rename(tmp, target, overwrite=True)
+            self._store.makedirs(self.url)
+            self._store.upload(path, tmp)
+            self._store.rename(tmp, target)
         except Exception as e:
             try:
-                if self._gfile.exists(tmp):
-                    self._gfile.remove(tmp)
+                if self._store.exists(tmp):
+                    self._store.remove(tmp)
             except Exception:  # noqa: BLE001 - the upload error is the one to report
                 pass
             raise _os_error("Uploading to", target, e) from None
@@ -229,7 +180,7 @@ class Mirror:
         for name in self.names():
             if matches(name) and name not in local:
                 try:
-                    self._gfile.remove(self._remote(name))
+                    self._store.remove(self._remote(name))
                 except Exception as e:
                     raise _os_error("Deleting", self._remote(name), e) from None
                 deleted.append(name)

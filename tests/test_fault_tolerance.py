@@ -196,7 +196,7 @@ BAD_ARGUMENTS = [
     (keras_ckpt.ModelCheckpoint, {"filepath": "c.keras", "preemption_signals": "SIGTERM"},
      TypeError, "`preemption_signals` must be a list"),
     (keras_ckpt.ModelCheckpoint, {"filepath": "nosuchfs://bucket/c.keras"}, ValueError,
-     "no file system for this URL"),
+     "no file system for nosuchfs:// is installed"),
     (keras_ckpt.ModelCheckpoint, {"filepath": "c.keras", "save_on_exception": 1}, TypeError,
      "`save_on_exception`"),
     (keras_ckpt.ModelCheckpoint, {"filepath": "c.keras", "on_save_error": "ignore"}, ValueError,
