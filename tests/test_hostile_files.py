@@ -512,17 +512,22 @@ def test_a_damaged_global_heap_cannot_make_a_read_hang(saved, tmp_path):
     assert done.stdout.split() == ["read_meta", "ok", "read", "ok"]  # Keras's part: not read
 
 
-def test_a_format_1_checkpoint_still_reads(saved):
-    # Written before format 2: the metadata a variable-length string attribute.
-    _, path = saved
-    meta = storage.read_meta(str(path))
-    text = json.dumps(meta)
+def as_format_1(path, pad=0):
+    """Rewrites a checkpoint's metadata as format 1 stored it (a heap string), padded."""
+    text = json.dumps(storage.read_meta(str(path))) + " " * pad
     with h5py.File(path, "a") as f:
         group = f["keras_ckpt"]
         if "meta" in group:
             del group["meta"]
         group.attrs["format"], group.attrs["format_version"] = "keras-ckpt", 1
         group.attrs["meta"], group.attrs["meta_crc32"] = text, zlib.crc32(text.encode())
+
+
+def test_a_format_1_checkpoint_still_reads(saved):
+    # Written before format 2: the metadata a variable-length string attribute.
+    _, path = saved
+    meta = storage.read_meta(str(path))
+    as_format_1(path)
     assert storage.read(str(path)).meta["progress"] == meta["progress"]
     with h5py.File(path, "a") as f:  # format 2 claimed, a heap string given: refused unread
         f["keras_ckpt"].attrs["format_version"] = 2
@@ -550,17 +555,6 @@ def test_an_archive_member_inflating_past_its_own_index_is_refused_without_a_mod
         assert tracemalloc.get_traced_memory()[1] < 16 << 20
     finally:
         tracemalloc.stop()
-
-
-def as_format_1(path, pad=0):
-    """Rewrites a checkpoint's metadata as format 1 stored it (a heap string), padded."""
-    text = json.dumps(storage.read_meta(str(path))) + " " * pad
-    with h5py.File(path, "a") as f:
-        group = f["keras_ckpt"]
-        if "meta" in group:
-            del group["meta"]
-        group.attrs["format"], group.attrs["format_version"] = "keras-ckpt", 1
-        group.attrs["meta"], group.attrs["meta_crc32"] = text, zlib.crc32(text.encode())
 
 
 def test_a_format_1_string_larger_than_the_cap_is_refused_without_a_model(saved, monkeypatch):
