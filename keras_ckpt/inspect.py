@@ -11,6 +11,7 @@ from typing import Any
 from keras_ckpt.jsonsafe import encode_float
 from keras_ckpt.manager import CheckpointInfo, list_checkpoints, read_verified
 from keras_ckpt.monitor import infer_mode
+from keras_ckpt.storage import read_meta
 from keras_ckpt.storage_format import CorruptCheckpointError
 
 __all__ = ["run_inspect", "describe"]
@@ -19,9 +20,12 @@ __all__ = ["run_inspect", "describe"]
 def describe(directory: str, verify: bool = True) -> list[dict]:
     """One dict per file: the `CheckpointInfo` fields plus `valid`, `latest` and `best`.
 
-    `best` marks the checkpoint with the best finite monitored value, where the
-    monitor's direction can be told from its name (`*loss`: min; accuracy,
-    AUC and other Keras metrics: their direction).
+    `best` marks the checkpoint the callbacks that wrote the directory hold
+    best: the best epoch of the newest checkpoint's ModelCheckpoint
+    (`save_best_only`) or EarlyStopping state, with its `min_delta` and
+    baseline (`best_by` names it); without one, the best finite monitored
+    value, where the monitor's direction can be told from its name (`*loss`:
+    min; accuracy, AUC and other Keras metrics: their direction).
 
     Args:
         directory: the checkpoint directory.
@@ -34,21 +38,41 @@ def describe(directory: str, verify: bool = True) -> list[dict]:
         infos = [_verified(c) for c in infos]
     valid = [c for c in infos if c.valid and c.finite]
     latest = valid[-1].path if valid else None
-    best = None
+    best, best_by = _callbacks_best(valid)
     scored = [c for c in valid if c.monitor_value is not None]
-    if scored:
+    if best is None and scored:
         mode = infer_mode(scored[-1].monitor)
         if mode is not None:
             same = [c for c in scored if c.monitor == scored[-1].monitor]
             best = (min if mode == "min" else max)(same, key=lambda c: c.monitor_value).path
+            best_by = f"{scored[-1].monitor} ({mode})"
     rows = []
     for c in infos:
         row = dataclasses.asdict(c)
         row["valid"] = c.valid
         row["latest"] = c.path == latest
         row["best"] = c.path == best
+        row["best_by"] = best_by if c.path == best else None
         rows.append(row)
     return rows
+
+
+def _callbacks_best(valid: list[CheckpointInfo]) -> tuple[str | None, str | None]:
+    """(path, callback) of the best epoch-end checkpoint as the newest one's callbacks judge."""
+    if not valid:
+        return None, None
+    try:
+        objects = read_meta(valid[-1].path).get("objects", {})
+    except CorruptCheckpointError:
+        return None, None
+    for name in ("ModelCheckpoint", "EarlyStopping"):
+        state = (objects.get(name) or {}).get("json", {}).get("monitor") or {}
+        epoch = state.get("best_epoch") if isinstance(state, dict) else None
+        if isinstance(epoch, int):
+            at = [c for c in valid if c.epoch == epoch and c.epoch_complete]
+            if at:
+                return at[-1].path, f"{name} ({state.get('monitor')})"
+    return None, None
 
 
 def _verified(info: CheckpointInfo) -> CheckpointInfo:

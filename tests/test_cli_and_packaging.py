@@ -54,6 +54,17 @@ def test_demo_resumes_bitwise(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
 
 
+def test_the_console_script_says_its_own_name():
+    import subprocess
+
+    script = os.path.join(os.path.dirname(sys.executable), "keras-ckpt")
+    assert os.path.exists(script), "pip install -e . installs the keras-ckpt console script"
+    done = subprocess.run([script, "budget", "--help"], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0 and done.stdout.startswith("usage: keras-ckpt budget")
+    assert "exit status: 0 reported, 1 no such ledger, 3" in " ".join(done.stdout.split())
+
+
 def test_demo_out_naming_a_file_is_one_clear_line(tmp_path, capsys):
     from keras_ckpt.cli import main
 
@@ -89,6 +100,24 @@ def test_inspect_labels_valid_partial_and_corrupt(tmp_path, capsys):
     table = capsys.readouterr().out
     assert re.search(r"e1\.keras .* corrupt", table)
     assert re.search(r"e2\.keras .* valid latest best", table)
+
+
+def test_inspect_marks_best_what_early_stopping_holds_best(tmp_path, capsys):
+    # min_delta no later epoch meets: EarlyStopping's best stays epoch 1, while the
+    # lowest monitored value is a later epoch's.
+    from conftest import make_data, make_model
+
+    from keras_ckpt.cli import main
+
+    x, y = make_data(32)
+    make_model().fit(x, y, epochs=3, batch_size=8, verbose=0, callbacks=[
+        keras_ckpt.ModelCheckpoint(str(tmp_path / "e{epoch}.keras"), monitor="loss"),
+        keras_ckpt.EarlyStopping("loss", patience=5, min_delta=1000.0)])
+    assert main(["inspect", str(tmp_path), "--json"]) == 0
+    rows = {os.path.basename(r["path"]): r for r in json.loads(capsys.readouterr().out)}
+    assert rows["e3.keras"]["monitor_value"] < rows["e1.keras"]["monitor_value"]
+    assert [n for n, r in rows.items() if r["best"]] == ["e1.keras"]
+    assert rows["e1.keras"]["best_by"] == "EarlyStopping (loss)"
 
 
 def test_public_api():
