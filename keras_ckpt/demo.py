@@ -7,7 +7,7 @@ clock where a step takes 20 s) and `TerminateOnNaN(action="rollback")`. One
 batch of epoch 10 has NaN targets. The same script runs, in child processes:
 
 - once without interruption (the reference);
-- on day 1 at 08:00, SIGKILLed after step 14;
+- on day 1 at 08:00, SIGKILLed after step 2 of epoch 3 (the 14th step);
 - on day 1 at 13:00: it resumes, rolls back the NaN, and the budget stops it;
 - on days 2 and 3 at 08:00: it resumes, until early stopping ends the job.
 
@@ -114,8 +114,9 @@ def run_demo(out: str = "keras_ckpt_demo") -> int:
             saved = list_checkpoints(job)
             newest = saved[-1] if saved else None
             killed = proc.returncode == -signal.SIGKILL
+            where = _where(14 // STEPS_PER_EPOCH, 14 % STEPS_PER_EPOCH)  # as every line counts
             print(f"{label}: run killed by {'SIGKILL' if killed else proc.returncode} after "
-                  f"step 14; newest checkpoint "
+                  f"{where}; newest checkpoint "
                   + (f"{os.path.basename(newest.path)} (at {_where(newest.epoch, None)})"
                      if newest else "none") + ".")
             events["kill"].append(14 / STEPS_PER_EPOCH)

@@ -46,7 +46,8 @@ def test_demo_resumes_bitwise(tmp_path):
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
     out = proc.stdout
-    assert "killed by SIGKILL" in out and "rolled back" in out and "budget spent" in out
+    assert "killed by SIGKILL after epoch 3, step 2;" in out  # steps counted within an epoch
+    assert "rolled back" in out and "budget spent" in out
     assert "early stopping at the end of epoch" in out
     assert "EarlyStopping(patience=2, min_delta=0.02," in out  # what explains the best epoch
     assert "bitwise equal to the uninterrupted run" in out
