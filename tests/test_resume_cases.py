@@ -96,6 +96,16 @@ def test_with_mid_epoch_checkpoints_a_rerun_after_the_end_trains_and_validates_n
     assert ("already stopped training" if min_delta else "nothing left to train") in said
 
 
+def test_a_stop_on_the_best_epoch_writes_the_best_file(tmp_path):
+    # stopping_threshold met at once: the stopping epoch is also the best one.
+    checkpoint = keras_ckpt.ModelCheckpoint(str(tmp_path / "best.keras"), monitor="val_loss",
+                                            save_best_only=True)
+    stop = keras_ckpt.EarlyStopping("val_loss", stopping_threshold=1e9)
+    history = fit(make_model(seed=4), [checkpoint, stop], epochs=5)
+    assert history.epoch == [0] and os.listdir(tmp_path) == ["best.keras"]
+    assert checkpoint.best == history.history["val_loss"][0]
+
+
 class PoisonKernel(keras.callbacks.Callback):
     """Puts one NaN into the first kernel at the end of `epoch` (the loss logged stays finite)."""
 

@@ -304,7 +304,9 @@ class ModelCheckpoint(MonitorAttributes, StatefulCallback):
         for obj in registry.objects_for(self.model).values():
             if hasattr(obj, "settle_epoch_end") and not isinstance(obj, ModelCheckpoint):
                 obj.settle_epoch_end(epoch, logs)
-        stopping = bool(getattr(self.model, "stop_training", False))
+        # (With epoch-end saves, a stop's epoch is saved by the usual rules:
+        # with save_best_only, a best epoch that also stops is the best file.)
+        stopping = bool(getattr(self.model, "stop_training", False)) and not self._epoch_end_saves
         if self._epoch_end_saves or pending or stopping or self._rewrites_last_step(epoch, logs):
             self.saver.save(logs or {}, steps_in_epoch=None, force=pending or stopping)
         if pending:
