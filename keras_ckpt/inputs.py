@@ -190,5 +190,5 @@ def check_input(model: Any, more: list[str] | None = None) -> list[str]:
 def _warn(problems: list[str]) -> list[str]:
     for problem in problems:
         warn(f"ModelCheckpoint(resume=...): {problem} Until then a resumed run "
-                      "differs from an uninterrupted one.")
+             "differs from an uninterrupted one.")
     return problems

@@ -249,8 +249,7 @@ def latest_valid(infos: Sequence[CheckpointInfo], *, verify: bool = True,
             mismatches.append(state_lib.StateMismatchError(f"{info.path}: {e}"))
             continue
         for e in mismatches:
-            warn(f"Skipping a checkpoint written for another model (left on disk): "
-                          f"{e}")
+            warn(f"Skipping a checkpoint written for another model (left on disk): {e}")
         return info, snapshot
     if mismatches:
         raise mismatches[0]

@@ -182,7 +182,7 @@ class CheckpointDirectory:
                 except OSError:
                     continue
                 warn(f"ModelCheckpoint: removed {name} from {top}: an unfinished "
-                              "write of a process that ended mid-save (never a checkpoint).")
+                     "write of a process that ended mid-save (never a checkpoint).")
 
     def pull(self) -> None:
         """Makes the local mirror hold what the remote directory holds (URL `filepath`)."""
@@ -207,8 +207,8 @@ class CheckpointDirectory:
             if path not in self._undeletable:  # once a file: it stays, the rest are applied
                 self._undeletable.add(path)
                 warn(f"ModelCheckpoint: retention cannot delete {path} "
-                              f"({error.strerror or error}); it is left, and the rest of "
-                              "the retention policy is applied.")
+                     f"({error.strerror or error}); it is left, and the rest of "
+                     "the retention policy is applied.")
         if deleted and self.verbose > 0:
             print_msg(f"ModelCheckpoint: retention removed {len(deleted)} checkpoint(s)")
         if self.mirror is not None:

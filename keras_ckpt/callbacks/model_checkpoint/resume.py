@@ -122,7 +122,7 @@ def _check_fit_arguments(owner: Any, info: Any, progress: dict, step: int) -> No
                 "or resume from a checkpoint written at an epoch end.")
 
         warn(f"{message} Training continues from the end of epoch {info.epoch + 1}; "
-                      "the run will differ from an uninterrupted one.")
+             "the run will differ from an uninterrupted one.")
 
 
 def resume(owner: Any) -> None:
@@ -151,9 +151,8 @@ def resume(owner: Any) -> None:
     else:
         snapshot = manager.read_verified(owner.options.resume, state_bytes=bound)
         info = manager.info_from_meta(owner.options.resume, snapshot.meta)
+        fits(snapshot)  # (the directory's checkpoints were checked as they were chosen)
     _agree(owner, info)
-    _build_lazily(model, snapshot)
-    state_lib.check_compatible(snapshot.meta, model)
     progress = snapshot.meta["progress"]
     epoch, step = info.resume_point
     spe = int(getattr(model, "steps_per_execution", 1) or 1)

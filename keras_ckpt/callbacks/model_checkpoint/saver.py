@@ -236,7 +236,7 @@ class Saver:
     def _failed(self, where: str, filepath: str, error: Exception, at: Any = None) -> None:
         if isinstance(error, storage.NonFiniteStateError):  # refused: never a checkpoint
             warn(f"ModelCheckpoint: not saving at {where}: {error}. The previous "
-                          "checkpoints stay as they are.")
+                 "checkpoints stay as they are.")
             for obj in registry.objects_for(self.owner.model).values():
                 found = getattr(obj, "non_finite_state", None)  # TerminateOnNaN acts on it
                 if found is not None and at is not None:
@@ -282,7 +282,7 @@ class Saver:
                 storage.read_meta(filepath, state_bytes=state_bytes_bound(self.owner.model))
             except storage.CorruptCheckpointError as e:
                 warn(f"ModelCheckpoint: replacing {filepath}, which is not a valid "
-                              f"keras-ckpt checkpoint ({e}).")
+                     f"keras-ckpt checkpoint ({e}).")
         storage.write(filepath, snapshot, layout=plan, meta=meta, fsync=self.options.fsync,
                       compression=self.options.compression)
         fit.written.add(filepath)
