@@ -39,7 +39,7 @@ def collected(*args):
 @pytest.mark.slow
 @pytest.mark.nested
 @pytest.mark.parametrize("backend", ["jax", "torch"])
-def test_the_subset_passes_on(backend, tmp_path):
+def test_the_subset_passes_on(backend, tmp_path, request):
     if importlib.util.find_spec(backend) is None:
         pytest.fail(f"{backend} is not installed: `pip install -e '.[test]'` installs it.")
     # The session is itself a child of the backend's fork server, and its
@@ -51,9 +51,12 @@ def test_the_subset_passes_on(backend, tmp_path):
     base = lock_base()
     if base is not None:  # the session's realtime tests wait for this one's, and the reverse
         env[LOCK_BASE] = base
+    # Only the files that hold marked tests: collecting the others costs seconds.
+    files = sorted({os.path.join(TESTS, line.split("::")[0].split("/")[-1])
+                    for line in _selected_by_marker(request.session)})
     proc = forkserver.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
-         "-W", "ignore", f"--basetemp={tmp_path / 'pytest'}", "-m", "backends", TESTS],
+         "-W", "ignore", f"--basetemp={tmp_path / 'pytest'}", "-m", "backends", *files],
         cwd=TESTS, env=env, capture_output=True, text=True, timeout=900)
     summary = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
