@@ -23,21 +23,31 @@ def _build_parser() -> argparse.ArgumentParser:
         "demo", help="kill, budget-stop and NaN-poison a small training job; prove it exact")
     demo.add_argument("--out", default="keras_ckpt_demo",
                       help="directory for the demo's checkpoints and report")
-    inspect = commands.add_parser("inspect", help="list the checkpoints in a directory")
+    inspect = commands.add_parser(
+        "inspect", help="list the checkpoints in a directory",
+        epilog="exit status: 0 listed, 1 no such directory (or a file), 4 the --plot picture "
+               "could not be written (2: wrong arguments).")
     inspect.add_argument("directory", help="a checkpoint directory")
     inspect.add_argument("--json", action="store_true", help="print JSON for scripts")
     inspect.add_argument("--meta-only", action="store_true",
                          help="read each file's metadata only (fast; damaged data not seen)")
+    inspect.add_argument("--plot", metavar="PNG", default=None,
+                         help="also draw the monitored value per checkpoint (kept, best, "
+                              "latest and corrupt files marked) into this PNG")
     budget = commands.add_parser(
         "budget", help="today's use of a BudgetStop ledger, what remains, the sessions",
-        epilog="exit status: 0 reported, 1 no such ledger, 3 a ledger that cannot be read "
-               "(2: wrong arguments). Times are H:MM:SS.")
+        epilog="exit status: 0 reported, 1 no such ledger, 3 a ledger that cannot be read, "
+               "4 the --plot picture could not be written (2: wrong arguments). Times are "
+               "H:MM:SS.")
     budget.add_argument("ledger", help="the ledger file BudgetStop writes")
     budget.add_argument("--json", action="store_true", help="print JSON for scripts")
     budget.add_argument("--now", default=None,
                         help="report as of this time: POSIX seconds, or ISO 8601 such as "
                              "2026-11-22T12:00 (in the ledger's time zone unless it has an "
                              "offset); default: now")
+    budget.add_argument("--plot", metavar="PNG", default=None,
+                        help="also draw the time used per day against the daily budget, "
+                             "with every session's stop and kill, into this PNG")
     return parser
 
 
@@ -67,14 +77,20 @@ def _moment(text: str | float | None, tz) -> float | None:
     return (moment if moment.tzinfo else moment.replace(tzinfo=tz)).timestamp()
 
 
-def run_budget(path: str, as_json: bool = False, now: str | float | None = None) -> int:
-    """Prints a ledger's report; returns 1 if it does not exist, 3 if it cannot be read."""
+def run_budget(path: str, as_json: bool = False, now: str | float | None = None,
+               plot: str | None = None) -> int:
+    """Prints a ledger's report; returns 1 if it does not exist, 3 if it cannot be read.
+
+    `plot`: also draw it into this PNG (`keras_ckpt.plots.plot_budget`); 4 if
+    that fails.
+    """
     import datetime
     import json
     import os
     import time
 
     from keras_ckpt.ledger import DayClock, Ledger, LedgerError
+    from keras_ckpt.plots import draw
 
     if not os.path.isfile(path):
         print(f"No such ledger: {path}")
@@ -92,7 +108,7 @@ def run_budget(path: str, as_json: bool = False, now: str | float | None = None)
         return 2
     if as_json:
         print(json.dumps(report, indent=2, allow_nan=False))
-        return 0
+        return draw(plot, as_json, "plot_budget", report, days.tz)
 
     budget = report["daily_seconds"]
     line = f"{report['today']} ({report['timezone']}): used {clock(report['used_seconds'])}"
@@ -112,7 +128,7 @@ def run_budget(path: str, as_json: bool = False, now: str | float | None = None)
                datetime.datetime.fromtimestamp(s["end"], days.tz).strftime("%H:%M"))
         print(f"  {start}  {end:<17}  {clock(s['seconds']):>8}  {s['cost']:8.2f}  "
               f"{s['stop_reason'] or '-':<22}  {s['checkpoint'] or '-'}")
-    return 0
+    return draw(plot, as_json, "plot_budget", report, days.tz)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,9 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "inspect":
         from keras_ckpt.inspect import run_inspect
 
-        return run_inspect(args.directory, as_json=args.json, verify=not args.meta_only)
+        return run_inspect(args.directory, as_json=args.json, verify=not args.meta_only,
+                           plot=args.plot)
     if args.command == "budget":
-        return run_budget(args.ledger, as_json=args.json, now=args.now)
+        return run_budget(args.ledger, as_json=args.json, now=args.now, plot=args.plot)
     return 2
 
 

@@ -175,43 +175,86 @@ def run_demo(out: str = "keras_ckpt_demo") -> int:
 
 
 def _plot(path: str, outcome: dict, events: dict) -> None:
-    import matplotlib
+    """Writes the training curve with every event marked (and listed in the PNG's chunk)."""
+    from keras_ckpt import plots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    fig, marks = demo_figure(outcome, events)
+    plots.save_png(fig, path, marks)
 
+
+def demo_figure(outcome: dict, events: dict):
+    """(figure, marks): the demo's curve; `marks` lists what is drawn where.
+
+    An event inside an epoch sits at its step (epoch E, step S at E - 1 + S/6).
+    Budget stops are vertical lines, resumes triangles on the x axis, so a stop
+    and the next day's resume at the same point stay two marks; the NaN shows
+    the step it hit and the state it rolled back to; the best epoch says why
+    it is not the lowest point (EarlyStopping's min_delta).
+    """
+    from keras_ckpt import plots
+
+    plt = plots.pyplot()
     history = outcome["history"]
     epochs = [e + 1 for e in outcome["epoch"]]
-    fig, ax = plt.subplots(figsize=(9, 4.8), dpi=110)
+    fig, ax = plt.subplots(figsize=(10, 5.2), dpi=110)
     ax.plot(epochs, history["loss"], label="loss", color="tab:blue")
     ax.plot(epochs, history["val_loss"], label="val_loss", color="tab:orange")
     top = max(max(history["loss"]), max(history["val_loss"]))
-    marks = [("kill", "SIGKILL", "black", "--"), ("budget", "daily budget spent", "tab:red", "-."),
-             ("resume", "resumed from a checkpoint", "tab:green", ":")]
-    for key, label, color, style in marks:
-        for i, x in enumerate(events[key]):
-            ax.axvline(x, color=color, linestyle=style, linewidth=1.6,
-                       label=label if i == 0 else None)
+    low = min(min(history["loss"]), min(history["val_loss"]))
+    marks: dict = {"kind": "demo", "kill": [], "budget": [], "resume": [], "nan": [],
+                   "best": None, "early_stop": None}
+    for i, x in enumerate(events["kill"]):
+        ax.axvline(x, color="black", linestyle="--", linewidth=1.6,
+                   label="SIGKILL" if i == 0 else None)
+        marks["kill"].append({"x": x, "drawn_as": "line"})
+    for i, x in enumerate(events["budget"]):
+        ax.axvline(x, color="tab:red", linestyle="-.", linewidth=1.6,
+                   label="daily budget spent: stopped, saved" if i == 0 else None)
+        marks["budget"].append({"x": x, "drawn_as": "line"})
+    resumes = events["resume"]
+    ax.plot(resumes, [low * 0.72] * len(resumes), marker="^", markersize=11, linestyle="none",
+            color="tab:green", markeredgecolor="black", label="resumed from a checkpoint")
+    marks["resume"] = [{"x": x, "drawn_as": "marker on the x axis"} for x in resumes]
     bounds = [0.0, *events["budget"], float(epochs[-1])]
     for day, (left, right) in enumerate(zip(bounds, bounds[1:], strict=False), start=1):
         ax.text((left + right) / 2, top * 1.15, f"day {day}", ha="center", fontsize=9)
     for i, (epoch, step) in enumerate(events["nan"]):
-        ax.axvline(epoch + step / STEPS_PER_EPOCH, color="tab:purple", linewidth=2,
-                   label="NaN: rolled back" if i == 0 else None)
+        x = epoch + step / STEPS_PER_EPOCH
+        ax.axvline(x, color="tab:purple", linewidth=2,
+                   label="NaN loss: rolled back" if i == 0 else None)
+        back = history["loss"][epoch - 1] if epoch >= 1 else history["loss"][0]
+        ax.plot([epoch], [back], marker="o", markersize=8, color="tab:purple",
+                linestyle="none", label="state rolled back to" if i == 0 else None)
+        y = top * 0.45
+        ax.annotate("", xy=(epoch, back), xytext=(x, y),
+                    arrowprops={"arrowstyle": "->", "color": "tab:purple", "linewidth": 2})
+        text = (f"NaN at epoch {epoch + 1}, step {step}:\nrolled back to the end of "
+                f"epoch {epoch}")
+        ax.annotate(text, xy=(x, y), xytext=(x + 0.6, y * 1.25), fontsize=8,
+                    color="tab:purple")
+        marks["nan"].append({"x": x, "rolled_back_to": float(epoch), "text": text})
     best = outcome["best_epoch"] + 1
-    ax.plot([best], [history["val_loss"][outcome["best_epoch"]]], marker="*", markersize=16,
-            color="gold", markeredgecolor="black", linestyle="none",
-            label=f"best epoch ({best}), restored")
+    best_value = history["val_loss"][outcome["best_epoch"]]
+    delta = outcome.get("min_delta")
+    why = (f"last to improve val_loss\nby min_delta={delta:g}" if delta else
+           "the lowest val_loss")
+    ax.plot([best], [best_value], marker="*", markersize=16, color="gold",
+            markeredgecolor="black", linestyle="none", label=f"best epoch ({best}), restored")
+    text = f"best: epoch {best},\n{why}\n(later epochs gained less)" if delta else \
+        f"best: epoch {best}, {why}"
+    ax.annotate(text, xy=(best, best_value), xytext=(best - 13, low * 0.8),
+                fontsize=8, arrowprops={"arrowstyle": "->"})
+    marks["best"] = {"epoch": best, "value": best_value, "min_delta": delta, "text": text}
     stop = outcome["stopped_epoch"] + 1
     ax.annotate(f"early stop\n(epoch {stop})", xy=(stop, history["val_loss"][-1]),
                 xytext=(stop - 7, top * 0.3), arrowprops={"arrowstyle": "->"})
+    marks["early_stop"] = stop
     ax.set_yscale("log")
-    ax.set_ylim(top=top * 1.6)
+    ax.set_ylim(bottom=low * 0.55, top=top * 1.6)
     ax.set_xlabel("epoch (an event inside an epoch is placed at its step)")
     ax.set_ylabel("mean squared error (log scale)")
     ax.set_title("keras-ckpt demo: one job across a kill, three budget days and a NaN")
-    ax.legend(loc="lower left", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    return fig, marks

@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> None:
                     "epoch_complete": resumed.epoch_complete})
     if stop is not None:
         outcome.update(stopped_epoch=stop.stopped_epoch, best_epoch=stop.best_epoch,
-                       stop_reason=stop.stop_reason)
+                       stop_reason=stop.stop_reason, min_delta=stop.min_delta)
     arrays["history"] = np.frombuffer(json.dumps(outcome).encode(), dtype=np.uint8)
     np.savez(a.out, **arrays)
 

@@ -11,6 +11,7 @@ from typing import Any
 from keras_ckpt.jsonsafe import encode_float
 from keras_ckpt.manager import CheckpointInfo, list_checkpoints, read_verified
 from keras_ckpt.monitor import infer_mode
+from keras_ckpt.plots import draw
 from keras_ckpt.storage import read_meta
 from keras_ckpt.storage_format import CorruptCheckpointError
 
@@ -101,10 +102,13 @@ def _fmt(c: dict) -> list[str]:
             written, " ".join(labels)]
 
 
-def run_inspect(directory: str, as_json: bool = False, verify: bool = True) -> int:
+def run_inspect(directory: str, as_json: bool = False, verify: bool = True,
+                plot: str | None = None) -> int:
     """Prints the table (or JSON); returns 1 if the directory does not exist.
 
-    `verify`: see `describe` (the CLI's `--meta-only` turns it off).
+    `verify`: see `describe` (the CLI's `--meta-only` turns it off). `plot`:
+    also draw the rows into this PNG (`keras_ckpt.plots.plot_checkpoints`);
+    returns 4 if that fails.
     """
     if os.path.isfile(directory):
         parent = os.path.dirname(os.path.abspath(directory))
@@ -119,14 +123,12 @@ def run_inspect(directory: str, as_json: bool = False, verify: bool = True) -> i
         print(f"No keras-ckpt checkpoints in {directory}.")
         return 0
     if as_json:
-        rows = [{k: _json_value(v) for k, v in row.items()} for row in rows]
-        print(json.dumps(rows, indent=2, allow_nan=False, default=str))
-        return 0
+        print(json.dumps([{k: _json_value(v) for k, v in row.items()} for row in rows],
+                         indent=2, allow_nan=False, default=str))
+        return draw(plot, True, "plot_checkpoints", rows, directory)
     table = [["file", "epoch", "step", "monitored", "size", "written", "status"]]
     table += [_fmt(r) for r in rows]
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
     for r in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)))
-    return 0
-
-
+    return draw(plot, False, "plot_checkpoints", rows, directory)

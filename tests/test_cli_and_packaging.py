@@ -53,6 +53,18 @@ def test_demo_resumes_bitwise(tmp_path):
     assert "bitwise equal to the uninterrupted run" in out
     png = tmp_path / "training.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+    from keras_ckpt.plots import read_png_events
+
+    marks = read_png_events(str(png))
+    # A budget stop and the next day's resume happen at the same point: two marks.
+    budget = {m["x"] for m in marks["budget"]}
+    resumed = [m for m in marks["resume"] if m["x"] in budget]
+    assert resumed and {m["drawn_as"] for m in resumed}.isdisjoint(
+        {m["drawn_as"] for m in marks["budget"]})
+    (nan,) = marks["nan"]  # where it hit, and the state it went back to
+    assert nan["rolled_back_to"] < nan["x"] and "rolled back to the end of epoch" in nan["text"]
+    assert marks["best"]["min_delta"] == 0.02 and "min_delta=0.02" in marks["best"]["text"]
+    assert marks["early_stop"] > marks["best"]["epoch"]
 
 
 def test_the_console_script_says_its_own_name():
