@@ -25,7 +25,9 @@ def _build_parser() -> argparse.ArgumentParser:
                       help="directory for the demo's checkpoints and report")
     inspect = commands.add_parser(
         "inspect", help="list the checkpoints in a directory",
-        epilog="exit status: 0 listed, 1 no such directory (or a file), 4 the --plot picture "
+        epilog="Epochs count from 1 in the table and in --json, as in Keras's progress bar "
+               "and the {epoch} of file names; step is the steps done in that epoch. "
+               "exit status: 0 listed, 1 no such directory (or a file), 4 the --plot picture "
                "could not be written (2: wrong arguments).")
     inspect.add_argument("directory", help="a checkpoint directory")
     inspect.add_argument("--json", action="store_true", help="print JSON for scripts")

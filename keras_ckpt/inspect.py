@@ -123,7 +123,10 @@ def run_inspect(directory: str, as_json: bool = False, verify: bool = True,
         print(f"No keras-ckpt checkpoints in {directory}.")
         return 0
     if as_json:
-        print(json.dumps([{k: _json_value(v) for k, v in row.items()} for row in rows],
+        # Epochs count from 1, as in the table, Keras's progress bar and `{epoch}` in names.
+        numbered = [{**row, "epoch": None if row["epoch"] is None else row["epoch"] + 1}
+                    for row in rows]
+        print(json.dumps([{k: _json_value(v) for k, v in row.items()} for row in numbered],
                          indent=2, allow_nan=False, default=str))
         return draw(plot, True, "plot_checkpoints", rows, directory)
     table = [["file", "epoch", "step", "monitored", "size", "written", "status"]]

@@ -108,11 +108,12 @@ def test_inspect_labels_valid_partial_and_corrupt(tmp_path, capsys):
     assert not rows["e1.keras"]["valid"]
     assert re.search("CRC|checksum|damaged", rows["e1.keras"]["error"])
     assert rows["e2.keras"]["valid"] and rows["e2.keras"]["latest"]
+    assert rows["e2.keras"]["epoch"] == 2  # counted from 1, as the table and the file name
     assert rows["e2.keras"]["best"]  # the only valid one: its val_loss is the best
     assert main(["inspect", str(tmp_path)]) == 0
     table = capsys.readouterr().out
     assert re.search(r"e1\.keras .* corrupt", table)
-    assert re.search(r"e2\.keras .* valid latest best", table)
+    assert re.search(r"e2\.keras +2 .* valid latest best", table)
 
 
 def test_inspect_marks_best_what_early_stopping_holds_best(tmp_path, capsys):
