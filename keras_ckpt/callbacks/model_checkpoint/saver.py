@@ -243,8 +243,8 @@ class Saver:
                     found(error.variable, *at)
             return
         message = (f"ModelCheckpoint: saving at {where} to {filepath} FAILED: "
-                   f"{type(error).__name__}: {error}. The previous checkpoints are intact and "
-                   "no partial file was left.")
+                   f"{type(error).__name__}: {str(error).rstrip('.')}. The previous "
+                   "checkpoints are intact and no partial file was left.")
         self.save_errors.append(message)
         if self.options.on_save_error == "raise":
             raise error
