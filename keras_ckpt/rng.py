@@ -32,9 +32,9 @@ def rng_state() -> tuple[dict, dict[str, np.ndarray]]:
 
 
 def torch_if_used() -> Any:
-    """The torch module when Keras runs on torch, else None."""
-    if "torch" not in sys.modules:
-        return None
+    """The torch module when Keras runs on torch, else None (no Keras loaded: None)."""
+    if sys.modules.get("torch") is None or "keras" not in sys.modules:
+        return None  # (a reader without Keras, as `inspect`, loads no backend for this)
     import keras
 
     return sys.modules["torch"] if keras.backend.backend() == "torch" else None

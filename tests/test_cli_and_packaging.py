@@ -67,6 +67,38 @@ def test_demo_resumes_bitwise(tmp_path):
     assert marks["early_stop"] > marks["best"]["epoch"]
 
 
+def test_the_base_install_needs_no_backend_and_each_backend_is_an_extra():
+    import tomllib
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)["project"]
+    names = {re.split(r"[<>=\[ ]", d)[0] for d in project["dependencies"]}
+    assert names == {"keras", "h5py", "numpy", "tzdata"}
+    extras = project["optional-dependencies"]
+    for backend in ("tensorflow", "jax", "torch"):
+        assert any(d.startswith(backend) for d in extras[backend])
+        assert any(d.startswith(backend) for d in extras["test"])
+    readme_demo = readme_commands()[0]
+    assert "tensorflow" in readme_demo  # the demo command installs a backend to run on
+
+
+def test_the_demo_trains_on_the_backend_keras_would_use_or_says_what_to_install(
+        tmp_path, monkeypatch, capsys):
+    from keras_ckpt.cli import main
+    from keras_ckpt.demo import choose_backend
+
+    assert choose_backend({"KERAS_BACKEND": "jax"}) == ("jax", "KERAS_BACKEND")
+    (tmp_path / "keras.json").write_text('{"backend": "torch"}')
+    assert choose_backend({"KERAS_HOME": str(tmp_path)})[0] == "torch"
+    (tmp_path / "keras.json").write_text('{"backend": "nosuch"}')  # else the first installed
+    assert choose_backend({"KERAS_HOME": str(tmp_path)}) == ("tensorflow", "installed")
+    monkeypatch.setenv("KERAS_BACKEND", "nosuchbackend")
+    assert main(["demo", "--out", str(tmp_path / "demo")]) == 2
+    assert "KERAS_BACKEND=nosuchbackend, which is not installed: pip install" in \
+        capsys.readouterr().out
+    assert not (tmp_path / "demo").exists()  # nothing was started
+
+
 def test_the_console_script_says_its_own_name():
     import subprocess
 

@@ -114,15 +114,18 @@ def test_a_plot_that_cannot_be_written_is_exit_4_and_the_report_still_printed(
         plots.read_png_events(str(ledger))
 
 
-# A new user's commands on a fresh interpreter: no backend imported, nothing on stderr
-# (TensorFlow's and JAX's log lines go there), with the log level left alone.
+# A new user's commands on a fresh interpreter where no backend can be imported (as after
+# `pip install keras-ckpt`, which installs none): nothing on stderr (TensorFlow's and
+# JAX's log lines go there), with the log level left alone.
 FRESH = """
 import sys
+for name in ("tensorflow", "jax", "torch"):  # as if not installed: an import raises
+    sys.modules[name] = None
 from keras_ckpt.cli import main
 codes = [main(["budget", sys.argv[1], "--plot", sys.argv[2]]),
          main(["inspect", sys.argv[3], "--plot", sys.argv[4]])]
 print("codes", codes, "backends", [m for m in ("tensorflow", "jax", "torch", "keras")
-                                   if m in sys.modules])
+                                   if sys.modules.get(m) is not None])
 """
 
 
