@@ -57,10 +57,16 @@ DEFAULTS = {"KERAS_BACKEND": "tensorflow", "PYTHONHASHSEED": "0", "TF_CPP_MIN_LO
 
 # ====================================================================== the server
 def _preimport() -> None:
+    import importlib.util
+
     import h5py  # noqa: F401
     import keras  # noqa: F401
     import numpy  # noqa: F401
-    import tensorflow  # noqa: F401  (keras_ckpt and demo_train use it on every backend)
+
+    # Where installed, on every backend: the tests' tf.data inputs and TF-only URL
+    # schemes use it (keras-ckpt itself needs it only when Keras runs on it).
+    if importlib.util.find_spec("tensorflow") is not None:
+        import tensorflow  # noqa: F401
 
     import keras_ckpt  # noqa: F401
     import keras_ckpt.data  # noqa: F401
@@ -79,10 +85,11 @@ def _fork_safety() -> dict:
     python_threads = [t.name for t in threading.enumerate()]
     if len(python_threads) != 1:
         problems.append(f"Python threads: {python_threads}")
-    from tensorflow.python.eager import context
+    if "tensorflow" in sys.modules:
+        from tensorflow.python.eager import context
 
-    if context.context()._context_handle is not None:
-        problems.append("TensorFlow's eager context is initialized")
+        if context.context()._context_handle is not None:
+            problems.append("TensorFlow's eager context is initialized")
     if "jax" in sys.modules:
         from jax._src import xla_bridge
 

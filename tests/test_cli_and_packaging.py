@@ -78,6 +78,7 @@ def test_the_base_install_needs_no_backend_and_each_backend_is_an_extra():
     for backend in ("tensorflow", "jax", "torch"):
         assert any(d.startswith(backend) for d in extras[backend])
         assert any(d.startswith(backend) for d in extras["test"])
+    assert not any(d.startswith("tensorflow") for d in extras["jax"] + extras["test-jax"])
     readme_demo = readme_commands()[0]
     assert "tensorflow" in readme_demo  # the demo command installs a backend to run on
 

@@ -13,11 +13,12 @@ import tempfile
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 from conftest import make_data, make_model
 
 import keras_ckpt
 from keras_ckpt import remote, storage
+
+tf = pytest.importorskip("tensorflow", reason="ram:// is TensorFlow's file system")
 
 pytestmark = pytest.mark.skipif(keras.backend.backend() != "tensorflow",
                                 reason="ram:// is TensorFlow's file system")

@@ -5,13 +5,14 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 from conftest import make_data, make_model
 
 import keras_ckpt
 import keras_ckpt.storage
 from keras_ckpt import registry
 from keras_ckpt.callbacks.base import StatefulCallback
+
+tf = pytest.importorskip("tensorflow", reason="tf.data inputs and strategies need TensorFlow")
 
 
 @pytest.mark.parametrize("make_optimizer", [
