@@ -6,6 +6,8 @@ same tf.io.gfile calls); it lives as long as this test process.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 import shutil
 import tempfile
@@ -18,9 +20,8 @@ from conftest import make_data, make_model
 import keras_ckpt
 from keras_ckpt import remote, storage
 
-tf = pytest.importorskip("tensorflow", reason="ram:// is TensorFlow's file system")
-
-pytestmark = pytest.mark.skipif(keras.backend.backend() != "tensorflow",
+tf = importlib.import_module("tensorflow") if importlib.util.find_spec("tensorflow") else None
+pytestmark = pytest.mark.skipif(tf is None or keras.backend.backend() != "tensorflow",
                                 reason="ram:// is TensorFlow's file system")
 
 

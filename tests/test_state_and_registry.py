@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+
 import keras
 import numpy as np
 import pytest
@@ -12,7 +15,8 @@ import keras_ckpt.storage
 from keras_ckpt import registry
 from keras_ckpt.callbacks.base import StatefulCallback
 
-tf = pytest.importorskip("tensorflow", reason="tf.data inputs and strategies need TensorFlow")
+tf = importlib.import_module("tensorflow") if importlib.util.find_spec("tensorflow") else None
+pytestmark = pytest.mark.skipif(tf is None, reason="tf.data inputs and strategies need TensorFlow")
 
 
 @pytest.mark.parametrize("make_optimizer", [
