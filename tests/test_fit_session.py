@@ -333,3 +333,43 @@ def test_the_restored_state_is_let_go_when_the_skipped_batches_end(tmp_path, mon
 
     fit([Probe()])
     assert alive == [(0, True), (1, False), (2, False), (3, False)]  # batch 1: the last skipped
+
+
+def test_a_resume_at_an_epoch_end_lets_the_restored_state_go_before_the_first_step(
+        tmp_path, monkeypatch):
+    import gc
+    import weakref
+
+    from keras_ckpt import manager
+
+    x, y = make_data(64)
+    template = str(tmp_path / "c-{epoch}.weights.h5")
+
+    class CrashAtEpoch2(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            if epoch == 1:
+                raise RuntimeError("crash")
+
+    def fit(callback):
+        return make_model().fit(x, y, batch_size=16, epochs=2, verbose=0, callbacks=[
+            keras_ckpt.ModelCheckpoint(template, save_weights_only=True, resume=True), callback])
+
+    with pytest.raises(RuntimeError, match="crash"):
+        fit(CrashAtEpoch2())
+    read, alive = [], []
+    original = manager.read_verified
+
+    def read_verified(*args, **kwargs):
+        snapshot = original(*args, **kwargs)
+        read.append(weakref.ref(snapshot))
+        return snapshot
+
+    monkeypatch.setattr(manager, "read_verified", read_verified)
+
+    class Probe(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            gc.collect()
+            alive.append(read[-1]() is not None)
+
+    fit(Probe())
+    assert len(read) == 1 and alive == [False] * 4  # gone before the first new step
