@@ -296,14 +296,29 @@ def test_a_fit_stopped_mid_epoch_leaves_no_garbage_cycle_holding_its_data(tmp_pa
     assert os.path.exists(tmp_path / "c-1-2.keras")  # it stopped after step 2
 
 
+def _watch_reads(monkeypatch) -> list:
+    """Weak references to every snapshot `manager.read_verified` returns from now on."""
+    import weakref
+
+    from keras_ckpt import manager
+
+    read = []
+    original = manager.read_verified
+
+    def read_verified(*args, **kwargs):
+        snapshot = original(*args, **kwargs)
+        read.append(weakref.ref(snapshot))
+        return snapshot
+
+    monkeypatch.setattr(manager, "read_verified", read_verified)
+    return read
+
+
 def test_the_restored_state_is_let_go_when_the_skipped_batches_end(tmp_path, monkeypatch):
     """A mid-epoch resume holds the checkpoint it read only while it skips the trained batches."""
     import gc
-    import weakref
 
     from test_step_counting import StopAfter
-
-    from keras_ckpt import manager
 
     x, y = make_data(64)
     template = str(tmp_path / "c-{epoch}-{batch}.weights.h5")
@@ -316,15 +331,7 @@ def test_the_restored_state_is_let_go_when_the_skipped_batches_end(tmp_path, mon
 
     with pytest.raises(RuntimeError, match="crash"):
         fit([StopAfter(7)])  # the newest checkpoint: epoch 2, after step 2 of 4
-    read, alive = [], []
-    original = manager.read_verified
-
-    def read_verified(*args, **kwargs):
-        snapshot = original(*args, **kwargs)
-        read.append(weakref.ref(snapshot))
-        return snapshot
-
-    monkeypatch.setattr(manager, "read_verified", read_verified)
+    read, alive = _watch_reads(monkeypatch), []
 
     class Probe(keras.callbacks.Callback):
         def on_train_batch_end(self, batch, logs=None):
@@ -338,9 +345,7 @@ def test_the_restored_state_is_let_go_when_the_skipped_batches_end(tmp_path, mon
 def test_a_resume_at_an_epoch_end_lets_the_restored_state_go_before_the_first_step(
         tmp_path, monkeypatch):
     import gc
-    import weakref
 
-    from keras_ckpt import manager
 
     x, y = make_data(64)
     template = str(tmp_path / "c-{epoch}.weights.h5")
@@ -356,15 +361,7 @@ def test_a_resume_at_an_epoch_end_lets_the_restored_state_go_before_the_first_st
 
     with pytest.raises(RuntimeError, match="crash"):
         fit(CrashAtEpoch2())
-    read, alive = [], []
-    original = manager.read_verified
-
-    def read_verified(*args, **kwargs):
-        snapshot = original(*args, **kwargs)
-        read.append(weakref.ref(snapshot))
-        return snapshot
-
-    monkeypatch.setattr(manager, "read_verified", read_verified)
+    read, alive = _watch_reads(monkeypatch), []
 
     class Probe(keras.callbacks.Callback):
         def on_train_batch_begin(self, batch, logs=None):
