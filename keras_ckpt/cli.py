@@ -92,7 +92,7 @@ def run_budget(path: str, as_json: bool = False, now: str | float | None = None,
     import time
 
     from keras_ckpt.ledger import DayClock, Ledger, LedgerError
-    from keras_ckpt.plots import draw
+    from keras_ckpt.plots import draw, plot_budget
 
     if not os.path.isfile(path):
         print(f"No such ledger: {path}")
@@ -110,7 +110,7 @@ def run_budget(path: str, as_json: bool = False, now: str | float | None = None,
         return 2
     if as_json:
         print(json.dumps(report, indent=2, allow_nan=False))
-        return draw(plot, as_json, "plot_budget", report, days.tz)
+        return draw(plot, as_json, plot_budget, report, days.tz)
 
     budget = report["daily_seconds"]
     line = f"{report['today']} ({report['timezone']}): used {clock(report['used_seconds'])}"
@@ -130,7 +130,7 @@ def run_budget(path: str, as_json: bool = False, now: str | float | None = None,
                datetime.datetime.fromtimestamp(s["end"], days.tz).strftime("%H:%M"))
         print(f"  {start}  {end:<17}  {clock(s['seconds']):>8}  {s['cost']:8.2f}  "
               f"{s['stop_reason'] or '-':<22}  {s['checkpoint'] or '-'}")
-    return draw(plot, as_json, "plot_budget", report, days.tz)
+    return draw(plot, as_json, plot_budget, report, days.tz)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,7 @@ from typing import Any
 from keras_ckpt.jsonsafe import encode_float
 from keras_ckpt.manager import CheckpointInfo, list_checkpoints, read_verified
 from keras_ckpt.monitor import infer_mode
-from keras_ckpt.plots import draw
+from keras_ckpt.plots import draw, plot_checkpoints
 from keras_ckpt.storage import read_meta
 from keras_ckpt.storage_format import CorruptCheckpointError
 
@@ -128,10 +128,10 @@ def run_inspect(directory: str, as_json: bool = False, verify: bool = True,
                     for row in rows]
         print(json.dumps([{k: _json_value(v) for k, v in row.items()} for row in numbered],
                          indent=2, allow_nan=False, default=str))
-        return draw(plot, True, "plot_checkpoints", rows, directory)
+        return draw(plot, True, plot_checkpoints, rows, directory)
     table = [["file", "epoch", "step", "monitored", "size", "written", "status"]]
     table += [_fmt(r) for r in rows]
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
     for r in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)))
-    return draw(plot, False, "plot_checkpoints", rows, directory)
+    return draw(plot, False, plot_checkpoints, rows, directory)

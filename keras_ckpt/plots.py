@@ -85,8 +85,8 @@ def read_png_events(path: str) -> dict:
     raise PlotError(f"{path} holds no keras-ckpt chunk: not a picture keras-ckpt drew")
 
 
-def draw(path: str | None, quiet: bool, name: str, *args: Any) -> int:
-    """The CLI's `--plot PATH`: `<name>(*args, PATH)` of this module; 0, or 4 if it fails.
+def draw(path: str | None, quiet: bool, plot: Any, *args: Any) -> int:
+    """The CLI's `--plot PATH`: `plot(*args, PATH)` (`plot_budget`, ...); 0, or 4 if it fails.
 
     Prints `Plot: PATH` unless `quiet` (the `--json` output stays JSON); a
     failure is one line on stderr.
@@ -94,7 +94,7 @@ def draw(path: str | None, quiet: bool, name: str, *args: Any) -> int:
     if path is None:
         return 0
     try:
-        globals()[name](*args, path)
+        plot(*args, path)
     except PlotError as e:
         print(f"keras-ckpt: {e}", file=sys.stderr)
         return 4

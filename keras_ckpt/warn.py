@@ -14,7 +14,7 @@ import sys
 import sysconfig
 import warnings
 
-__all__ = ["warn", "user_frame"]
+__all__ = ["warn"]
 
 _LIBRARIES = tuple(os.sep + name + os.sep for name in (
     "keras", "tensorflow", "tf_keras", "jax", "jaxlib", "torch", "absl", "h5py"))
@@ -26,11 +26,6 @@ def _ours(filename: str) -> bool:
     """keras-ckpt's, a backend's or Python's own code (where no user writes a `fit`)."""
     return (filename.startswith((_HERE, _STDLIB, "<frozen"))
             or any(part in filename for part in _LIBRARIES))
-
-
-def user_frame():
-    """The innermost frame that is not keras-ckpt's, Keras's or a backend's (None if none)."""
-    return _walk()[0]
 
 
 def _walk():

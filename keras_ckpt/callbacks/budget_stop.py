@@ -156,8 +156,9 @@ class BudgetStop(StatefulCallback):
         self._workers: multi_worker.Workers | None = None
         self.async_safe = True
         self.stop_reason: str | None = None
-        self.checkpoint, self.session = None, None  # the path written at a stop; the record
         self.stopped_at: tuple[int, int | None] | None = None
+        self.checkpoint: str | None = None  # the path written at a stop
+        self.session: dict | None = None  # this fit's ledger record, once ended
 
     # ------------------------------------------------------------ config
     @property
@@ -397,4 +398,3 @@ class BudgetStop(StatefulCallback):
 
     def _message(self, now: float, stopped: bool) -> str:
         return budget_message(self, now, stopped)
-

@@ -167,7 +167,6 @@ class FitSession:
         self._unwrap_callback_list()
         self.adapters, self.before_epoch = [], []  # Keras's callbacks are let go
         if problems:
-
             warn("keras-ckpt: closing the fit: " + "; ".join(problems))
 
     # ------------------------------------------------------------ the fit's hooks

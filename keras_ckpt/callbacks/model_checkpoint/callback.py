@@ -316,9 +316,10 @@ class ModelCheckpoint(MonitorAttributes, StatefulCallback):
         """The fit's last epoch ends on a step saved before its validation, under this name."""
         saved, o = self.fit.saved_at, self.options
         return (epoch + 1 == (self.params or {}).get("epochs") and not o.save_best_only
-                and saved is not None and not saved[3]
-                and saved[:2] == (registry.current_fit(self.model), global_step(self.model))
-                and saved[2] == self.file_path(logs or {}, None))
+                and saved is not None and not saved.epoch_end
+                and (saved.session, saved.step) == (registry.current_fit(self.model),
+                                                    global_step(self.model))
+                and saved.path == self.file_path(logs or {}, None))
 
     def on_train_end(self, logs: dict | None = None) -> None:
         session = self.fit_session
@@ -349,7 +350,7 @@ class ModelCheckpoint(MonitorAttributes, StatefulCallback):
             return None
         written = self.saver.save(logs or {}, steps_in_epoch=steps_in_epoch, force=True)
         self.saver.wait()
-        return written if self.fit.saved_at and self.fit.saved_at[2] == written else None
+        return written if self.fit.saved_at and self.fit.saved_at.path == written else None
 
     def file_path(self, logs: dict, steps_in_epoch: int | None) -> str:
         """The file name of a save now (the template filled from the logs)."""

@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
-__all__ = ["FitState"]
+__all__ = ["FitState", "SavedAt"]
+
+
+class SavedAt(NamedTuple):
+    """Where this fit last saved: its session, the global step, the path, at an epoch end."""
+
+    session: Any
+    step: int
+    path: str | None
+    epoch_end: bool
 
 
 @dataclasses.dataclass
@@ -26,7 +35,7 @@ class FitState:
             counter repair of a save after an exception.
         last_logs: the last train step's logs.
         train_metrics: the epoch's training metrics, kept at validation begin.
-        saved_at: `(session, global step, path, at an epoch end)` of the last save of this fit.
+        saved_at: the last save of this fit (`SavedAt`).
         deferred: logs of a stop whose save waits for a synchronous hook.
         written: paths this callback wrote in this fit.
         in_fit: between train begin and the session's close.
@@ -48,7 +57,7 @@ class FitState:
     replay_calls: int = 0
     last_logs: Any = None
     train_metrics: list[np.ndarray] | None = None
-    saved_at: tuple[Any, int, str | None, bool] | None = None
+    saved_at: SavedAt | None = None
     deferred: dict | None = None
     written: set[str] = dataclasses.field(default_factory=set)
     in_fit: bool = False

@@ -43,7 +43,6 @@ def _no_valid_checkpoint(owner: Any) -> None:
             f"ModelCheckpoint(resume=True): {directory.path} holds {len(files)} checkpoint "
             f"file(s), and none can be resumed from ({names}). Nothing was deleted. Move "
             "them away, or pass if_none_valid='start_fresh' to train from scratch.")
-
     message = (f"ModelCheckpoint: none of the {len(files)} checkpoint file(s) in "
                f"{directory.path} can be resumed from ({names}); starting from scratch "
                "(if_none_valid='start_fresh'). They stay on disk until a save of the same "

@@ -21,6 +21,7 @@ import numpy as np
 from keras_ckpt import atomic, keras_compat, keras_layout, registry, storage
 from keras_ckpt import state as state_lib
 from keras_ckpt.callbacks.base import StatefulCallback, non_finite_logs
+from keras_ckpt.callbacks.model_checkpoint.fit_state import SavedAt
 from keras_ckpt.jsonsafe import encode_float, encode_log
 from keras_ckpt.keras_compat import print_msg
 from keras_ckpt.state_checks import state_bytes_bound
@@ -79,9 +80,10 @@ class Saver:
         owner, o, fit, model = self.owner, self.options, self.owner.fit, self.owner.model
         session = registry.current_fit(model)
         step_now = global_step(model)
-        if force and fit.saved_at is not None and fit.saved_at[:2] == (session, step_now) and (
-                steps_in_epoch is not None or fit.saved_at[3]):
-            return fit.saved_at[2]
+        saved = fit.saved_at
+        if force and saved is not None and (saved.session, saved.step) == (session, step_now) \
+                and (steps_in_epoch is not None or saved.epoch_end):
+            return saved.path
         self.wait()  # the write in flight decides what the best saved value is
         epoch = fit.epoch
         value = logs.get(o.monitor)
@@ -134,7 +136,7 @@ class Saver:
             self.last_saved_path = filepath
             if o.save_best_only:
                 self.best_path = filepath
-        fit.saved_at = (session, step_now, written, steps_in_epoch is None)
+        fit.saved_at = SavedAt(session, step_now, written, steps_in_epoch is None)
         if not owner.writes:
             return written  # a worker beside the chief: the chief writes this state
         # Everything that reads the model is done here, on the training
