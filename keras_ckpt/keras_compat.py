@@ -8,6 +8,7 @@ resume. Nothing here imports a backend at import time.
 
 from __future__ import annotations
 
+import random
 import sys
 import weakref
 from collections.abc import Callable
@@ -17,7 +18,8 @@ __all__ = [
     "tf_iterators_before_epoch", "is_default_strategy",
     "print_msg", "get_initial_epoch", "set_initial_epoch", "calling_callback_list",
     "set_instance_attr", "get_private", "set_private", "make_test_function",
-    "fit_arguments", "release_epoch_iterator", "guard_torch_fetch", "unguard_torch_fetch",
+    "fit_arguments", "fit_epoch_iterator", "start_epoch_at", "release_epoch_iterator",
+    "guard_torch_fetch", "unguard_torch_fetch",
     "is_end_of_data", "callback_model",
     "compiled_metrics", "symbolic_build", "step_counter", "learning_rate_variable",
     "distribute_strategy",
@@ -124,6 +126,96 @@ def fit_arguments(model: Any) -> dict | None:
     return {name: frame.f_locals.get(name) for name in names if name != "self"}
 
 
+def fit_epoch_iterator(model: Any) -> Any:
+    """The running fit's `EpochIterator` (every trainer's `fit` names it `epoch_iterator`)."""
+    frame = _fit_frame(model)
+    return None if frame is None else frame.f_locals.get("epoch_iterator")
+
+
+def start_epoch_at(model: Any, batches: int, skipped: Callable[[Any], None],
+                   failed: Callable[[BaseException], None]) -> str | None:
+    """Makes the running fit's next epoch begin at batch `batches`; returns how, or None.
+
+    Keras's epoch iterator yields `(first step, last step, data iterator)` per
+    call of the train function from its `_enumerate_iterator` generator, whose
+    first lines make the epoch's data iterator (drawing its order). For one
+    epoch, an instance attribute shadows it: the calls before `batches` are
+    dropped there, so neither the step nor any callback sees them, and the data
+    before are skipped where it costs least:
+    - `"source"`: a PyDataset without workers (`_finite_generator` draws the
+      order as Keras does, then starts at the index);
+    - `"dataset"`: TensorFlow's dataset (`_distributed_dataset`, when it is a
+      `tf.data.Dataset`) is iterated through `.skip(n)`, in C++ (random-access
+      inputs skip without producing the batches);
+    - `"consume"`: otherwise, the data iterator's batches are taken and dropped.
+    The last skipped batch is always taken here: `skipped(batch)` gets it after
+    the order is drawn and before the first new step (None if the data ended).
+    `failed(error)` hears an error of the data while skipping, before it
+    propagates (outside the step, no step guard sees it).
+    """
+    it = fit_epoch_iterator(model)
+    original = getattr(type(it), "_enumerate_iterator", None)
+    if it is None or original is None or batches <= 0:
+        return None
+    spe = max(1, int(getattr(it, "steps_per_execution", 1) or 1))
+    calls = -(-batches // spe)
+    how, undo = _skip_before(it, batches - 1)
+
+    def enumerate_from() -> Any:
+        del it._enumerate_iterator  # this epoch only
+        inner = original(it)
+        try:
+            for n, item in enumerate(inner):
+                if n == 0 and how == "dataset":  # the epoch's data iterator is made
+                    undo()
+                if n >= calls:
+                    yield item
+                    continue
+                take = min(spe, batches - n * spe) if how == "consume" else int(n == calls - 1)
+                batch = None
+                for _ in range(take):
+                    try:
+                        batch = next(item[-1])
+                    except BaseException as e:
+                        if not is_end_of_data(e):
+                            failed(e)
+                            raise
+                        skipped(None)
+                        return
+                if n == calls - 1:
+                    skipped(batch)
+        finally:
+            undo()
+            inner.close()
+
+    it._enumerate_iterator = enumerate_from
+    return how
+
+
+def _skip_before(it: Any, count: int) -> tuple[str, Callable[[], None]]:
+    """Skips the first `count` batches of the next data iterator where the input allows."""
+    adapter = getattr(it, "data_adapter", None)
+    py_dataset = getattr(adapter, "py_dataset", None)
+    if py_dataset is not None and getattr(adapter, "enqueuer", 1) is None \
+            and py_dataset.num_batches is not None and hasattr(adapter, "_finite_generator"):
+        def finite_from() -> Any:  # Keras's `_finite_generator`, from index `count`
+            del adapter._finite_generator
+            indices = list(range(py_dataset.num_batches))
+            if adapter.shuffle:
+                random.shuffle(indices)
+            for i in indices[count:]:
+                yield adapter._standardize_batch(py_dataset[i])
+
+        adapter._finite_generator = finite_from
+        return "source", lambda: adapter.__dict__.pop("_finite_generator", None)
+    dataset = getattr(it, "_distributed_dataset", None)
+    tf = sys.modules.get("tensorflow")
+    if tf is not None and isinstance(dataset, tf.data.Dataset):
+        it._distributed_dataset = dataset.skip(count)
+        return "dataset", lambda: setattr(it, "_distributed_dataset", dataset)
+    return "consume", lambda: None
+
+
 def release_epoch_iterator(model: Any) -> bool:
     """Lets the running fit's epoch iterator go of its data iterator; call at train end.
 
@@ -138,8 +230,7 @@ def release_epoch_iterator(model: Any) -> bool:
     returns. After `on_train_end` no trainer uses its epoch iterator again.
     Returns whether the iterator was found.
     """
-    frame = _fit_frame(model)
-    iterator = None if frame is None else frame.f_locals.get("epoch_iterator")
+    iterator = fit_epoch_iterator(model)
     if iterator is None or not hasattr(iterator, "_epoch_iterator"):
         return False
     iterator._epoch_iterator = None

@@ -314,8 +314,9 @@ def _watch_reads(monkeypatch) -> list:
     return read
 
 
-def test_the_restored_state_is_let_go_when_the_skipped_batches_end(tmp_path, monkeypatch):
-    """A mid-epoch resume holds the checkpoint it read only while it skips the trained batches."""
+def test_a_mid_epoch_resume_starts_the_callbacks_at_the_next_batch_without_the_old_state(
+        tmp_path, monkeypatch):
+    """The trained batches reach no callback; the checkpoint read is gone by the first step."""
     import gc
 
     from test_step_counting import StopAfter
@@ -339,7 +340,7 @@ def test_the_restored_state_is_let_go_when_the_skipped_batches_end(tmp_path, mon
             alive.append((batch, read[-1]() is not None))
 
     fit([Probe()])
-    assert alive == [(0, True), (1, False), (2, False), (3, False)]  # batch 1: the last skipped
+    assert alive == [(2, False), (3, False)]  # batches 0 and 1 were trained before the kill
 
 
 def test_a_resume_at_an_epoch_end_lets_the_restored_state_go_before_the_first_step(
@@ -370,3 +371,46 @@ def test_a_resume_at_an_epoch_end_lets_the_restored_state_go_before_the_first_st
 
     fit(Probe())
     assert len(read) == 1 and alive == [False] * 4  # gone before the first new step
+
+
+def test_a_data_error_while_the_trained_batches_are_skipped_closes_the_fit(tmp_path):
+    """Skipping runs outside the step function: its errors still end the session."""
+    from test_step_counting import StopAfter
+
+    x, y = make_data(64)
+
+    class Batches(keras.utils.PyDataset):
+        def __init__(self, broken=None):
+            super().__init__()
+            self.broken, self.armed = broken, False  # (armed once the epochs begin)
+
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            if self.armed and i == self.broken:
+                raise ValueError(f"unreadable batch {i}")
+            return x[16 * i:16 * i + 16], y[16 * i:16 * i + 16]
+
+    class Arm(keras.callbacks.Callback):
+        def __init__(self, data):
+            super().__init__()
+            self.data = data
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.data.armed = True
+
+    def fit(data, callbacks):
+        checkpoint = keras_ckpt.ModelCheckpoint(str(tmp_path / "c-{epoch}-{batch}.weights.h5"),
+                                                save_weights_only=True, resume=True, save_freq=2)
+        return make_model().fit(data, epochs=2, shuffle=False, verbose=0,
+                                callbacks=[checkpoint, *callbacks])
+
+    with pytest.raises(RuntimeError, match="crash"):
+        fit(Batches(), [StopAfter(7)])  # the newest checkpoint: epoch 2, after step 2 of 4
+    before = signal.getsignal(signal.SIGTERM)
+    broken = Batches(broken=1)
+    with pytest.raises(Exception, match="unreadable batch 1"):  # the last skipped one
+        fit(broken, [Arm(broken)])
+    assert signal.getsignal(signal.SIGTERM) == before and not os.path.exists(lock_file(tmp_path))
+    fit(Batches(), [])  # and the directory is free for the next run

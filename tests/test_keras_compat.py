@@ -231,3 +231,78 @@ def test_a_fit_stopped_mid_epoch_leaves_its_iterator_in_a_cycle_unless_released(
         lambda: make_model().fit(data, epochs=2, verbose=0, callbacks=[stop]))
     assert stop.released is (True if release else None)
     assert len(left) == (0 if release else 1)
+
+
+class Indexed(keras.utils.PyDataset):
+    """Four batches of four rows; records which batches were read."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.read = []
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        self.read.append(i)
+        return X[4 * i:4 * i + 4], Y[4 * i:4 * i + 4]
+
+
+class StartAt(keras.callbacks.Callback):
+    """At train begin: the next epoch starts at batch `at` (`keras_compat.start_epoch_at`)."""
+
+    def __init__(self, at):
+        super().__init__()
+        self.at, self.how, self.handed, self.batches = at, None, [], []
+
+    def on_train_begin(self, logs=None):
+        self.iterator = keras_compat.fit_epoch_iterator(self.model)
+        self.how = keras_compat.start_epoch_at(self.model, self.at, self.handed.append,
+                                               lambda e: None)
+
+    def on_train_batch_begin(self, batch, logs=None):
+        self.batches.append(batch)
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_a_py_dataset_epoch_starts_at_a_batch_in_keras_s_order(shuffle):
+    """`_finite_generator` draws the order with `random.shuffle`; ours draws it the same way."""
+    import random
+
+    data = Indexed()
+    random.seed(7)
+    keras.utils.set_random_seed(7)
+    make_model().fit(data, epochs=1, shuffle=shuffle, verbose=0)
+    order = data.read[-4:]  # (TensorFlow reads a few batches first, for their shapes)
+    data, start = Indexed(), StartAt(2)
+    random.seed(7)
+    keras.utils.set_random_seed(7)
+    make_model().fit(data, epochs=2, shuffle=shuffle, verbose=0, callbacks=[start])
+    assert start.how == "source" and start.batches == [2, 3, 0, 1, 2, 3]
+    first_epoch = data.read[-7:-4]  # batch 1 (handed over) and batches 2 and 3
+    assert first_epoch == order[1:] and len(start.handed) == 1
+    assert "_finite_generator" not in vars(data_adapter_of(start))  # one epoch only
+
+
+def data_adapter_of(callback):
+    return callback.iterator.data_adapter
+
+
+def test_tf_data_and_array_epochs_start_at_a_batch_through_the_dataset():
+    import tensorflow as tf
+
+    ds = tf.data.Dataset.range(8).map(lambda i: (tf.fill([2, 4], tf.cast(i, "float32")),
+                                                 tf.fill([2, 1], tf.cast(i, "float32"))))
+    seen = []
+
+    class Inputs(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            seen.append(batch)
+
+    start = StartAt(5)
+    make_model().fit(ds, epochs=1, verbose=0, callbacks=[start, Inputs()])
+    assert start.how == "dataset" and seen == [5, 6, 7]
+    assert float(start.handed[0][0][0, 0]) == 4.0  # batch 4, the last skipped, handed over
+    start = StartAt(3)
+    make_model().fit(X, Y, batch_size=4, epochs=1, verbose=0, callbacks=[start])
+    assert start.how == "dataset" and start.batches == [3]

@@ -52,8 +52,9 @@ class ExceptionSave:
         owner, fit = self.owner, self.owner.fit
         fit.epoch_counters = self.read_counters() if owner.hooks_see_state else None
         fit.trained_calls = 0
-        spe = int(getattr(owner.model, "steps_per_execution", 1) or 1)
-        fit.replay_calls = max(0, owner.fit_session.replay_until) // spe
+        guards = owner.fit_session.guards
+        replay = guards.replay if guards is not None else None  # step-function replays
+        fit.replay_calls = getattr(replay, "remaining", 0) if replay is not None else 0
 
     def _on_result(self, name: str, result: Any) -> None:
         if name != "train_function":

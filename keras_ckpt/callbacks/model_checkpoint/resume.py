@@ -4,9 +4,11 @@ At train begin (`resume(owner)`): the newest valid checkpoint of the
 directory (or the file `resume=` names) is read and verified, every worker
 must have found the chief's, the model must match it, and the state goes into
 the model, the optimizer and every stateful object of the fit. Keras's `fit`
-is told where to start; a checkpoint written mid-epoch makes the first calls
-of the resumed epoch consume the batches trained before without training
-(`Replay`), so the epoch sees the same data in the same order.
+is told where to start; a checkpoint written mid-epoch makes the resumed
+epoch begin at its next batch, with the same data in the same order: the
+epoch iterator skips the trained batches (`keras_compat.start_epoch_at`;
+without the step or any callback), or, where no epoch iterator is found, the
+first calls of the step function consume them without training (`Replay`).
 """
 
 from __future__ import annotations
@@ -183,9 +185,8 @@ def resume(owner: Any) -> None:
     session = registry.current_fit(model)
     if step:
         session.resumed_mid_epoch = epoch  # a LearningRateScheduler already set its rate
-        session.replay_until = step
         fit.resume_step = step
-        session.guards.replay = Replay(model, -(-step // spe), snapshot)
+        _skip_trained(owner, step, spe, snapshot)
     session.start_at_epoch(epoch)
     if not finished:
         inputs.fast_forward(model, epoch)  # a seeded .shuffle(...) draws epoch `epoch`'s order next
@@ -205,6 +206,52 @@ def restore_history_epochs(model: Any, fit: Any) -> None:
     if fit.pending_epochs is not None and isinstance(history, keras.callbacks.History):
         history.epoch[:0] = fit.pending_epochs
         fit.pending_epochs = None
+
+
+def _skip_trained(owner: Any, step: int, spe: int, snapshot: state_lib.Snapshot) -> None:
+    """The resumed epoch begins after its `step` trained batches.
+
+    The epoch iterator skips them (`keras_compat.start_epoch_at`). Where the
+    epoch may have no new step (the checkpoint holds its last one, or its
+    length is unknown), the last trained call goes through the step function
+    as a `Replay` instead: Keras takes an epoch's training logs from its last
+    call. Without an epoch iterator, every trained call does.
+    """
+    model, session = owner.model, owner.fit_session
+    calls, steps = -(-step // spe), (owner.params or {}).get("steps")
+    tail = 1 if steps is None or step >= steps else 0
+    skipped = _first_new_step(model, snapshot) if not tail else lambda batch: None
+    if calls > tail and keras_compat.start_epoch_at(
+            model, (calls - tail) * spe, skipped,
+            lambda e: session.guards.step_failed("train_function", e)) is None:
+        tail = calls  # no epoch iterator found
+    if tail:
+        session.replay_until = step
+        session.guards.replay = Replay(model, tail, snapshot)
+
+
+def _first_new_step(model: Any, snapshot: state_lib.Snapshot) -> Any:
+    """What a resumed epoch needs once its trained batches are skipped (`start_epoch_at`).
+
+    The compiled metrics get the interrupted epoch's running state back (Keras
+    reset them at epoch begin; on TensorFlow they are built from the last
+    skipped batch first), and on torch the RNG its state at the step (the
+    data order is drawn by now). The snapshot is let go then.
+    """
+    held = [snapshot]
+
+    def skipped(batch: Any) -> None:
+        restored = held.pop()
+        backend = keras.backend.backend()
+        if backend == "tensorflow" and batch is not None:
+            compiled = keras_compat.compiled_metrics(model)
+            if compiled is not None and not compiled.built:
+                keras_compat.symbolic_build(model, batch)
+        state_lib.apply_metrics(restored, model)
+        if backend == "torch":
+            state_lib.restore_rng_at_step(restored)
+
+    return skipped
 
 
 class Replay:
