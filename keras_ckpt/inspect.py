@@ -6,6 +6,7 @@ import dataclasses
 import datetime
 import json
 import os
+import statistics
 from typing import Any
 
 from keras_ckpt.jsonsafe import encode_float
@@ -39,7 +40,8 @@ def describe(directory: str, verify: bool = True) -> list[dict]:
         infos = [_verified(c) for c in infos]
     valid = [c for c in infos if c.valid and c.finite]
     latest = valid[-1].path if valid else None
-    best, best_by = _callbacks_best(valid)
+    objects = _newest_objects(valid)
+    best, best_by = _callbacks_best(valid, objects)
     scored = [c for c in valid if c.monitor_value is not None]
     if best is None and scored:
         mode = infer_mode(scored[-1].monitor)
@@ -54,18 +56,41 @@ def describe(directory: str, verify: bool = True) -> list[dict]:
         row["latest"] = c.path == latest
         row["best"] = c.path == best
         row["best_by"] = best_by if c.path == best else None
+        row["save_freq_auto"] = _auto_choice(objects) if c.path == latest else None
         rows.append(row)
     return rows
 
 
-def _callbacks_best(valid: list[CheckpointInfo]) -> tuple[str | None, str | None]:
-    """(path, callback) of the best epoch-end checkpoint as the newest one's callbacks judge."""
+def _newest_objects(valid: list[CheckpointInfo]) -> dict:
+    """The callbacks' states in the newest valid checkpoint ({} if none)."""
     if not valid:
-        return None, None
+        return {}
     try:
         objects = read_meta(valid[-1].path).get("objects", {})
     except CorruptCheckpointError:
-        return None, None
+        return {}
+    return objects if isinstance(objects, dict) else {}
+
+
+def _auto_choice(objects: dict) -> dict | None:
+    """What ModelCheckpoint's `save_freq="auto"` chose, as its newest checkpoint holds it."""
+    state = (objects.get("ModelCheckpoint") or {}).get("json", {}).get("save_freq_auto")
+    if not isinstance(state, dict):
+        return None
+    steps, cost, step = (state.get(k) for k in ("every_steps", "save_seconds", "step_seconds"))
+    costs = [c for c in cost or [] if isinstance(c, (int, float)) and not isinstance(c, bool)]
+    if not (isinstance(steps, int) and steps > 0 and costs and isinstance(step, (int, float))):
+        return None
+    cost = statistics.median(costs)
+    target = state.get("overhead")
+    return {"every_steps": steps, "save_seconds": cost, "step_seconds": step,
+            "expected_overhead": cost / (steps * step + cost) if steps * step + cost else 0.0,
+            "overhead": target if isinstance(target, float) else None}
+
+
+def _callbacks_best(valid: list[CheckpointInfo],
+                    objects: dict) -> tuple[str | None, str | None]:
+    """(path, callback) of the best epoch-end checkpoint as the newest one's callbacks judge."""
     for name in ("ModelCheckpoint", "EarlyStopping"):
         state = (objects.get(name) or {}).get("json", {}).get("monitor") or {}
         epoch = state.get("best_epoch") if isinstance(state, dict) else None
@@ -134,4 +159,11 @@ def run_inspect(directory: str, as_json: bool = False, verify: bool = True,
     widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
     for r in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)))
+    auto = next((r["save_freq_auto"] for r in rows if r["save_freq_auto"]), None)
+    if auto is not None:
+        print(f"save_freq='auto' (newest checkpoint): a save every {auto['every_steps']} steps; "
+              f"a save blocks {auto['save_seconds']:.3g} s, a step takes "
+              f"{auto['step_seconds']:.3g} s: {100 * auto['expected_overhead']:.1f}% of "
+              "training time" + (f" (target {100 * auto['overhead']:.1f}%)"
+                                 if auto["overhead"] is not None else ""))
     return draw(plot, False, plot_checkpoints, rows, directory)

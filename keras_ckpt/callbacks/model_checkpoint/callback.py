@@ -19,6 +19,7 @@ from keras_ckpt import inputs, manager, multi_worker, registry
 from keras_ckpt import state as state_lib
 from keras_ckpt.callbacks.base import MonitorAttributes, StatefulCallback
 from keras_ckpt.callbacks.model_checkpoint import policies
+from keras_ckpt.callbacks.model_checkpoint.auto_freq import AutoFrequency
 from keras_ckpt.callbacks.model_checkpoint.directory import CheckpointDirectory, local_template
 from keras_ckpt.callbacks.model_checkpoint.exception_save import ExceptionSave
 from keras_ckpt.callbacks.model_checkpoint.fit_state import FitState
@@ -35,8 +36,8 @@ __all__ = ["ModelCheckpoint"]
 
 _BATCH_HOOKS = ("on_train_batch_end", "on_test_batch_end")
 _SHOWN = ("monitor", "verbose", "save_best_only", "save_weights_only", "mode", "save_freq",
-          "initial_value_threshold", "resume", "save_interval", "save_last", "fsync",
-          "preemption", "preemption_signals", "save_on_exception", "on_save_error",
+          "save_overhead", "initial_value_threshold", "resume", "save_interval", "save_last",
+          "fsync", "preemption", "preemption_signals", "save_on_exception", "on_save_error",
           "if_none_valid", "lock", "async_write", "compression")
 _ARGUMENTS = frozenset(_SHOWN) | {"retention", "clock"}
 
@@ -65,7 +66,14 @@ class ModelCheckpoint(MonitorAttributes, StatefulCallback):
         save_best_only: save only when `monitor` improves on the best saved.
         save_weights_only: write a `.weights.h5` file `load_weights` reads.
         mode: `"auto"`, `"min"` or `"max"`, for `monitor` (else: warns, `"auto"`).
-        save_freq: `"epoch"`, or save every that many training steps.
+        save_freq: `"epoch"`, or save every that many training steps, or
+            `"auto"`: every `n` steps, `n` chosen from the measured time of a
+            save and of a step so that saves block at most `save_overhead` of
+            training time, and a kill loses at most `save_interval` seconds of
+            training (an hour by default). `verbose=1` and `inspect` say what
+            it chose.
+        save_overhead: with `save_freq="auto"`, the largest share of training
+            time spent blocked on saves (default 0.02, 2%).
         initial_value_threshold: a value the monitor must beat first.
         resume: False (Keras's behaviour); True: restore the newest valid
             checkpoint in the directory at train begin and continue from its
@@ -73,9 +81,11 @@ class ModelCheckpoint(MonitorAttributes, StatefulCallback):
         retention: policies (`KeepLast`, `KeepBest`, `KeepEvery`); a file this
             callback wrote is deleted once none keeps it (the newest stays).
         save_interval: also save when this many seconds (or a `timedelta`)
-            have passed since the last save, checked after each step.
+            have passed since the last save, checked after each step (with
+            `save_freq="auto"`: the most training a kill may lose).
         save_last: also keep `last.keras` / `last.weights.h5`, the newest state.
-        clock: a function returning seconds, for `save_interval`.
+        clock: a function returning seconds, for `save_interval` and
+            `save_freq="auto"` (default `time.monotonic`).
         fsync: make each write durable before renaming it into place.
         preemption: `"exit"`: on a `preemption_signals` signal during `fit`,
             finish the step, save it, stop, run every `on_train_end`, then exit
@@ -114,6 +124,7 @@ class ModelCheckpoint(MonitorAttributes, StatefulCallback):
         self, filepath: str | os.PathLike, monitor: str = "val_loss", verbose: int = 0,
         save_best_only: bool = False, save_weights_only: bool = False, mode: str = "auto",
         save_freq: str | int = "epoch", initial_value_threshold: float | None = None, *,
+        save_overhead: float | None = None,
         resume: bool | str | os.PathLike = False, retention: Sequence[Any] | None = None,
         save_interval: float | datetime.timedelta | None = None, save_last: bool = False,
         clock: Callable[[], float] | None = None, fsync: bool = True,
@@ -144,7 +155,8 @@ class ModelCheckpoint(MonitorAttributes, StatefulCallback):
                                           "moment, as Keras's ModelCheckpoint does.")
         self.best_only = policies.BestOnly(self._monitor)
         self._policies = policies.policies_for(save_freq, self.options.save_interval,
-                                               self.options.now)
+                                               self.options.now, self.options.save_overhead)
+        self.auto_freq = next((p for p in self._policies if isinstance(p, AutoFrequency)), None)
         self.files = CheckpointDirectory(self.filepath, mirror, self.options.lock, verbose)
         self.directory = self.files.path
         self._mirror = mirror
@@ -183,13 +195,18 @@ class ModelCheckpoint(MonitorAttributes, StatefulCallback):
                     or overrides(self, ModelCheckpoint, _BATCH_HOOKS))
 
     def get_state(self) -> dict:
-        """The callback's own state: its comparator and last save step."""
-        return {"monitor": self._monitor.get_state(), "last_save_step": self.fit.last_save_step}
+        """The callback's own state: its comparator, last save step, `"auto"` estimates."""
+        state = {"monitor": self._monitor.get_state(), "last_save_step": self.fit.last_save_step}
+        if self.auto_freq is not None:
+            state["save_freq_auto"] = self.auto_freq.get_state()
+        return state
 
     def set_state(self, state: dict) -> None:
         """Restores `get_state()`'s output."""
         self._monitor.set_state(state["monitor"])
         self.fit.last_save_step = int(state.get("last_save_step", 0))
+        if self.auto_freq is not None and isinstance(state.get("save_freq_auto"), dict):
+            self.auto_freq.set_state(state["save_freq_auto"])
 
     def get_config(self) -> dict:
         """The constructor arguments (as Keras callbacks report them)."""
@@ -209,11 +226,14 @@ class ModelCheckpoint(MonitorAttributes, StatefulCallback):
         # metrics is a collective), only the chief writes.
         self.workers = multi_worker.workers_of(model)
         self.writes = self.workers is None or self.workers.is_chief
-        if self.workers is not None and self.options.save_interval is not None:
+        timed = "save_freq='auto'" if self.auto_freq else "`save_interval`"
+        if self.workers is not None and (self.options.save_interval or self.auto_freq):
             raise ValueError(
-                "ModelCheckpoint: `save_interval` is not supported with several workers "
+                f"ModelCheckpoint: {timed} is not supported with several workers "
                 f"({self.workers.count}): each worker's clock would decide a different "
                 "step. Use `save_freq` (steps) or 'epoch'.")
+        if self.auto_freq is not None:
+            self.auto_freq.fit_begin()
         if self.writes:
             self.files.check_writable()
             self.files.acquire(self)
@@ -239,6 +259,8 @@ class ModelCheckpoint(MonitorAttributes, StatefulCallback):
         if self.exception_save is not None:
             self.exception_save.epoch_begin()
         fit.epoch = epoch
+        if self.auto_freq is not None:
+            self.auto_freq.epoch_begin()
         fit.epoch_start_step = global_step(model) - fit.resume_step
         fit.resume_step = 0
         # A save inside this epoch (periodic, or a sibling's stop) must let a
@@ -261,9 +283,15 @@ class ModelCheckpoint(MonitorAttributes, StatefulCallback):
             return
         if not self._step_policies:
             return
-        step = fit.epoch_start_step + done
+        step, auto = fit.epoch_start_step + done, self.auto_freq
+        if auto is not None:
+            auto.observe_step(step)
         if any(p.due(step, fit.last_save_step, fit.last_save_time) for p in self._step_policies):
-            self.saver.save(logs or {}, steps_in_epoch=done)
+            started = self.options.now()
+            if self.saver.save(logs or {}, steps_in_epoch=done) is not None and auto:
+                # A background write (the one before, just waited for) costs its time too.
+                behind = (self.saver.last_save_seconds or 0.0) if self.async_write else 0.0
+                auto.observe_save(self.options.now() - started + behind, verbose=self.verbose)
 
     def on_test_begin(self, logs: dict | None = None) -> None:
         # Validation resets the compiled metrics: keep the epoch's training

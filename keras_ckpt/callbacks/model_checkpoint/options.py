@@ -38,6 +38,7 @@ class Options:
     save_weights_only: bool
     mode: str
     save_freq: str | int
+    save_overhead: float | None
     initial_value_threshold: float | None
     resume: bool | str
     retention: tuple
@@ -83,7 +84,7 @@ def legacy_argument_error(kwargs: dict) -> TypeError:
 
 def parse_options(filepath: str, *, owner: str = "ModelCheckpoint", monitor: Any,
                   verbose: Any, save_best_only: Any, save_weights_only: Any, mode: Any,
-                  save_freq: Any,
+                  save_freq: Any, save_overhead: Any,
                   initial_value_threshold: Any, resume: Any, retention: Sequence[Any] | None,
                   save_interval: Any, save_last: Any, clock: Any, fsync: Any, preemption: Any,
                   preemption_signals: Any, save_on_exception: Any, on_save_error: Any,
@@ -102,12 +103,20 @@ def parse_options(filepath: str, *, owner: str = "ModelCheckpoint", monitor: Any
         raise ValueError(
             "`filepath` must end in `.keras` (the Keras model format), or in "
             f"`.weights.h5` with save_weights_only=True; got filepath={filepath!r}.")
-    if save_freq != "epoch":
+    if save_freq not in ("epoch", "auto"):
         if isinstance(save_freq, str):
             # Keras's words first: code may match on them.
             raise ValueError(f"Unrecognized save_freq: {save_freq!r}. `save_freq` must be "
-                             "'epoch' or a positive integer.")
+                             "'epoch', 'auto' or a positive integer.")
         check_number("save_freq", save_freq, minimum=1, integer=True)
+    if save_overhead is not None:
+        if save_freq != "auto":
+            raise ValueError("`save_overhead` chooses how often save_freq='auto' saves; got "
+                             f"save_overhead={save_overhead!r} with save_freq={save_freq!r}.")
+        check_number("save_overhead", save_overhead, minimum=0, exclusive=True)
+        if save_overhead >= 1:
+            raise ValueError("`save_overhead` is a share of training time, between 0 and 1 "
+                             f"(0.02: 2%); got {save_overhead!r}.")
     if isinstance(save_interval, datetime.timedelta):
         save_interval = save_interval.total_seconds()
     check_number("save_interval", save_interval, allow_none=True, minimum=0, exclusive=True)
@@ -143,7 +152,9 @@ def parse_options(filepath: str, *, owner: str = "ModelCheckpoint", monitor: Any
     return Options(
         filepath=filepath, monitor=monitor, verbose=verbose,
         save_best_only=bool(save_best_only), save_weights_only=bool(save_weights_only),
-        mode=mode, save_freq=save_freq, initial_value_threshold=initial_value_threshold,
+        mode=mode, save_freq=save_freq,
+        save_overhead=None if save_overhead is None else float(save_overhead),
+        initial_value_threshold=initial_value_threshold,
         resume=resume, retention=tuple(retention or ()), save_interval=save_interval,
         save_last=bool(save_last), clock=clock, fsync=bool(fsync), preemption=preemption,
         preemption_signals=tuple(signal.Signals(n).name for n in signals),

@@ -6,6 +6,8 @@
 - `EveryInterval(seconds, clock)`: a training step at least `seconds` after
   the last save.
 - `EveryEpoch()`: each epoch end.
+- `AutoFrequency` (`save_freq="auto"`, its own module): every `n` steps, `n`
+  chosen from the measured cost of a save and of a step.
 A policy's `due(global_step, last_save_step, last_save_time)` says whether a
 save is due now (called after every training step for the batch-level ones).
 
@@ -23,6 +25,11 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+from keras_ckpt.callbacks.model_checkpoint.auto_freq import (
+    DEFAULT_MAX_LOST,
+    DEFAULT_OVERHEAD,
+    AutoFrequency,
+)
 from keras_ckpt.monitor import Monitor
 
 __all__ = ["EveryNSteps", "EveryInterval", "EveryEpoch", "BestOnly",
@@ -98,8 +105,16 @@ def bind_retention(retention: list, monitor: Monitor, model: Any, best_only: boo
 
 
 def policies_for(save_freq: str | int, save_interval: float | None,
-                 clock: Callable[[], float]) -> list:
-    """The decision policies of ModelCheckpoint's `save_freq` and `save_interval`."""
+                 clock: Callable[[], float], save_overhead: float | None = None) -> list:
+    """The decision policies of ModelCheckpoint's `save_freq` and `save_interval`.
+
+    With `save_freq="auto"`, `save_interval` bounds the automatic interval (the
+    most training a kill may lose; an hour without it).
+    """
+    if save_freq == "auto":
+        return [AutoFrequency(DEFAULT_OVERHEAD if save_overhead is None else save_overhead,
+                              DEFAULT_MAX_LOST if save_interval is None else save_interval,
+                              clock)]
     policies: list = [EveryEpoch()] if save_freq == "epoch" else [EveryNSteps(int(save_freq))]
     if save_interval is not None:
         policies.append(EveryInterval(float(save_interval), clock))
