@@ -32,6 +32,7 @@ from keras_ckpt.state_checks import check_compatible, check_snapshot
 
 __all__ = ["Stateful", "Snapshot", "capture", "host_view", "view_is_stable", "object_states",
            "capture_rng", "restore_rng_at_step", "apply", "apply_metrics", "saved_metrics",
+           "first_step_part",
            "check_compatible", "StateMismatchError"]
 
 
@@ -256,6 +257,23 @@ def apply(snapshot: Snapshot, model: Any, objects: Mapping[str, Stateful] | None
         np.random.set_state(rng_states[1])
         if rng_states[2] is not None:
             torch_if_used().set_rng_state(torch_if_used().from_numpy(rng_states[2].copy()))
+
+
+def first_step_part(snapshot: Snapshot) -> Snapshot:
+    """What a mid-epoch resume still needs after `apply`: the metrics' and the step's RNG state.
+
+    The compiled metrics' running state (with its per-replica values) and
+    torch's RNG state at the step; the weights and the optimizer are let go.
+    """
+    def kept(name: str) -> bool:
+        return name.startswith(("metrics/", "replicas/metrics/")) or \
+            name == "rng/torch_cpu_at_step"
+
+    meta = snapshot.meta
+    return Snapshot({k: v for k, v in snapshot.arrays.items() if kept(k)}, {
+        "variables": {"metrics": meta["variables"]["metrics"]},
+        "replicas": {k: c for k, c in meta.get("replicas", {}).items()
+                     if k.startswith("metrics/")}})
 
 
 def saved_metrics(snapshot: Snapshot, model: Any) -> list[np.ndarray] | None:

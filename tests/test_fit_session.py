@@ -335,12 +335,17 @@ def test_a_mid_epoch_resume_starts_the_callbacks_at_the_next_batch_without_the_o
     read, alive = _watch_reads(monkeypatch), []
 
     class Probe(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            gc.collect()
+            alive.append((f"epoch {epoch}", read[-1]() is not None))
+
         def on_train_batch_end(self, batch, logs=None):
             gc.collect()
             alive.append((batch, read[-1]() is not None))
 
     fit([Probe()])
-    assert alive == [(2, False), (3, False)]  # batches 0 and 1 were trained before the kill
+    # Batches 0 and 1 were trained before the kill; the state read went with `apply`.
+    assert alive == [("epoch 1", False), (2, False), (3, False)]
 
 
 def test_a_resume_at_an_epoch_end_lets_the_restored_state_go_before_the_first_step(
@@ -414,3 +419,39 @@ def test_a_data_error_while_the_trained_batches_are_skipped_closes_the_fit(tmp_p
         fit(broken, [Arm(broken)])
     assert signal.getsignal(signal.SIGTERM) == before and not os.path.exists(lock_file(tmp_path))
     fit(Batches(), [])  # and the directory is free for the next run
+
+
+def test_a_resume_from_an_epoch_s_last_step_logs_that_epoch_s_training(tmp_path, monkeypatch):
+    """No new step in the epoch: its last call replays (Keras's epoch logs come from it)."""
+    import gc
+
+    x, y = make_data(64)
+
+    class CrashInValidation(keras.callbacks.Callback):
+        def on_test_begin(self, logs=None):
+            raise RuntimeError("crash")
+
+    def fit(directory, callbacks):
+        checkpoint = keras_ckpt.ModelCheckpoint(str(directory / "c-{epoch}-{batch}.weights.h5"),
+                                                save_weights_only=True, resume=True, save_freq=2)
+        return make_model().fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0,
+                                validation_data=(x, y), callbacks=[checkpoint, *callbacks])
+
+    straight = fit(tmp_path / "straight", [])
+    with pytest.raises(RuntimeError, match="crash"):
+        fit(tmp_path, [CrashInValidation()])  # the newest checkpoint: epoch 1, its last step
+    read, alive = _watch_reads(monkeypatch), []
+
+    class Probe(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            gc.collect()
+            alive.append((f"epoch {epoch}", read[-1]() is not None))
+
+        def on_train_batch_end(self, batch, logs=None):
+            gc.collect()
+            alive.append((batch, read[-1]() is not None))
+
+    resumed = fit(tmp_path, [Probe()])
+    assert alive == [("epoch 0", False), (3, False),
+                     ("epoch 1", False), (0, False), (1, False), (2, False), (3, False)]
+    assert resumed.history == straight.history  # epoch 1's loss too

@@ -218,6 +218,7 @@ def _skip_trained(owner: Any, step: int, spe: int, snapshot: state_lib.Snapshot)
     call. Without an epoch iterator, every trained call does.
     """
     model, session = owner.model, owner.fit_session
+    snapshot = state_lib.first_step_part(snapshot)  # nothing else outlives `apply`
     calls, steps = -(-step // spe), (owner.params or {}).get("steps")
     tail = 1 if steps is None or step >= steps else 0
     skipped = _first_new_step(model, snapshot) if not tail else lambda batch: None
