@@ -23,7 +23,7 @@ from keras_ckpt.warn import warn
 
 __all__ = ["CheckpointInfo", "list_checkpoints", "latest_checkpoint", "best_checkpoint",
            "restore", "template_regex", "read_infos", "latest_valid", "read_verified",
-           "candidate_paths"]
+           "candidate_paths", "in_order"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,6 +201,11 @@ def read_infos(paths: Iterable[str], include_invalid: bool = False,
         if os.path.basename(path) in _LAST_NAMES and info.kind != "last":
             info = dataclasses.replace(info, kind="last")
         infos.append(info)
+    return in_order(infos)
+
+
+def in_order(infos: Iterable[CheckpointInfo]) -> list[CheckpointInfo]:
+    """`infos` as listings order them: unreadable first, then oldest to newest."""
     return sorted(infos, key=lambda c: (c.error is None, c.global_step, c.written_at, c.path))
 
 
@@ -220,7 +225,8 @@ def latest_checkpoint(directory: str | os.PathLike, *, verify: bool = True
 
 def latest_valid(infos: Sequence[CheckpointInfo], *, verify: bool = True,
                  state_bytes: int | None = None,
-                 fits: Callable[[state_lib.Snapshot], Any] | None = None
+                 fits: Callable[[state_lib.Snapshot], Any] | None = None,
+                 fetch: Callable[[CheckpointInfo], None] | None = None
                  ) -> tuple[CheckpointInfo, state_lib.Snapshot] | None:
     """Reads the newest valid, finite checkpoint of `infos` (see `latest_checkpoint`).
 
@@ -228,7 +234,8 @@ def latest_valid(infos: Sequence[CheckpointInfo], *, verify: bool = True,
     `fits`: raises `StateMismatchError` for a snapshot of another model. Such
     a checkpoint is passed over for an older one that fits, with a warning
     naming it; when none fits, the newest one's mismatch is raised (a changed
-    model is an error, never a silent fresh start).
+    model is an error, never a silent fresh start). `fetch(info)`: called
+    before a checkpoint is read (a remote one is downloaded then).
     """
     for info in infos:
         if info.error is not None and info.kind != "foreign":
@@ -237,6 +244,8 @@ def latest_valid(infos: Sequence[CheckpointInfo], *, verify: bool = True,
     for info in reversed([c for c in infos if c.error is None]):
         if not info.finite:
             continue
+        if fetch is not None:
+            fetch(info)
         try:
             snapshot = read_verified(info.path, verify=verify, state_bytes=state_bytes)
         except storage.CorruptCheckpointError as e:
@@ -362,12 +371,14 @@ def template_regex(template: str, whole: bool = False) -> re.Pattern:
 
 def apply_retention(checkpoints: Sequence[CheckpointInfo], policies: Iterable[Any],
                     protect: Iterable[str] = (),
-                    failed: dict[str, OSError] | None = None) -> list[str]:
+                    failed: dict[str, OSError] | None = None,
+                    remove: Callable[[str], None] = os.remove) -> list[str]:
     """Deletes the checkpoints no policy keeps; returns the deleted paths.
 
     The newest checkpoint and the paths in `protect` are always kept. A file
     that cannot be deleted (permission denied, immutable) is left and the
-    rest are still applied; its error goes into `failed` by path.
+    rest are still applied; its error goes into `failed` by path. `remove`
+    deletes one path (a remote directory's mirror passes its own).
     """
     checkpoints = list(checkpoints)
     if not checkpoints:
@@ -379,7 +390,7 @@ def apply_retention(checkpoints: Sequence[CheckpointInfo], policies: Iterable[An
     for c in checkpoints:
         if c.path not in keep:
             try:
-                os.remove(c.path)
+                remove(c.path)
                 deleted.append(c.path)
             except FileNotFoundError:
                 pass

@@ -8,15 +8,17 @@ temporary name and renamed into place on the remote side (a copy, then one
 rename: readers never see a partial file where the store's rename is atomic,
 as in memory; on `gs://` and `s3://` a rename is a copy then a delete, so a
 crash in between leaves a hidden temporary file, never a partial checkpoint
-under a checkpoint's name). Resuming downloads the remote checkpoints the
-mirror lacks or holds another version of: a file of the same name is compared
-by content (the metadata keras-ckpt records in it: every array's checksum, the
-step, the time written; only those few blocks of the remote file are read),
-never by size alone, so a fixed name (`last.keras`) rewritten by another
-machine is pulled again. URLs go through fsspec where its implementation for
-the scheme is installed (s3fs, gcsfs, adlfs; `remote_store.store_for`), else
-through `tf.io.gfile`, as Keras's own file utilities do (`gs://` built in,
-`ram://` in memory).
+under a checkpoint's name). A fit lists the remote checkpoints the mirror
+lacks or holds another version of (a file of the same name is compared by
+content: the metadata keras-ckpt records in it, every array's checksum, the
+step, the time written, never by size alone, so a fixed name rewritten by
+another machine counts as new), reading only the few blocks of each that hold
+that metadata. Resume then downloads newest first, only until one verifies;
+retention sees the remote-only files too and deletes what it drops on both
+sides (`CheckpointDirectory`). `Mirror.pull` downloads everything at once.
+URLs go through fsspec where its implementation for the scheme is installed
+(s3fs, gcsfs, adlfs; `remote_store.store_for`), else through `tf.io.gfile`,
+as Keras's own file utilities do (`gs://` built in, `ram://` in memory).
 """
 
 from __future__ import annotations
@@ -120,6 +122,51 @@ class Mirror:
                 raise _os_error("Downloading", source, e) from None
             fetched.append(name)
         return fetched
+
+    def size(self, name: str) -> int:
+        """The remote file's size in bytes."""
+        try:
+            return int(self._store.size(self._remote(name)))
+        except Exception as e:
+            raise _os_error("Reading the size of", self._remote(name), e) from None
+
+    def remote_meta(self, name: str) -> dict:
+        """keras-ckpt's metadata of the remote file `name`, read without downloading it.
+
+        Only the blocks that hold it are read (`storage.read_meta` on the
+        remote file). Raises `CorruptCheckpointError` (or `ForeignFileError`)
+        for a file it cannot be read from, `OSError` when the store fails.
+        """
+        source = self._remote(name)
+        try:
+            reader = self._store.open_read(source)
+        except Exception as e:
+            raise _os_error("Reading", source, e) from None
+        with reader:
+            return storage.read_meta(source, fileobj=reader)
+
+    def fetch(self, name: str) -> str:
+        """Downloads the remote file `name` into the local folder (atomically); returns its path."""
+        os.makedirs(self.local, exist_ok=True)
+        source, target = self._remote(name), os.path.join(self.local, name)
+
+        def download(tmp: str) -> None:
+            self._store.download(source, tmp)
+
+        try:
+            atomic.write(target, download, purpose="pull")
+        except Exception as e:
+            raise _os_error("Downloading", source, e) from None
+        return target
+
+    def delete(self, names: list[str]) -> None:
+        """Deletes these remote files (those already gone are no error)."""
+        for name in names:
+            try:
+                if self._store.exists(self._remote(name)):
+                    self._store.remove(self._remote(name))
+            except Exception as e:
+                raise _os_error("Deleting", self._remote(name), e) from None
 
     def same(self, name: str) -> bool:
         """Whether the local file `name` holds what the remote one does, without downloading it.

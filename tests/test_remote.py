@@ -65,6 +65,38 @@ def test_a_url_directory_is_uploaded_pruned_and_resumed_on_a_fresh_machine(tmp_p
     np.testing.assert_array_equal(loaded.variables[0].numpy(), model.variables[0].numpy())
 
 
+def test_a_fresh_machine_downloads_newest_first_only_until_one_verifies(tmp_path):
+    url = f"ram://{tmp_path.name}/run"
+
+    def checkpoint():
+        return keras_ckpt.ModelCheckpoint(f"{url}/c-{{epoch}}.keras", resume=True,
+                                          retention=[keras_ckpt.KeepLast(3)])
+
+    first = checkpoint()
+    fit(make_model(), [first], epochs=4)
+    assert remote_names(url) == ["c-2.keras", "c-3.keras", "c-4.keras"]
+    shutil.rmtree(first.directory)  # a fresh machine
+    with tf.io.gfile.GFile(f"{url}/c-4.keras", "rb") as f:  # the newest, damaged remotely
+        damaged = bytearray(f.read())
+    damaged[len(damaged) // 2] ^= 0xFF
+    tf.io.gfile.remove(f"{url}/c-4.keras")  # (ram:// "wb" appends to an existing file)
+    with tf.io.gfile.GFile(f"{url}/c-4.keras", "wb") as f:
+        f.write(bytes(damaged))
+    downloaded = []
+
+    class Local(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            downloaded.extend(sorted(n for n in os.listdir(second.directory) if n[0] != "."))
+
+    second = checkpoint()
+    with pytest.warns(UserWarning, match="c-4.keras"):
+        fit(make_model(), [second, Local()], epochs=5)
+    assert second.resumed_from.epoch == 2  # c-3: the newest that verifies
+    assert downloaded == ["c-3.keras", "c-4.keras"]  # c-2 never came down
+    # KeepLast(3) over what the bucket holds, c-2 included: it is deleted there.
+    assert remote_names(url) == ["c-3.keras", "c-4.keras", "c-5.keras"]
+
+
 class FailingRename:
     """A mirror's store, except that renames fail (a store that refuses the write)."""
 

@@ -5,10 +5,16 @@ The directory is the longest part of `filepath` without placeholders: with
 looked for in the subdirectories the template produces. It holds the lock,
 the `last` copy, the write probe, and is what retention, the remote mirror,
 listing and resume work on.
+
+With a URL `filepath`, the listing also holds the remote checkpoints the local
+mirror lacks (their metadata read from the store, `remote_only`): resume
+downloads one only when it is the newest left to try, and retention deletes
+the ones it drops remotely, never downloading them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import string
 from collections.abc import Sequence
@@ -66,6 +72,7 @@ class CheckpointDirectory:
         self._undeletable: set[str] = set()  # retention warned of these once
         self.last_path = os.path.join(self.path, "last" + storage.extension(filepath))
         self._owner: Any = None
+        self.remote_only: dict[str, manager.CheckpointInfo] = {}  # local path -> remote info
 
     # ------------------------------------------------------------ names
     def own_name(self, relative: str) -> bool:
@@ -94,7 +101,10 @@ class CheckpointDirectory:
 
     def checkpoints(self, include_invalid: bool = False) -> list[manager.CheckpointInfo]:
         """This template's regular checkpoints (metadata only), oldest first."""
-        return [c for c in manager.read_infos(self.candidates(), include_invalid)
+        remote = [c for p, c in self.remote_only.items()
+                  if self.own_name(os.path.basename(p)) and (include_invalid or c.error is None)]
+        return [c for c in manager.in_order(
+                    manager.read_infos(self.candidates(), include_invalid) + remote)
                 if c.kind in ("regular", "foreign") or c.error is not None]
 
     def resumable(self, state_bytes: int | None = None) -> list[manager.CheckpointInfo]:
@@ -104,7 +114,9 @@ class CheckpointDirectory:
                 [self.last_path] if os.path.isfile(self.last_path) else [])
         else:
             paths = manager.candidate_paths(self.path)
-        return manager.read_infos(paths, include_invalid=True, state_bytes=state_bytes)
+        return manager.in_order(manager.read_infos(paths, include_invalid=True,
+                                                   state_bytes=state_bytes)
+                                + list(self.remote_only.values()))
 
     def latest(self, state_bytes: int | None = None, fits: Any = None
                ) -> tuple[manager.CheckpointInfo, Any] | None:
@@ -114,7 +126,15 @@ class CheckpointDirectory:
         `fits`: see `manager.latest_valid` (another model's checkpoints are skipped).
         """
         return manager.latest_valid(self.resumable(state_bytes), state_bytes=state_bytes,
-                                    fits=fits)
+                                    fits=fits, fetch=self._fetch)
+
+    def _fetch(self, info: manager.CheckpointInfo) -> None:
+        """Downloads a remote-only checkpoint before resume reads it."""
+        if self.remote_only.pop(info.path, None) is not None:
+            self.mirror.fetch(os.path.basename(info.path))
+            if self.verbose > 0:
+                print_msg(f"ModelCheckpoint: downloaded {os.path.basename(info.path)} from "
+                          f"{self.mirror.url}.")
 
     def file_path(self, logs: dict, epoch: int, steps_in_epoch: int | None) -> str:
         """The template filled with the logs, `epoch` (1-based) and `batch` (steps done)."""
@@ -185,13 +205,43 @@ class CheckpointDirectory:
                      "write of a process that ended mid-save (never a checkpoint).")
 
     def pull(self) -> None:
-        """Makes the local mirror hold what the remote directory holds (URL `filepath`)."""
-        if self.mirror is None:
+        """Lists the remote directory (URL `filepath`) against the local mirror.
+
+        A local file the remote directory lacks is removed (deleted there, or
+        never uploaded), and so is one whose remote version differs; every
+        remote file the mirror does not hold goes into `remote_only`, with its
+        metadata read from the store (an unreadable one: its error), so that
+        resume and retention see it. Nothing is downloaded here.
+        """
+        mirror = self.mirror
+        if mirror is None:
             return
-        fetched = self.mirror.pull(self.own_or_last)
-        if fetched and self.verbose > 0:
-            print_msg(f"ModelCheckpoint: downloaded {len(fetched)} file(s) from "
-                      f"{self.mirror.url} to {self.path}.")
+        os.makedirs(mirror.local, exist_ok=True)
+        remote = [n for n in mirror.names() if self.own_or_last(n)]
+        self.remote_only = {}
+        for name in os.listdir(mirror.local):
+            target = os.path.join(mirror.local, name)
+            if self.own_or_last(name) and (name not in remote or not mirror.same(name)):
+                os.remove(target)
+        for name in remote:
+            target = os.path.join(mirror.local, name)
+            if not os.path.exists(target):
+                self.remote_only[target] = self._remote_info(name, target)
+        if self.remote_only and self.verbose > 0:
+            print_msg(f"ModelCheckpoint: {len(self.remote_only)} checkpoint(s) in "
+                      f"{mirror.url} not in the local mirror {self.path}.")
+
+    def _remote_info(self, name: str, target: str) -> manager.CheckpointInfo:
+        size = self.mirror.size(name)
+        try:
+            info = manager.info_from_meta(target, self.mirror.remote_meta(name), size)
+        except storage.ForeignFileError as e:
+            return manager.CheckpointInfo(path=target, size=size, error=str(e), kind="foreign")
+        except storage.CorruptCheckpointError as e:
+            return manager.CheckpointInfo(path=target, size=size, error=str(e))
+        if name == os.path.basename(self.last_path) and info.kind != "last":
+            info = dataclasses.replace(info, kind="last")
+        return info
 
     def push(self, paths: Sequence[str]) -> None:
         if self.mirror is not None:
@@ -202,7 +252,8 @@ class CheckpointDirectory:
         """Deletes the checkpoints no policy keeps (here, then on the remote side)."""
         kept = [c for c in self.checkpoints() if c.kind == "regular"]
         failed: dict[str, OSError] = {}
-        deleted = manager.apply_retention(kept, policies, [p for p in protect if p], failed)
+        deleted = manager.apply_retention(kept, policies, [p for p in protect if p], failed,
+                                          remove=self._remove)
         for path, error in failed.items():
             if path not in self._undeletable:  # once a file: it stays, the rest are applied
                 self._undeletable.add(path)
@@ -212,4 +263,9 @@ class CheckpointDirectory:
         if deleted and self.verbose > 0:
             print_msg(f"ModelCheckpoint: retention removed {len(deleted)} checkpoint(s)")
         if self.mirror is not None:
-            self.mirror.prune(self.own_name)
+            self.mirror.delete([os.path.basename(p) for p in deleted])
+
+    def _remove(self, path: str) -> None:
+        """Deletes a checkpoint here (a remote-only one: only from `remote_only`)."""
+        if self.remote_only.pop(path, None) is None:
+            os.remove(path)
