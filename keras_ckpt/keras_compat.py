@@ -143,7 +143,8 @@ def start_epoch_at(model: Any, batches: int, skipped: Callable[[Any], None],
     dropped there, so neither the step nor any callback sees them, and the data
     before are skipped where it costs least:
     - `"source"`: a PyDataset without workers (`_finite_generator` draws the
-      order as Keras does, then starts at the index);
+      order as Keras does, then starts at the index); a generator's adapter
+      (its `generator()` stream is advanced in Python, before any conversion);
     - `"dataset"`: TensorFlow's dataset (`_distributed_dataset`, when it is a
       `tf.data.Dataset`) is iterated through `.skip(n)`, in C++ (random-access
       inputs skip without producing the batches);
@@ -208,6 +209,20 @@ def _skip_before(it: Any, count: int) -> tuple[str, Callable[[], None]]:
 
         adapter._finite_generator = finite_from
         return "source", lambda: adapter.__dict__.pop("_finite_generator", None)
+    generator = getattr(adapter, "generator", None)
+    if callable(generator) and hasattr(adapter, "_first_batches"):
+        def advanced() -> Any:  # a generator's adapter: its stream, `count` batches on
+            adapter.generator = generator
+            batches = generator()
+            try:
+                for _ in range(count):
+                    next(batches)
+            except StopIteration:
+                return iter(())
+            return batches
+
+        adapter.generator = advanced
+        return "source", lambda: setattr(adapter, "generator", generator)
     dataset = getattr(it, "_distributed_dataset", None)
     tf = sys.modules.get("tensorflow")
     if tf is not None and isinstance(dataset, tf.data.Dataset):

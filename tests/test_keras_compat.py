@@ -306,3 +306,15 @@ def test_tf_data_and_array_epochs_start_at_a_batch_through_the_dataset():
     start = StartAt(3)
     make_model().fit(X, Y, batch_size=4, epochs=1, verbose=0, callbacks=[start])
     assert start.how == "dataset" and start.batches == [3]
+
+
+def test_a_generator_epoch_starts_at_a_batch_by_advancing_its_stream():
+    """`GeneratorDataAdapter.generator()` is the stream: advanced in Python, unconverted."""
+    def batches():
+        for i in range(8):
+            yield np.full((2, 4), i, "float32"), np.full((2, 1), i, "float32")
+
+    start = StartAt(5)
+    make_model().fit(batches(), steps_per_epoch=8, epochs=1, verbose=0, callbacks=[start])
+    assert start.how == "source" and start.batches == [5, 6, 7]
+    assert float(start.handed[0][0][0, 0]) == 4.0  # batch 4, the last skipped, handed over
