@@ -5,8 +5,9 @@ Usage:
         [--rounds 3] [--kinds numpy pydataset tfdata generator]
         [--json benchmarks/results/resume_bench.json]
 
-For each input kind, one fit writes a checkpoint after step `--early` and one
-after step `--late` of a `--steps`-step epoch (a small MLP, batch 32). Each
+For each input kind, one fit (in a process of its own) writes a checkpoint
+after step `--early` and one after step `--late` of a `--steps`-step epoch (a
+small MLP, batch 32). Each
 measured resume is a fresh process (`python benchmarks/resume_bench.py
 --child ...`) resuming from a directory that holds only one of them; it
 reports the wall time from just before the parent started it to the first new
@@ -158,6 +159,7 @@ def write_checkpoints(directory: str, kind: str, steps: int, at: list[int]) -> d
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--child", nargs=4, metavar=("DIR", "KIND", "STEPS", "OUT"))
+    p.add_argument("--write", nargs=5, metavar=("DIR", "KIND", "STEPS", "EARLY", "LATE"))
     p.add_argument("--steps", type=int, default=20000)
     p.add_argument("--late", type=int, default=19000)
     p.add_argument("--early", type=int, default=100)
@@ -171,14 +173,23 @@ def main() -> None:
         directory, kind, steps, out = args.child
         child(directory, kind, int(steps), out)
         return
+    if args.write:
+        directory, kind, steps, early, late = args.write
+        with open(os.path.join(directory, "written.json"), "w") as f:
+            json.dump(write_checkpoints(directory, kind, int(steps), [int(early), int(late)]), f)
+        return
     if args.late % args.early:
         p.error("--late must be a multiple of --early (checkpoints every --early steps)")
     work = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(__file__)))
     try:
         sources = {}
-        for kind in args.kinds:
-            sources[kind] = write_checkpoints(os.path.join(work, kind), kind, args.steps,
-                                              [args.early, args.late])
+        for kind in args.kinds:  # (in a process of its own: this one stays idle)
+            directory = os.path.join(work, kind)
+            os.makedirs(directory)
+            subprocess.run([sys.executable, os.path.abspath(__file__), "--write", directory,
+                            kind, str(args.steps), str(args.early), str(args.late)], check=True)
+            with open(os.path.join(directory, "written.json")) as f:
+                sources[kind] = {int(k): v for k, v in json.load(f).items()}
         cases = [(kind, pos) for kind in args.kinds for pos in (args.early, args.late)]
         rounds = []
         for r in range(args.rounds):
@@ -221,10 +232,10 @@ def main() -> None:
             "median_late_over_early": statistics.median(ratios), "step_s": step,
             "skip_per_batch_over_step": [max(0.0, b) / step for b in per_batch],
         }
-    import keras
+    from importlib.metadata import version
 
     result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, Python "
-                         f"{platform.python_version()}, Keras {keras.__version__}",
+                         f"{platform.python_version()}, Keras {version('keras')}",
               "steps": args.steps, "early": args.early, "late": args.late,
               "rounds": rounds, "summary": summary}
     print(json.dumps(summary, indent=2))
