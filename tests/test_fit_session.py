@@ -314,10 +314,29 @@ def _watch_reads(monkeypatch) -> list:
     return read
 
 
+class _Alive(keras.callbacks.Callback):
+    """Records, at each epoch begin and batch end, whether the newest read snapshot lives."""
+
+    def __init__(self, read, alive):
+        super().__init__()
+        self.read, self.alive = read, alive
+
+    def _record(self, at):
+        import gc
+
+        gc.collect()
+        self.alive.append((at, self.read[-1]() is not None))
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._record(f"epoch {epoch}")
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._record(batch)
+
+
 def test_a_mid_epoch_resume_starts_the_callbacks_at_the_next_batch_without_the_old_state(
         tmp_path, monkeypatch):
     """The trained batches reach no callback; the checkpoint read is gone by the first step."""
-    import gc
 
     from test_step_counting import StopAfter
 
@@ -333,17 +352,7 @@ def test_a_mid_epoch_resume_starts_the_callbacks_at_the_next_batch_without_the_o
     with pytest.raises(RuntimeError, match="crash"):
         fit([StopAfter(7)])  # the newest checkpoint: epoch 2, after step 2 of 4
     read, alive = _watch_reads(monkeypatch), []
-
-    class Probe(keras.callbacks.Callback):
-        def on_epoch_begin(self, epoch, logs=None):
-            gc.collect()
-            alive.append((f"epoch {epoch}", read[-1]() is not None))
-
-        def on_train_batch_end(self, batch, logs=None):
-            gc.collect()
-            alive.append((batch, read[-1]() is not None))
-
-    fit([Probe()])
+    fit([_Alive(read, alive)])
     # Batches 0 and 1 were trained before the kill; the state read went with `apply`.
     assert alive == [("epoch 1", False), (2, False), (3, False)]
 
@@ -423,7 +432,6 @@ def test_a_data_error_while_the_trained_batches_are_skipped_closes_the_fit(tmp_p
 
 def test_a_resume_from_an_epoch_s_last_step_logs_that_epoch_s_training(tmp_path, monkeypatch):
     """No new step in the epoch: its last call replays (Keras's epoch logs come from it)."""
-    import gc
 
     x, y = make_data(64)
 
@@ -441,17 +449,7 @@ def test_a_resume_from_an_epoch_s_last_step_logs_that_epoch_s_training(tmp_path,
     with pytest.raises(RuntimeError, match="crash"):
         fit(tmp_path, [CrashInValidation()])  # the newest checkpoint: epoch 1, its last step
     read, alive = _watch_reads(monkeypatch), []
-
-    class Probe(keras.callbacks.Callback):
-        def on_epoch_begin(self, epoch, logs=None):
-            gc.collect()
-            alive.append((f"epoch {epoch}", read[-1]() is not None))
-
-        def on_train_batch_end(self, batch, logs=None):
-            gc.collect()
-            alive.append((batch, read[-1]() is not None))
-
-    resumed = fit(tmp_path, [Probe()])
+    resumed = fit(tmp_path, [_Alive(read, alive)])
     assert alive == [("epoch 0", False), (3, False),
                      ("epoch 1", False), (0, False), (1, False), (2, False), (3, False)]
     assert resumed.history == straight.history  # epoch 1's loss too
