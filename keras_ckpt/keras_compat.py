@@ -22,16 +22,13 @@ __all__ = [
     "guard_torch_fetch", "unguard_torch_fetch",
     "is_end_of_data", "callback_model",
     "compiled_metrics", "symbolic_build", "step_counter", "learning_rate_variable",
-    "distribute_strategy",
-    "metric_direction", "saving_internals", "flatten_layers", "tf_tensor_view",
+    "distribute_strategy", "metric_direction", "saving_internals", "store_optimizer_uncopied",
+    "flatten_layers", "tf_tensor_view",
 ]
 
 
 def print_msg(message: str) -> None:
-    """Prints through Keras's logging (`keras.src.utils.io_utils.print_msg`).
-
-    It honours `keras.config.disable_interactive_logging()` (absl logging).
-    """
+    """Prints through `keras.src.utils.io_utils.print_msg` (honours Keras's logging switch)."""
     try:
         from keras.src.utils.io_utils import print_msg as keras_print_msg
     except ImportError:  # pragma: no cover - pinned by a test
@@ -55,10 +52,7 @@ def set_initial_epoch(model: Any, epoch: Any) -> None:
 def calling_callback_list(max_depth: int = 12) -> Any:
     """The `keras.callbacks.CallbackList` whose `set_model` is running up the stack, or None.
 
-    Keras's `fit` builds one `CallbackList`, which calls `set_model` on every
-    callback from its constructor; keras-ckpt wraps that list's hooks to see
-    every way a fit ends. Found by walking the calling frames (no public API
-    hands a callback its list).
+    `fit`'s list calls `set_model` from its constructor; no public API hands it over.
     """
     import keras
 
@@ -114,11 +108,7 @@ def _fit_frame(model: Any) -> Any:
 
 
 def fit_arguments(model: Any) -> dict | None:
-    """The arguments of the running `model.fit` (`x`, `steps_per_epoch`, ...), or None.
-
-    Found through the calling frames (a callback is not handed them):
-    Keras's trainers name them as `fit`'s parameters.
-    """
+    """The arguments of the running `model.fit` (`x`, `steps_per_epoch`, ...), or None."""
     frame = _fit_frame(model)
     if frame is None:
         return None
@@ -137,22 +127,17 @@ def start_epoch_at(model: Any, batches: int, skipped: Callable[[Any], None],
     """Makes the running fit's next epoch begin at batch `batches`; returns how, or None.
 
     Keras's epoch iterator yields `(first step, last step, data iterator)` per
-    call of the train function from its `_enumerate_iterator` generator, whose
-    first lines make the epoch's data iterator (drawing its order). For one
-    epoch, an instance attribute shadows it: the calls before `batches` are
-    dropped there, so neither the step nor any callback sees them, and the data
-    before are skipped where it costs least:
-    - `"source"`: a PyDataset without workers (`_finite_generator` draws the
-      order as Keras does, then starts at the index); a generator's adapter
-      (its `generator()` stream is advanced in Python, before any conversion);
-    - `"dataset"`: TensorFlow's dataset (`_distributed_dataset`, when it is a
-      `tf.data.Dataset`) is iterated through `.skip(n)`, in C++ (random-access
-      inputs skip without producing the batches);
-    - `"consume"`: otherwise, the data iterator's batches are taken and dropped.
-    The last skipped batch is always taken here: `skipped(batch)` gets it after
-    the order is drawn and before the first new step (None if the data ended).
-    `failed(error)` hears an error of the data while skipping, before it
-    propagates (outside the step, no step guard sees it).
+    train-function call from `_enumerate_iterator`, which first makes the
+    epoch's data iterator (drawing its order). For one epoch an instance
+    attribute shadows it and drops the calls before `batches` (no step, no
+    callback sees them); their data is skipped where it costs least:
+    `"source"`: a PyDataset without workers starts at the index
+    (`_finite_generator`, its order drawn as Keras draws it); a generator's
+    stream (`generator()`) is advanced in Python; `"dataset"`: TensorFlow's
+    `_distributed_dataset` goes through `.skip(n)`, in C++; `"consume"`: the
+    batches are taken and dropped. The last skipped batch is always taken:
+    `skipped(batch)` gets it before the first new step (None: the data ended).
+    `failed(error)` hears a data error while skipping (no step guard sees it).
     """
     it = fit_epoch_iterator(model)
     original = getattr(type(it), "_enumerate_iterator", None)
@@ -234,16 +219,11 @@ def _skip_before(it: Any, count: int) -> tuple[str, Callable[[], None]]:
 def release_epoch_iterator(model: Any) -> bool:
     """Lets the running fit's epoch iterator go of its data iterator; call at train end.
 
-    Keras's epoch iterator (a local `epoch_iterator` of every trainer's `fit`)
-    keeps the epoch's generator in `_epoch_iterator`, and the generator refers
-    back to the iterator. A fit that stops in the middle of an epoch leaves the
-    generator suspended, so the pair is a reference cycle: only a later full
-    garbage collection frees it, in whatever the process does then, and
-    destroying a tf.data iterator there waits for its autotuning thread
-    (seconds). Dropping the generator and the current iterator (nothing else:
-    `reset()` would call the data's `on_epoch_end`) frees them when `fit`
-    returns. After `on_train_end` no trainer uses its epoch iterator again.
-    Returns whether the iterator was found.
+    Its `_epoch_iterator` generator, suspended by a stop mid-epoch, and the
+    iterator refer to each other: only a later full collection frees them, and
+    destroying a tf.data iterator there waits seconds for its autotune thread.
+    Dropping the generator and `_current_iterator` (not `reset()`: it calls the
+    data's `on_epoch_end`) frees them when `fit` returns. Returns whether found.
     """
     iterator = fit_epoch_iterator(model)
     if iterator is None or not hasattr(iterator, "_epoch_iterator"):
@@ -368,6 +348,26 @@ def saving_internals() -> tuple[Any, Any, Callable[[Any], tuple[str, str]]]:
 
     return (getattr(saving_lib, "H5IOStore", None), getattr(saving_lib, "_save_state", None),
             saving_lib._serialize_model_as_json)
+
+
+def store_optimizer_uncopied(optimizer: Any) -> Callable[[], None]:
+    """While Keras's layout is recorded, the optimizer stores its variables, not copies.
+
+    `BaseOptimizer.save_own_variables` stores `variable.numpy()` (a copy) as key
+    `i` of `optimizer.variables[i]`; a class overriding it is left alone. Returns the undo.
+    """
+    from keras.src.optimizers.base_optimizer import BaseOptimizer
+
+    if getattr(type(optimizer), "save_own_variables", None) is not \
+            BaseOptimizer.save_own_variables:
+        return lambda: None
+
+    def save_own_variables(store: Any) -> None:
+        for i, variable in enumerate(optimizer.variables):
+            store[str(i)] = variable
+
+    set_instance_attr(optimizer, "save_own_variables", save_own_variables)
+    return lambda: optimizer.__dict__.pop("save_own_variables", None)
 
 
 def flatten_layers(model: Any) -> list:

@@ -98,11 +98,15 @@ def layout(model: Any, names: dict[int, str]) -> Layout | None:
             pass
 
     recorder = Recorder()
+    # The optimizer would store a `.numpy()` copy of every slot: the variables instead.
+    restore = keras_compat.store_optimizer_uncopied(getattr(model, "optimizer", None))
     try:
         save_state(model, weights_store=recorder, assets_store=None, inner_path="",
                    visited_saveables=set())
     except Exception:  # noqa: BLE001 - any surprise: let Keras write its part
         return None
+    finally:
+        restore()
     return Layout(groups=recorder.groups,
                   entries=_map_optimizer(model, recorder.groups, recorder.entries, names))
 
@@ -111,9 +115,11 @@ def _map_optimizer(model: Any, groups: list[tuple[str, dict]], entries: list[Ent
                    names: dict[int, str]) -> list[Entry]:
     """Maps the optimizer's stored copies back to its variables.
 
-    Keras's optimizer stores `variable.numpy()` copies, key `i` for
-    `optimizer.variables[i]`. Each is checked (shape, dtype, value) before it
-    is trusted, so later saves can write from the snapshot without copies.
+    An optimizer class of its own stores what it likes; where it stores
+    `variable.numpy()` copies, key `i` for `optimizer.variables[i]` (as
+    Keras's does), each is checked (shape, dtype, value) before it is trusted,
+    so later saves can write from the snapshot without copies. (Keras's own
+    optimizers store the variables themselves here: `store_optimizer_uncopied`.)
     """
     optimizer = getattr(model, "optimizer", None)
     variables = list(getattr(optimizer, "variables", []) or [])

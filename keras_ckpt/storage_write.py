@@ -9,7 +9,6 @@ and a partial write is never listed or loaded.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import threading
@@ -131,6 +130,23 @@ def _h5_file(path: str, mode: str) -> Iterator[h5py.File]:
         yield h5
 
 
+@contextlib.contextmanager
+def _hdf5_member(tmp: str) -> Iterator[str]:
+    """A temporary HDF5 file beside `tmp`, for an archive member, removed afterwards.
+
+    The member's HDF5 is written to disk and streamed into the archive in
+    chunks (`ZipFile.write`), not built in memory: a `.keras` save then holds
+    no copy of the state (an in-memory buffer was one, and more while it grew).
+    A crash leaves it as a temporary of this process, which the next fit removes.
+    """
+    part = os.path.join(os.path.dirname(tmp) or ".", atomic.temp_name("weights", "part", ".h5"))
+    try:
+        yield part
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(part)
+
+
 def _add_meta_member(archive: zipfile.ZipFile, text: str) -> None:
     """The metadata's copy that listing reads (`storage.read_meta`), compressed: it is JSON."""
     archive.writestr(META_MEMBER, meta_member(text), compress_type=zipfile.ZIP_DEFLATED)
@@ -174,16 +190,16 @@ class OnePassArchive(Layout):
         self.keras_layout, self.archive = keras_layout, archive
 
     def produce(self, tmp, ext, snapshot, meta, compression, fsync):
-        buffer = io.BytesIO()
-        with h5py.File(buffer, "w") as h5:
-            text = _write_group(h5, snapshot, meta, layout=self.keras_layout,
-                                compression=compression)
         config_json, metadata_json = self.archive
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as archive:
-            archive.writestr("metadata.json", metadata_json)
-            archive.writestr("config.json", config_json)
-            archive.writestr(KERAS_WEIGHTS_MEMBER, buffer.getbuffer())
-            _add_meta_member(archive, text)
+        with _hdf5_member(tmp) as part:
+            with _h5_file(part, "w") as h5:
+                text = _write_group(h5, snapshot, meta, layout=self.keras_layout,
+                                    compression=compression)
+            with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as archive:
+                archive.writestr("metadata.json", metadata_json)
+                archive.writestr("config.json", config_json)
+                archive.write(part, KERAS_WEIGHTS_MEMBER)
+                _add_meta_member(archive, text)
 
 
 class KerasPartFirst(Layout):
@@ -201,13 +217,13 @@ class KerasPartFirst(Layout):
         if writer is not None:
             writer(tmp)
         if ext == ".keras":
-            buffer = io.BytesIO()
-            with h5py.File(buffer, "w") as h5:
-                text = _write_group(h5, snapshot, meta, compression=compression)
-            with zipfile.ZipFile(tmp, "a" if writer else "w",
-                                 compression=zipfile.ZIP_STORED) as archive:
-                archive.writestr(ZIP_MEMBER, buffer.getbuffer())
-                _add_meta_member(archive, text)
+            with _hdf5_member(tmp) as part:
+                with _h5_file(part, "w") as h5:
+                    text = _write_group(h5, snapshot, meta, compression=compression)
+                with zipfile.ZipFile(tmp, "a" if writer else "w",
+                                     compression=zipfile.ZIP_STORED) as archive:
+                    archive.write(part, ZIP_MEMBER)
+                    _add_meta_member(archive, text)
             return
         with _h5_file(tmp, "a" if writer is not None else "w") as h5:
             if GROUP in h5:

@@ -318,3 +318,20 @@ def test_a_generator_epoch_starts_at_a_batch_by_advancing_its_stream():
     make_model().fit(batches(), steps_per_epoch=8, epochs=1, verbose=0, callbacks=[start])
     assert start.how == "source" and start.batches == [5, 6, 7]
     assert float(start.handed[0][0][0, 0]) == 4.0  # batch 4, the last skipped, handed over
+
+
+def test_the_optimizer_stores_its_variables_uncopied_where_keras_stores_numpy_copies(
+        monkeypatch):
+    """`BaseOptimizer.save_own_variables`: key `i` is `variables[i].numpy()`; ours: the variable."""
+    from keras_ckpt import keras_layout
+
+    model = make_model()
+    model.fit(X, Y, verbose=0)
+    names = {id(v): f"v{i}" for i, v in enumerate(model.variables + model.optimizer.variables)}
+    ours = keras_layout.layout(model, names)
+    assert "save_own_variables" not in vars(model.optimizer)  # undone
+    monkeypatch.setattr(keras_compat, "store_optimizer_uncopied", lambda optimizer: lambda: None)
+    keras_own = keras_layout.layout(model, names)  # copies, mapped back by value
+    assert ours == keras_own and all(e.array is not None for e in ours.entries)
+    assert sum(e.group.endswith("optimizer/vars") for e in ours.entries) == len(
+        model.optimizer.variables)

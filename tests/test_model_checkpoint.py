@@ -407,3 +407,36 @@ def test_legacy_h5_full_model_is_readable_by_keras_and_resumable(tmp_path):
     resumed = make_model()
     fit(resumed, [keras_ckpt.ModelCheckpoint(path, resume=True)], epochs=2)
     assert_same_state(model, resumed)
+
+
+@pytest.mark.parametrize("ext", [".weights.h5", ".keras"])
+def test_no_save_copies_the_state_not_even_a_process_s_first(tmp_path, ext):
+    """The first save learns Keras's layout without the optimizer's `.numpy()` copies, and a
+    `.keras` archive streams its HDF5 member from disk instead of building it in memory."""
+    import tracemalloc
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((512,))] + [keras.layers.Dense(512) for _ in range(4)])
+    model.compile(keras.optimizers.Adam(1e-3), "mse")
+    x = np.zeros((8, 512), "float32")
+    model.fit(x, x, verbose=0)  # built, the optimizer's slots too
+    state = sum(v.numpy().nbytes for v in model.variables + model.optimizer.variables)
+    peaks = []
+
+    class Around(keras.callbacks.Callback):
+        def __init__(self, start):
+            super().__init__()
+            self.start = start
+
+        def on_epoch_end(self, epoch, logs=None):
+            if self.start:
+                tracemalloc.start()
+            else:
+                peaks.append(tracemalloc.get_traced_memory()[1])
+                tracemalloc.stop()
+
+    checkpoint = keras_ckpt.ModelCheckpoint(str(tmp_path / f"c-{{epoch}}{ext}"),
+                                            save_weights_only=ext == ".weights.h5")
+    model.fit(x, x, epochs=2, verbose=0, callbacks=[Around(True), checkpoint, Around(False)])
+    assert len(os.listdir(tmp_path)) == 2 and state > 12 * 2**20
+    assert max(peaks) < 0.05 * state, [p / state for p in peaks]  # first and second save
