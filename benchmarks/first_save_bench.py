@@ -6,8 +6,8 @@ Usage:
 
 Every case (size x `.weights.h5` / `.keras` x sync / `async_write`) is a
 fresh process, so its first save is a process's first. One fit of `--saves`
-epochs of one step each saves at every epoch end; with `async_write` the next
-step runs while the write is in flight (TensorFlow then copies the variables
+epochs of `--steps-between` steps saves at every epoch end; with
+`async_write` the next steps run while the write is in flight (TensorFlow then copies the variables
 the step writes while the snapshot holds them). Per save: the time
 `ModelCheckpoint` blocked the training thread, and the peak RSS from the save
 to the next one (its step included) above the RSS before it (`VmHWM`, reset
@@ -43,7 +43,8 @@ def _reset_peak() -> None:
         f.write("5")
 
 
-def case(millions: float, ext: str, asynchronous: bool, saves: int, directory: str) -> dict:
+def case(millions: float, ext: str, asynchronous: bool, saves: int, directory: str,
+         steps: int = 1) -> dict:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import keras
     import numpy as np
@@ -81,8 +82,8 @@ def case(millions: float, ext: str, asynchronous: bool, saves: int, directory: s
     checkpoint = keras_ckpt.ModelCheckpoint(
         os.path.join(directory, "c-{epoch}" + ext), save_weights_only=ext == ".weights.h5",
         async_write=asynchronous)
-    # One step an epoch: with async_write the next step runs while the write is in flight.
-    model.fit(x, x, epochs=saves, steps_per_epoch=1, verbose=0,
+    # `steps` steps an epoch: with async_write they run while the write is in flight.
+    model.fit(x, x, epochs=saves, steps_per_epoch=steps, verbose=0,
               callbacks=[measure, checkpoint, After()])
     measure.close()  # (the last window ends after fit waited for the last write)
     rows[-1]["last_commit_s"] = checkpoint.last_save_seconds
@@ -91,7 +92,8 @@ def case(millions: float, ext: str, asynchronous: bool, saves: int, directory: s
         started = time.perf_counter()
         model.save_weights(os.path.join(directory, "keras.weights.h5"))
         keras_times.append(time.perf_counter() - started)
-    return {"millions": millions, "ext": ext, "async": asynchronous, "state_bytes": state,
+    return {"millions": millions, "ext": ext, "async": asynchronous, "steps_between": steps,
+            "state_bytes": state,
             "saves": rows, "keras_save_weights_s": keras_times}
 
 
@@ -99,22 +101,27 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--sizes", type=float, nargs="+", default=[10, 50])
     p.add_argument("--saves", type=int, default=4)
+    p.add_argument("--steps-between", type=int, default=1,
+                   help="training steps between two saves (epochs of that many steps)")
+    p.add_argument("--modes", nargs="+", default=["sync", "async"], choices=["sync", "async"])
     p.add_argument("--case", nargs=4, metavar=("MILLIONS", "EXT", "ASYNC", "DIR"))
     p.add_argument("--json", default="benchmarks/results/first_save_bench.json")
     args = p.parse_args()
     if args.case:
         millions, ext, asynchronous, directory = args.case
-        print(json.dumps(case(float(millions), ext, asynchronous == "1", args.saves, directory)))
+        print(json.dumps(case(float(millions), ext, asynchronous == "1", args.saves, directory,
+                              args.steps_between)))
         return
     results = []
     for millions in args.sizes:
         for ext in (".weights.h5", ".keras"):
-            for asynchronous in ("0", "1"):
+            for asynchronous in [str(int(m == "async")) for m in args.modes]:
                 directory = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(__file__)))
                 try:
                     os.sync()
                     out = subprocess.run(
                         [sys.executable, os.path.abspath(__file__), "--saves", str(args.saves),
+                         "--steps-between", str(args.steps_between),
                          "--case", str(millions), ext, asynchronous, directory],
                         check=True, capture_output=True, text=True).stdout
                 finally:
