@@ -201,3 +201,29 @@ def test_opt_in_compression_is_smaller_and_reads_back_exactly(tmp_path, ext):
     else:
         fresh.load_weights(paths["gzip"])
     np.testing.assert_array_equal(fresh.layers[-1].kernel.numpy(), model.layers[-1].kernel.numpy())
+
+
+def test_a_resumed_fit_learns_keras_layout_before_its_first_step(tmp_path, monkeypatch):
+    """The optimizer is built by the resume: the layout is learned at train begin, and the
+    process's first save does not pay for it."""
+    calls = []
+    record = keras_layout.layout
+
+    def layout(*args, **kwargs):
+        calls.append(stage[0])
+        return record(*args, **kwargs)
+
+    monkeypatch.setattr(keras_layout, "layout", layout)
+    stage = ["before"]
+
+    class Stage(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            stage[0] = "training"
+
+    path = str(tmp_path / "c-{epoch}.weights.h5")
+    fit(make_model(), [keras_ckpt.ModelCheckpoint(path, save_weights_only=True)])
+    calls.clear()
+    stage[0] = "before"
+    checkpoint = keras_ckpt.ModelCheckpoint(path, save_weights_only=True, resume=True)
+    fit(make_model(), [checkpoint, Stage()], epochs=3)
+    assert calls == ["before"] and len(keras_ckpt.list_checkpoints(tmp_path)) == 3

@@ -245,6 +245,8 @@ class ModelCheckpoint(MonitorAttributes, StatefulCallback):
             # What a resume could not replay, said now.
             inputs.check_input(model, keras_callbacks.lost_on_resume(session))
             resume(self)
+        if self.writes:
+            self.saver.learn_layout()  # now, not in the first save's blocking time
         self.fit.last_save_time = self.options.now()
         self.fit.in_fit = True
         if self.exception_save is not None:

@@ -289,6 +289,14 @@ class Saver:
                       compression=self.options.compression)
         fit.written.add(filepath)
 
+    def learn_layout(self) -> None:
+        """Learns Keras's layout at train begin where the model is complete (its optimizer
+        built: a resumed fit, a later fit), so a process's first save does not pay for it."""
+        optimizer = getattr(self.owner.model, "optimizer", None)
+        if getattr(optimizer, "built", False) and getattr(self.owner.model, "built", False) \
+                and (self.options.save_weights_only or self.options.filepath.endswith(".keras")):
+            self._keras_layout()
+
     def _keras_layout(self) -> keras_layout.Layout | None:
         """Keras's `.weights.h5` layout for this model (cached while the variables stay)."""
         model = self.owner.model
