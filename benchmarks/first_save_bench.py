@@ -48,16 +48,12 @@ def case(millions: float, ext: str, asynchronous: bool, saves: int, directory: s
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import keras
     import numpy as np
+    from save_bench import build  # (benchmarks/ is this script's directory)
 
     import keras_ckpt
 
-    width = 1024
-    layers = max(1, round(millions * 1e6 / (width * width)))
-    model = keras.Sequential([keras.Input((width,))] + [keras.layers.Dense(width)
-                                                         for _ in range(layers)])
-    model.compile(keras.optimizers.Adam(1e-4), "mse")
-    x = np.zeros((64, width), "float32")
-    model.fit(x, x, epochs=1, verbose=0)
+    model = build(millions)  # save_bench's Dense stack, trained one step: the optimizer built
+    x = np.zeros((64, model.input_shape[-1]), "float32")
     state = sum(v.numpy().nbytes for v in model.variables + model.optimizer.variables)
     rows: list[dict] = []
 
