@@ -6,7 +6,6 @@ import dataclasses
 import datetime
 import json
 import os
-import statistics
 from typing import Any
 
 from keras_ckpt.jsonsafe import encode_float
@@ -75,17 +74,13 @@ def _newest_objects(valid: list[CheckpointInfo]) -> dict:
 def _auto_choice(objects: dict) -> dict | None:
     """What ModelCheckpoint's `save_freq="auto"` chose, as its newest checkpoint holds it."""
     state = (objects.get("ModelCheckpoint") or {}).get("json", {}).get("save_freq_auto")
-    if not isinstance(state, dict):
+    chosen = state.get("chosen") if isinstance(state, dict) else None
+    keys = ("every_steps", "save_seconds", "step_seconds", "expected_overhead", "overhead")
+    if not isinstance(chosen, dict) or not all(
+            isinstance(chosen.get(k), (int, float)) and not isinstance(chosen.get(k), bool)
+            for k in keys):
         return None
-    steps, cost, step = (state.get(k) for k in ("every_steps", "save_seconds", "step_seconds"))
-    costs = [c for c in cost or [] if isinstance(c, (int, float)) and not isinstance(c, bool)]
-    if not (isinstance(steps, int) and steps > 0 and costs and isinstance(step, (int, float))):
-        return None
-    cost = statistics.median(costs)
-    target = state.get("overhead")
-    return {"every_steps": steps, "save_seconds": cost, "step_seconds": step,
-            "expected_overhead": cost / (steps * step + cost) if steps * step + cost else 0.0,
-            "overhead": target if isinstance(target, float) else None}
+    return {k: chosen[k] for k in keys}
 
 
 def _callbacks_best(valid: list[CheckpointInfo],
@@ -164,6 +159,5 @@ def run_inspect(directory: str, as_json: bool = False, verify: bool = True,
         print(f"save_freq='auto' (newest checkpoint): a save every {auto['every_steps']} steps; "
               f"a save blocks {auto['save_seconds']:.3g} s, a step takes "
               f"{auto['step_seconds']:.3g} s: {100 * auto['expected_overhead']:.1f}% of "
-              "training time" + (f" (target {100 * auto['overhead']:.1f}%)"
-                                 if auto["overhead"] is not None else ""))
+              f"training time (target {100 * auto['overhead']:.1f}%)")
     return draw(plot, False, plot_checkpoints, rows, directory)

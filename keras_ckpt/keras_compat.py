@@ -249,8 +249,7 @@ def guard_torch_fetch(model: Any, on_error: Callable[[str, BaseException], None]
 
     if keras.backend.backend() != "torch":
         return None
-    frame = _fit_frame(model)
-    iterator = None if frame is None else frame.f_locals.get("epoch_iterator")
+    iterator = fit_epoch_iterator(model)
     if iterator is None:
         return None
     if type(iterator) not in _GUARDED_CLASSES.values():

@@ -23,7 +23,7 @@ from keras_ckpt.warn import warn
 
 __all__ = ["CheckpointInfo", "list_checkpoints", "latest_checkpoint", "best_checkpoint",
            "restore", "template_regex", "read_infos", "latest_valid", "read_verified",
-           "candidate_paths", "in_order"]
+           "candidate_paths", "in_order", "info_of"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,29 +179,28 @@ _LAST_NAMES = ("last.keras", "last.weights.h5", "last.h5")
 
 def read_infos(paths: Iterable[str], include_invalid: bool = False,
                state_bytes: int | None = None) -> list[CheckpointInfo]:
-    """`CheckpointInfo` of each file (metadata only), ordered as `list_checkpoints` orders.
+    """`info_of` each file, ordered as listings order (`state_bytes`: see `storage.read_meta`)."""
+    infos = [info_of(path, os.path.getsize(path),
+                     lambda path=path: storage.read_meta(path, state_bytes=state_bytes))
+             for path in paths]
+    return in_order(c for c in infos if include_invalid or c.error is None)
 
-    A file named `last.keras` / `last.weights.h5` is the `save_last` copy of
-    the newest state (often a hard link to a regular checkpoint): its kind is
-    "last", whatever its metadata says. `state_bytes`: see `storage.read_meta`.
+
+def info_of(path: str, size: int, read_meta: Callable[[], Mapping[str, Any]]) -> CheckpointInfo:
+    """The `CheckpointInfo` of the file `path` from `read_meta()`; its `error` if unreadable.
+
+    A file named `last.keras` / `last.weights.h5` is the `save_last` copy of the
+    newest state (often a hard link to a regular file): its kind is "last".
     """
-    infos = []
-    for path in paths:
-        size = os.path.getsize(path)
-        try:
-            info = info_from_meta(path, storage.read_meta(path, state_bytes=state_bytes), size)
-        except storage.ForeignFileError as e:
-            if include_invalid:
-                infos.append(CheckpointInfo(path=path, size=size, error=str(e), kind="foreign"))
-            continue
-        except storage.CorruptCheckpointError as e:
-            if include_invalid:
-                infos.append(CheckpointInfo(path=path, size=size, error=str(e)))
-            continue
-        if os.path.basename(path) in _LAST_NAMES and info.kind != "last":
-            info = dataclasses.replace(info, kind="last")
-        infos.append(info)
-    return in_order(infos)
+    try:
+        info = info_from_meta(path, read_meta(), size)
+    except storage.ForeignFileError as e:
+        return CheckpointInfo(path=path, size=size, error=str(e), kind="foreign")
+    except storage.CorruptCheckpointError as e:
+        return CheckpointInfo(path=path, size=size, error=str(e))
+    if os.path.basename(path) in _LAST_NAMES and info.kind != "last":
+        info = dataclasses.replace(info, kind="last")
+    return info
 
 
 def in_order(infos: Iterable[CheckpointInfo]) -> list[CheckpointInfo]:

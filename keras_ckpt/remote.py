@@ -110,17 +110,9 @@ class Mirror:
                 os.remove(os.path.join(self.local, name))
         fetched = []
         for name in remote:
-            source, target = self._remote(name), os.path.join(self.local, name)
-            try:
-                if os.path.exists(target) and self.same(name):
-                    continue
-                def download(tmp: str, source: str = source) -> None:
-                    self._store.download(source, tmp)
-
-                atomic.write(target, download, purpose="pull")
-            except Exception as e:
-                raise _os_error("Downloading", source, e) from None
-            fetched.append(name)
+            if not (os.path.exists(os.path.join(self.local, name)) and self.same(name)):
+                self.fetch(name)
+                fetched.append(name)
         return fetched
 
     def size(self, name: str) -> int:
@@ -184,11 +176,9 @@ class Mirror:
         if local is None:
             return False
         try:
-            with self._store.open_read(source) as reader:
-                theirs = storage.read_meta(source, fileobj=reader)
+            return self.remote_meta(name) == local
         except storage.CorruptCheckpointError:
             return False
-        return theirs == local
 
     def push(self, path: str) -> str:
         """Uploads the local file `path` under its name: a temporary copy, then a rename.
@@ -223,12 +213,6 @@ class Mirror:
             The names deleted.
         """
         local = set(os.listdir(self.local)) if os.path.isdir(self.local) else set()
-        deleted = []
-        for name in self.names():
-            if matches(name) and name not in local:
-                try:
-                    self._store.remove(self._remote(name))
-                except Exception as e:
-                    raise _os_error("Deleting", self._remote(name), e) from None
-                deleted.append(name)
+        deleted = [name for name in self.names() if matches(name) and name not in local]
+        self.delete(deleted)
         return deleted

@@ -58,7 +58,9 @@ class AutoFrequency:
         self.clock = clock
         self.save_costs: collections.deque[float] = collections.deque(maxlen=_COSTS_KEPT)
         self.prior_step_seconds: float | None = None  # from a checkpoint
+        self.save_seconds: float | None = None  # the median of `save_costs`
         self.reported_steps: int | None = None
+        self._now = 0.0
         self.fit_begin()
 
     # ------------------------------------------------------------ measuring
@@ -75,7 +77,7 @@ class AutoFrequency:
 
     def observe_step(self, global_step: int) -> None:
         """The clock after the training step `global_step` (call before `due`)."""
-        now = self.clock()
+        now = self._now = self.clock()
         if self._anchor is not None and self._anchors > 1:
             then, step = self._anchor
             if global_step > step:
@@ -88,6 +90,7 @@ class AutoFrequency:
     def observe_save(self, seconds: float, verbose: int = 0) -> None:
         """A step-level save blocked training `seconds`; `verbose`: say a new interval."""
         self.save_costs.append(max(0.0, float(seconds)))
+        self.save_seconds = statistics.median(self.save_costs)
         if self._anchor is not None:  # not charged to the steps around it
             self._anchor = (self.clock(), self._anchor[1])
         report = self.changed_report() if verbose > 0 else None
@@ -100,11 +103,6 @@ class AutoFrequency:
         if self._steps >= _MEASURED_STEPS and self._time > 0:
             return self._time / self._steps
         return self.prior_step_seconds
-
-    @property
-    def save_seconds(self) -> float | None:
-        """The median cost of the recent saves, or None before the first."""
-        return statistics.median(self.save_costs) if self.save_costs else None
 
     # ------------------------------------------------------------ deciding
     def interval_steps(self) -> int | None:
@@ -120,7 +118,8 @@ class AutoFrequency:
         return max(1, min(wanted, bound))
 
     def due(self, global_step: int, last_save_step: int, last_save_time: float) -> bool:
-        if self.clock() - last_save_time >= self.max_lost:
+        """(After `observe_step` of this step: its clock reading is used again.)"""
+        if self._now - last_save_time >= self.max_lost:
             return True
         steps = self.interval_steps()
         return steps is not None and global_step - last_save_step >= max(steps, 1)
@@ -150,12 +149,13 @@ class AutoFrequency:
     def get_state(self) -> dict:
         return {"save_seconds": list(self.save_costs), "step_seconds": self.step_seconds,
                 "every_steps": self.interval_steps(), "overhead": self.overhead,
-                "max_lost_seconds": self.max_lost}
+                "max_lost_seconds": self.max_lost, "chosen": self.report()}
 
     def set_state(self, state: dict) -> None:
         costs = state.get("save_seconds") or []
         self.save_costs.clear()
         self.save_costs.extend(float(c) for c in costs if _is_seconds(c))
+        self.save_seconds = statistics.median(self.save_costs) if self.save_costs else None
         step = state.get("step_seconds")
         self.prior_step_seconds = float(step) if _is_seconds(step) and step > 0 else None
 

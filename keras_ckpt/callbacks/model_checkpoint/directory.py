@@ -14,7 +14,6 @@ the ones it drops remotely, never downloading them.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import string
 from collections.abc import Sequence
@@ -232,16 +231,8 @@ class CheckpointDirectory:
                       f"{mirror.url} not in the local mirror {self.path}.")
 
     def _remote_info(self, name: str, target: str) -> manager.CheckpointInfo:
-        size = self.mirror.size(name)
-        try:
-            info = manager.info_from_meta(target, self.mirror.remote_meta(name), size)
-        except storage.ForeignFileError as e:
-            return manager.CheckpointInfo(path=target, size=size, error=str(e), kind="foreign")
-        except storage.CorruptCheckpointError as e:
-            return manager.CheckpointInfo(path=target, size=size, error=str(e))
-        if name == os.path.basename(self.last_path) and info.kind != "last":
-            info = dataclasses.replace(info, kind="last")
-        return info
+        return manager.info_of(target, self.mirror.size(name),
+                               lambda: self.mirror.remote_meta(name))
 
     def push(self, paths: Sequence[str]) -> None:
         if self.mirror is not None:

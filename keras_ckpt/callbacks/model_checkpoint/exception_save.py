@@ -52,9 +52,9 @@ class ExceptionSave:
         owner, fit = self.owner, self.owner.fit
         fit.epoch_counters = self.read_counters() if owner.hooks_see_state else None
         fit.trained_calls = 0
-        guards = owner.fit_session.guards
-        replay = guards.replay if guards is not None else None  # step-function replays
-        fit.replay_calls = getattr(replay, "remaining", 0) if replay is not None else 0
+        # The calls a resume replays through the step function (`Replay`), if any.
+        fit.replay_calls = getattr(getattr(owner.fit_session.guards, "replay", None),
+                                   "remaining", 0)
 
     def _on_result(self, name: str, result: Any) -> None:
         if name != "train_function":
