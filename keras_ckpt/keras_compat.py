@@ -15,15 +15,14 @@ from collections.abc import Callable
 from typing import Any
 
 __all__ = [
-    "tf_iterators_before_epoch", "is_default_strategy",
-    "print_msg", "get_initial_epoch", "set_initial_epoch", "calling_callback_list",
-    "set_instance_attr", "get_private", "set_private", "make_test_function",
-    "fit_arguments", "fit_epoch_iterator", "start_epoch_at", "release_epoch_iterator",
-    "guard_torch_fetch", "unguard_torch_fetch",
-    "is_end_of_data", "callback_model",
-    "compiled_metrics", "symbolic_build", "step_counter", "learning_rate_variable",
-    "distribute_strategy", "metric_direction", "saving_internals", "store_optimizer_uncopied",
-    "flatten_layers", "tf_tensor_view",
+    "tf_iterators_before_epoch", "is_default_strategy", "print_msg", "get_initial_epoch",
+    "set_initial_epoch", "calling_callback_list", "set_instance_attr", "get_private",
+    "set_private", "make_test_function", "fit_arguments", "fit_epoch_iterator", "start_epoch_at",
+    "release_epoch_iterator", "guard_torch_fetch", "unguard_torch_fetch", "is_end_of_data",
+    "callback_model", "compiled_metrics", "symbolic_build", "epoch_element_spec",
+    "has_keras_train_step", "step_counter", "learning_rate_variable", "distribute_strategy",
+    "metric_direction", "saving_internals", "store_optimizer_uncopied", "flatten_layers",
+    "tf_tensor_view",
 ]
 
 
@@ -127,17 +126,13 @@ def start_epoch_at(model: Any, batches: int, skipped: Callable[[Any], None],
     """Makes the running fit's next epoch begin at batch `batches`; returns how, or None.
 
     Keras's epoch iterator yields `(first step, last step, data iterator)` per
-    train-function call from `_enumerate_iterator`, which first makes the
-    epoch's data iterator (drawing its order). For one epoch an instance
+    train-function call from `_enumerate_iterator` (which first makes the
+    epoch's data iterator, drawing its order). For one epoch an instance
     attribute shadows it and drops the calls before `batches` (no step, no
-    callback sees them); their data is skipped where it costs least:
-    `"source"`: a PyDataset without workers starts at the index
-    (`_finite_generator`, its order drawn as Keras draws it); a generator's
-    stream (`generator()`) is advanced in Python; `"dataset"`: TensorFlow's
-    `_distributed_dataset` goes through `.skip(n)`, in C++; `"consume"`: the
-    batches are taken and dropped. The last skipped batch is always taken:
-    `skipped(batch)` gets it before the first new step (None: the data ended).
-    `failed(error)` hears a data error while skipping (no step guard sees it).
+    callback sees them); their data is skipped where it costs least (see
+    `_skip_before`). The last skipped batch is always taken: `skipped(batch)`
+    gets it before the first new step (None: the data ended). `failed(error)`
+    hears a data error while skipping (no step guard sees it).
     """
     it = fit_epoch_iterator(model)
     original = getattr(type(it), "_enumerate_iterator", None)
@@ -179,7 +174,9 @@ def start_epoch_at(model: Any, batches: int, skipped: Callable[[Any], None],
 
 
 def _skip_before(it: Any, count: int) -> tuple[str, Callable[[], None]]:
-    """Skips the first `count` batches of the next data iterator where the input allows."""
+    """Skips the next data iterator's first `count` batches: `"source"` (a PyDataset without
+    workers from the index, as `_finite_generator` orders it; a generator's stream advanced),
+    `"dataset"` (`_distributed_dataset.skip(n)`, in C++) or `"consume"` (read and dropped)."""
     adapter = getattr(it, "data_adapter", None)
     py_dataset = getattr(adapter, "py_dataset", None)
     if py_dataset is not None and getattr(adapter, "enqueuer", 1) is None \
@@ -219,11 +216,10 @@ def _skip_before(it: Any, count: int) -> tuple[str, Callable[[], None]]:
 def release_epoch_iterator(model: Any) -> bool:
     """Lets the running fit's epoch iterator go of its data iterator; call at train end.
 
-    Its `_epoch_iterator` generator, suspended by a stop mid-epoch, and the
-    iterator refer to each other: only a later full collection frees them, and
-    destroying a tf.data iterator there waits seconds for its autotune thread.
-    Dropping the generator and `_current_iterator` (not `reset()`: it calls the
-    data's `on_epoch_end`) frees them when `fit` returns. Returns whether found.
+    Its `_epoch_iterator` generator, suspended by a stop mid-epoch, and the iterator
+    refer to each other, so only a later full collection would free them (where
+    destroying a tf.data iterator waits seconds for its autotune thread). Drops
+    both (not `reset()`: it calls the data's `on_epoch_end`). Returns whether found.
     """
     iterator = fit_epoch_iterator(model)
     if iterator is None or not hasattr(iterator, "_epoch_iterator"):
@@ -288,10 +284,7 @@ def unguard_torch_fetch(handle: Any) -> None:
 
 # ------------------------------------------------------------ model internals
 def callback_model(callback: Any) -> Any:
-    """`Callback._model`: the model without `Callback.model`'s JAX state sync.
-
-    Safe from Keras's callback thread pool (JAX, torch).
-    """
+    """`Callback._model`: the model without `Callback.model`'s JAX state sync (thread-safe)."""
     return callback._model
 
 
@@ -301,18 +294,29 @@ def compiled_metrics(model: Any) -> Any:
 
 
 def symbolic_build(model: Any, batch: Any) -> None:
-    """`model._symbolic_build(data_batch=...)`: builds the compiled metrics from a batch."""
+    """`model._symbolic_build(data_batch=...)`: builds the compiled state from a batch or spec."""
     model._symbolic_build(data_batch=batch)
+
+
+def epoch_element_spec(model: Any) -> Any:
+    """The running fit's input spec on TensorFlow (`_distributed_dataset.element_spec`)."""
+    dataset = getattr(fit_epoch_iterator(model), "_distributed_dataset", None)
+    return getattr(dataset, "element_spec", None)
+
+
+def has_keras_train_step(model: Any) -> bool:
+    """Whether `model` trains with Keras's own TensorFlow `train_step` (not overridden)."""
+    from keras.src.backend.tensorflow.trainer import TensorFlowTrainer
+
+    return getattr(type(model), "train_step", None) is TensorFlowTrainer.train_step
 
 
 def step_counter(optimizer: Any) -> Any:
     """The variable counting the optimizer's training steps (one per batch).
 
-    `optimizer.iterations` counts updates: with `gradient_accumulation_steps=N`
-    it is a computed `_iterations // N`, not a variable, and counts one per N
-    batches. The batch count is `optimizer._iterations` then; wrappers such
-    as `LossScaleOptimizer` count in their inner optimizer.
-    """
+    `optimizer.iterations` counts updates: with `gradient_accumulation_steps=N` it is
+    a computed `_iterations // N`, so the batch count is `optimizer._iterations`;
+    wrappers such as `LossScaleOptimizer` count in their inner optimizer."""
     inner = getattr(optimizer, "inner_optimizer", None)
     if inner is not None:
         return step_counter(inner)
@@ -339,10 +343,8 @@ def metric_direction(metric: Any) -> Any:
 def saving_internals() -> tuple[Any, Any, Callable[[Any], tuple[str, str]]]:
     """`(H5IOStore, _save_state, _serialize_model_as_json)` of `keras.src.saving.saving_lib`.
 
-    `_save_state` is Keras's walk over a model's trackables that writes
-    `.weights.h5`; keras-ckpt runs it against a recording store to learn the
-    layout without copying any variable.
-    """
+    `_save_state` is Keras's walk over a model's trackables that writes `.weights.h5`;
+    keras-ckpt runs it against a recording store to learn the layout (no variable copied)."""
     from keras.src.saving import saving_lib
 
     return (getattr(saving_lib, "H5IOStore", None), getattr(saving_lib, "_save_state", None),
@@ -352,9 +354,8 @@ def saving_internals() -> tuple[Any, Any, Callable[[Any], tuple[str, str]]]:
 def store_optimizer_uncopied(optimizer: Any) -> Callable[[], None]:
     """While Keras's layout is recorded, the optimizer stores its variables, not copies.
 
-    `BaseOptimizer.save_own_variables` stores `variable.numpy()` (a copy) as key
-    `i` of `optimizer.variables[i]`; a class overriding it is left alone. Returns the undo.
-    """
+    `BaseOptimizer.save_own_variables` stores `variable.numpy()` (a copy) as key `i` of
+    `optimizer.variables[i]`; a class overriding it is left alone. Returns the undo."""
     from keras.src.optimizers.base_optimizer import BaseOptimizer
 
     if getattr(type(optimizer), "save_own_variables", None) is not \
@@ -383,11 +384,10 @@ def tf_tensor_view(tensor: Any) -> Any:
 def tf_iterators_before_epoch(epoch: int, steps_per_epoch: Any) -> int:
     """How many iterators of a finite tf.data input Keras's `fit` makes before epoch `epoch`'s.
 
-    Keras's epoch iterator (keras/src/trainers/epoch_iterator.py) makes one
-    after an epoch's last batch. Without `steps_per_epoch` every epoch then
-    makes its own at its begin (two an epoch); with `steps_per_epoch` equal to
-    the dataset's length the next epoch reads the one made at the last one's
-    end (one an epoch, the first at epoch 0's begin).
+    Keras's epoch iterator makes one after an epoch's last batch; without
+    `steps_per_epoch` each epoch then makes its own at its begin (two an epoch);
+    with `steps_per_epoch` equal to the dataset's length the next epoch reads
+    the one made at the last one's end (one an epoch).
     """
     return epoch * (2 if steps_per_epoch is None else 1)
 

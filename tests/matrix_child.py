@@ -1,6 +1,6 @@
 """One run of a scenario-matrix script (tests/scenarios.py), maybe killed on the way.
 
-Usage: python tests/matrix_child.py NAME DIR OUT.npz [--kill KIND@EPOCH[:STEP]]
+Usage: python tests/matrix_child.py NAME DIR OUT.npz [--kill KIND@EPOCH[:STEP] | --plain]
 
 Seeds everything (and op determinism on TensorFlow), builds script NAME and
 fits it for 4 epochs with `ModelCheckpoint(DIR/ckpt-{epoch}-{batch}.weights.h5,
@@ -8,7 +8,9 @@ save_weights_only=True, resume=True, save_freq=2)` first and the script's callba
 `--kill` ends the process for real, from the last callback:
 `start@E` SIGKILL as epoch E (0-based) begins, `mid@E:S` SIGKILL after step S
 of epoch E, `val@E` SIGTERM at the first validation batch of epoch E (the
-checkpoint's preemption handling then exits with 143). A run that ends writes
+checkpoint's preemption handling then exits with 143). `--plain` fits without
+our ModelCheckpoint (the script's own callbacks only): the run a user has
+without keras-ckpt, the matrix's reference. A run that ends writes
 every model and optimizer variable, the history and where it resumed from to
 OUT.npz.
 """
@@ -70,13 +72,14 @@ def main(argv: list[str]) -> int:
     checkpoint = keras_ckpt.ModelCheckpoint(
         os.path.join(directory, "ckpt-{epoch}-{batch}.weights.h5"), resume=True, save_freq=2,
         save_weights_only=True, **script.checkpoint)
-    callbacks = [checkpoint, *script.callbacks] + ([Kill(kill)] if kill else [])
+    plain = "--plain" in argv
+    callbacks = ([] if plain else [checkpoint]) + script.callbacks + ([Kill(kill)] if kill else [])
     history = script.model.fit(epochs=EPOCHS, verbose=0, callbacks=callbacks, **script.fit)
     model = script.model
     arrays = {f"model/{i}": keras.ops.convert_to_numpy(v) for i, v in enumerate(model.variables)}
     arrays.update({f"optimizer/{i}": keras.ops.convert_to_numpy(v)
                    for i, v in enumerate(model.optimizer.variables)})
-    resumed = checkpoint.resumed_from
+    resumed = None if plain else checkpoint.resumed_from
     outcome = {"history": history.history, "epoch": history.epoch,
                "resumed_from": None if resumed is None else [resumed.epoch, resumed.step]}
     arrays["outcome"] = np.frombuffer(json.dumps(outcome).encode(), dtype=np.uint8)

@@ -335,3 +335,26 @@ def test_the_optimizer_stores_its_variables_uncopied_where_keras_stores_numpy_co
     assert ours == keras_own and all(e.array is not None for e in ours.entries)
     assert sum(e.group.endswith("optimizer/vars") for e in ours.entries) == len(
         model.optimizer.variables)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="Keras defers building on TF")
+def test_the_input_spec_builds_the_compiled_state_before_the_first_trace():
+    class Probe(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            model = self.model
+            self.spec = keras_compat.epoch_element_spec(model)
+            self.before = (model.optimizer.built, keras_compat.compiled_metrics(model).built)
+            keras_compat.symbolic_build(model, self.spec)
+            self.after = (model.optimizer.built, keras_compat.compiled_metrics(model).built)
+
+    class Custom(keras.Sequential):
+        def train_step(self, data):
+            return super().train_step(data)
+
+    model, probe = make_model(), Probe()
+    model.compile("adam", "mse", metrics=["mae"])
+    model.fit(X, Y, batch_size=5, epochs=1, verbose=0, callbacks=[probe])
+    assert [s.shape.as_list() for s in probe.spec] == [[None, X.shape[1]], [None, 1]]
+    assert probe.before == (False, False) and probe.after == (True, True)  # Keras: in the trace
+    assert keras_compat.has_keras_train_step(model)
+    assert not keras_compat.has_keras_train_step(Custom([keras.Input((2,)), keras.layers.Dense(1)]))

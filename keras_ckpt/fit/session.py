@@ -33,6 +33,7 @@ from typing import Any
 
 from keras_ckpt import keras_compat
 from keras_ckpt.fit import keras_callbacks
+from keras_ckpt.fit.first_trace import build_before_first_trace
 from keras_ckpt.fit.step_guards import StepGuards
 from keras_ckpt.warn import warn
 
@@ -271,6 +272,7 @@ def seal(model: Any) -> FitSession:
         keras_compat.set_private(model, "_keras_ckpt_session", session)
     if not session.sealed:
         session.sealed = True
+        build_before_first_trace(model)  # as a resumed fit must (keras_ckpt/fit/first_trace.py)
         _claim_data(model)
         session.guards = StepGuards(model, session)
         session.adapters = keras_callbacks.attach(session)
