@@ -16,9 +16,9 @@ from keras_ckpt.manager import (
     best_checkpoint,
     latest_checkpoint,
     list_checkpoints,
-    restore,
 )
 from keras_ckpt.monitor import Decision, Monitor, infer_mode
+from keras_ckpt.restoring import restore
 from keras_ckpt.retention import KeepBest, KeepEvery, KeepLast
 from keras_ckpt.state import StateMismatchError
 from keras_ckpt.storage import CorruptCheckpointError, ForeignFileError

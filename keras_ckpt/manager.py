@@ -6,24 +6,25 @@ Also the functional API for code that does not use the callback:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
 import re
 import string
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from keras_ckpt import state as state_lib
 from keras_ckpt import storage
 from keras_ckpt.jsonsafe import decode_float
 from keras_ckpt.rng import rng_tuples
-from keras_ckpt.state_checks import check_progress, check_snapshot, state_bytes_bound
+from keras_ckpt.state_checks import check_progress, check_snapshot
 from keras_ckpt.warn import warn
 
 __all__ = ["CheckpointInfo", "list_checkpoints", "latest_checkpoint", "best_checkpoint",
-           "restore", "template_regex", "read_infos", "latest_valid", "read_verified",
-           "candidate_paths", "in_order", "info_of"]
+           "template_regex", "read_infos", "latest_valid", "read_verified",
+           "read_verified_lazily", "candidate_paths", "in_order", "info_of"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +128,18 @@ def read_verified(path: str, verify: bool = True,
     Raises:
         CorruptCheckpointError: the file is damaged, foreign or its state malformed.
     """
-    snapshot = storage.read(path, verify=verify, state_bytes=state_bytes)
+    return _checked(path, storage.read(path, verify=verify, state_bytes=state_bytes))
+
+
+@contextlib.contextmanager
+def read_verified_lazily(path: str, state_bytes: int | None = None
+                         ) -> Iterator[state_lib.Snapshot]:
+    """`read_verified` whose arrays are read when asked for (`storage.read_lazily`)."""
+    with storage.read_lazily(path, state_bytes=state_bytes) as snapshot:
+        yield _checked(path, snapshot)
+
+
+def _checked(path: str, snapshot: state_lib.Snapshot) -> state_lib.Snapshot:
     try:
         check_snapshot(snapshot)
         if snapshot.meta.get("rng") is not None:
@@ -225,7 +237,8 @@ def latest_checkpoint(directory: str | os.PathLike, *, verify: bool = True
 def latest_valid(infos: Sequence[CheckpointInfo], *, verify: bool = True,
                  state_bytes: int | None = None,
                  fits: Callable[[state_lib.Snapshot], Any] | None = None,
-                 fetch: Callable[[CheckpointInfo], None] | None = None
+                 fetch: Callable[[CheckpointInfo], None] | None = None,
+                 lazy: contextlib.ExitStack | None = None
                  ) -> tuple[CheckpointInfo, state_lib.Snapshot] | None:
     """Reads the newest valid, finite checkpoint of `infos` (see `latest_checkpoint`).
 
@@ -234,7 +247,9 @@ def latest_valid(infos: Sequence[CheckpointInfo], *, verify: bool = True,
     a checkpoint is passed over for an older one that fits, with a warning
     naming it; when none fits, the newest one's mismatch is raised (a changed
     model is an error, never a silent fresh start). `fetch(info)`: called
-    before a checkpoint is read (a remote one is downloaded then).
+    before a checkpoint is read (a remote one is downloaded then). `lazy`:
+    the snapshot's arrays are read when asked for (`read_verified_lazily`),
+    its file open until `lazy` closes.
     """
     for info in infos:
         if info.error is not None and info.kind != "foreign":
@@ -245,8 +260,11 @@ def latest_valid(infos: Sequence[CheckpointInfo], *, verify: bool = True,
             continue
         if fetch is not None:
             fetch(info)
+        own = contextlib.ExitStack()
         try:
-            snapshot = read_verified(info.path, verify=verify, state_bytes=state_bytes)
+            snapshot = own.enter_context(read_verified_lazily(info.path, state_bytes)) \
+                if lazy is not None and verify else \
+                read_verified(info.path, verify=verify, state_bytes=state_bytes)
         except storage.CorruptCheckpointError as e:
             warn(f"Skipping a checkpoint that fails verification (left on disk): {e}")
             continue
@@ -254,10 +272,13 @@ def latest_valid(infos: Sequence[CheckpointInfo], *, verify: bool = True,
             if fits is not None:
                 fits(snapshot)
         except state_lib.StateMismatchError as e:
+            own.close()
             mismatches.append(state_lib.StateMismatchError(f"{info.path}: {e}"))
             continue
         for e in mismatches:
             warn(f"Skipping a checkpoint written for another model (left on disk): {e}")
+        if lazy is not None:
+            lazy.enter_context(own.pop_all())
         return info, snapshot
     if mismatches:
         raise mismatches[0]
@@ -283,51 +304,6 @@ def best_checkpoint(directory: str | os.PathLike, monitor: str | None = None,
         return None
     pick = min if mode == "min" else max
     return pick(scored, key=lambda c: c.monitor_value)
-
-
-def restore(model: Any, path: str | os.PathLike, *, weights_only: bool = False,
-            objects: Mapping[str, Any] | None = None, rng: bool = False) -> CheckpointInfo:
-    """Restores `model` (and its optimizer) from one checkpoint file.
-
-    Use it to start a new run from any earlier checkpoint, e.g. to fine-tune on
-    fresh data from epoch 5 of an old run, writing into a new directory; the
-    old run's files are only read.
-
-    Args:
-        model: a built model with the same variables as the checkpoint's (the
-            optimizer may be unbuilt: it is built from the model first).
-        path: the checkpoint file.
-        weights_only: restore `model.variables` alone (any optimizer).
-        objects: stateful objects by key whose saved state to restore.
-        rng: also restore the global Python and NumPy RNG states.
-
-    Returns:
-        The checkpoint's `CheckpointInfo` (its `resume_point` says where the
-        run stood).
-
-    Raises:
-        CorruptCheckpointError: the file is not a valid checkpoint.
-        StateMismatchError: it does not fit the model; the message names the
-            first differing variable.
-        ValueError: the model is not built.
-
-    Example:
-    ```python
-    info = keras_ckpt.restore(model, "run1/ckpt-05.keras")
-    model.fit(new_x, new_y, initial_epoch=info.resume_point[0], epochs=10,
-              callbacks=[keras_ckpt.ModelCheckpoint("run2/ckpt-{epoch:02d}.keras")])
-    ```
-    """
-    path = os.fspath(path)
-    if not model.variables:
-        raise ValueError(
-            "The model is not built, so its variables cannot be restored. Build it first: "
-            "call it on a batch, call model.build(input_shape), or start it with keras.Input."
-        )
-    snapshot = read_verified(path, state_bytes=state_bytes_bound(model))
-    info = info_from_meta(path, snapshot.meta, os.path.getsize(path))
-    state_lib.apply(snapshot, model, objects, weights_only=weights_only, rng=rng)
-    return info
 
 
 def template_fields(template: str) -> list[str]:

@@ -270,7 +270,7 @@ def first_step_part(snapshot: Snapshot) -> Snapshot:
             name == "rng/torch_cpu_at_step"
 
     meta = snapshot.meta
-    return Snapshot({k: v for k, v in snapshot.arrays.items() if kept(k)}, {
+    return Snapshot({k: snapshot.arrays[k] for k in snapshot.arrays if kept(k)}, {
         "variables": {"metrics": meta["variables"]["metrics"]},
         "replicas": {k: c for k, c in meta.get("replicas", {}).items()
                      if k.startswith("metrics/")}})

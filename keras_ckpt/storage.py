@@ -22,12 +22,12 @@ import json
 import os
 import zipfile
 import zlib
+from collections.abc import Iterator
 from typing import Any
 
 import h5py
 import numpy as np
 
-from keras_ckpt import dtypes
 from keras_ckpt.state import Snapshot
 from keras_ckpt.storage_archive import (
     Slice,
@@ -36,6 +36,7 @@ from keras_ckpt.storage_archive import (
     check_member_crc,
     check_version,
 )
+from keras_ckpt.storage_arrays import LazyArrays, read_arrays
 from keras_ckpt.storage_format import (  # noqa: F401 - the format, as before
     _DATASET_NAME,
     _MAX_META_BYTES,
@@ -70,8 +71,9 @@ from keras_ckpt.storage_write import (  # noqa: F401 - the write side, as before
 )
 
 __all__ = ["CorruptCheckpointError", "ForeignFileError", "NonFiniteStateError", "write", "read",
-           "read_meta", "is_temporary", "extension", "Layout", "OnePassWeights", "OnePassArchive",
-           "KerasPartFirst", "choose_layout", "FORMAT", "FORMAT_VERSION", "EXTENSIONS"]
+           "read_lazily", "read_meta", "is_temporary", "extension", "Layout", "OnePassWeights",
+           "OnePassArchive", "KerasPartFirst", "choose_layout", "FORMAT", "FORMAT_VERSION",
+           "EXTENSIONS"]
 
 
 def _member_window(path: str, archive: zipfile.ZipFile, member: str,
@@ -312,11 +314,32 @@ def read(path: str, verify: bool = True, state_bytes: int | None = None) -> Snap
     Raises:
         CorruptCheckpointError: partial, damaged, foreign or from a newer format.
     """
+    with _one_error(path), _verified(path, verify, Limit(state_bytes), keep=True) as snapshot:
+        return snapshot
+
+
+@contextlib.contextmanager
+def read_lazily(path: str, state_bytes: int | None = None) -> Iterator[Snapshot]:
+    """`read`, verified whole, whose arrays are read again one by one when asked for.
+
+    Every check and checksum of `read` passes before the `Snapshot` is
+    handed over (each array is read, checksummed and let go); its `arrays`
+    (`storage_arrays.LazyArrays`) then read each array from the open file
+    when asked for, so a restore holds one variable's array at a time. Valid
+    inside the `with` block only.
+
+    Raises:
+        CorruptCheckpointError: as `read`, on entering.
+    """
+    stack = contextlib.ExitStack()
     with _one_error(path):
-        return _read(path, verify, Limit(state_bytes))
+        snapshot = stack.enter_context(_verified(path, True, Limit(state_bytes), keep=False))
+    with stack:
+        yield snapshot
 
 
-def _read(path: str, verify: bool, limit: Limit) -> Snapshot:
+@contextlib.contextmanager
+def _verified(path: str, verify: bool, limit: Limit, keep: bool) -> Iterator[Snapshot]:
     sidecar = archive_meta_text(path) if path.endswith(".keras") else None
     if sidecar is not None:
         # Our member holds what its own index declares (Keras's datasets share
@@ -334,65 +357,10 @@ def _read(path: str, verify: bool, limit: Limit) -> Snapshot:
         data = _hard_child(path, group, "arrays", "the arrays group")
         if data is not None and not isinstance(data, h5py.Group):
             raise CorruptCheckpointError(f"{path}: the arrays group is not a group.")
-        arrays: dict[str, np.ndarray] = {}
-        total = 0
-        # Checksums run on a worker thread while the next array is read
-        # (zlib and HDF5 both release the GIL).
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=1) if verify else None
-        checks: list[tuple[str, Any, Any]] = []
         try:
-            _read_arrays(path, data, meta.pop("arrays"), arrays, limit, total, pool, checks)
-            for name, future, expected in checks:
-                if future.result() != expected:
-                    raise CorruptCheckpointError(f"{path}: array {name!r} fails its checksum.")
+            arrays, found = read_arrays(path, data, meta.pop("arrays"), limit, pool, keep)
         finally:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
-    return Snapshot(arrays=arrays, meta=meta)
-
-
-def _read_arrays(path: str, data: Any, index: dict, arrays: dict, limit: Limit, total: int,
-                 pool: Any, checks: list) -> None:
-    """Reads and checks each indexed array into `arrays`; queues its checksum on `pool`."""
-    for name, entry in index.items():
-        if not isinstance(entry, dict):
-            raise CorruptCheckpointError(f"{path}: array {name!r} has no index entry.")
-        dataset_name = str(entry.get("dataset"))
-        if not _DATASET_NAME.fullmatch(dataset_name):
-            raise CorruptCheckpointError(
-                f"{path}: array {name!r} points at {dataset_name!r}, not at one of the "
-                "checkpoint's own datasets; refusing it.")
-        link = data.get(dataset_name, getlink=True) if data is not None else None
-        dataset = data.get(dataset_name) if isinstance(link, h5py.HardLink) else None
-        if not isinstance(dataset, h5py.Dataset):
-            raise CorruptCheckpointError(f"{path}: array {name!r} is missing.")
-        _check_dataset_storage(path, name, dataset)
-        try:
-            declared = dtypes.declared(entry["dtype"])
-            shape = [int(d) for d in entry["shape"]]
-        except (KeyError, TypeError, ValueError):
-            raise CorruptCheckpointError(
-                f"{path}: array {name!r} has a malformed index entry.") from None
-        total += dataset.size * dataset.dtype.itemsize
-        if total > limit.arrays:
-            raise CorruptCheckpointError(
-                f"{path}: the arrays declare more than {limit.arrays} bytes, "
-                f"{limit.what}; refusing to read them.")
-        if not dtypes.allowed(declared) or dataset.dtype != dtypes.stored(declared):
-            raise CorruptCheckpointError(
-                f"{path}: array {name!r} has dtype {dataset.dtype}, declared {declared}.")
-        if list(dataset.shape) != shape:
-            raise CorruptCheckpointError(
-                f"{path}: array {name!r} has shape {dataset.shape}, declared {tuple(shape)}.")
-        if dataset.size and dataset.id.get_storage_size() < dataset.nbytes and (
-                dataset.compression is None):
-            raise CorruptCheckpointError(f"{path}: array {name!r} is truncated.")
-        try:
-            array = dataset[()]
-        except (OSError, ValueError) as e:
-            raise CorruptCheckpointError(f"{path}: array {name!r} cannot be read: {e}.") \
-                from None
-        array = dtypes.as_declared(np.asarray(array), declared)
-        if pool is not None:
-            checks.append((name, pool.submit(_crc, array), entry.get("crc32")))
-        arrays[name] = array
+        yield Snapshot(arrays=arrays if keep else LazyArrays(path, found), meta=meta)

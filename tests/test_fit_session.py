@@ -297,20 +297,20 @@ def test_a_fit_stopped_mid_epoch_leaves_no_garbage_cycle_holding_its_data(tmp_pa
 
 
 def _watch_reads(monkeypatch) -> list:
-    """Weak references to every snapshot `manager.read_verified` returns from now on."""
+    """Weak references to every snapshot read and checked from now on (whole or lazily)."""
     import weakref
 
     from keras_ckpt import manager
 
     read = []
-    original = manager.read_verified
+    original = manager._checked
 
-    def read_verified(*args, **kwargs):
+    def checked(*args, **kwargs):
         snapshot = original(*args, **kwargs)
         read.append(weakref.ref(snapshot))
         return snapshot
 
-    monkeypatch.setattr(manager, "read_verified", read_verified)
+    monkeypatch.setattr(manager, "_checked", checked)
     return read
 
 

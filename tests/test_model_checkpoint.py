@@ -440,3 +440,50 @@ def test_no_save_copies_the_state_not_even_a_process_s_first(tmp_path, ext):
     model.fit(x, x, epochs=2, verbose=0, callbacks=[Around(True), checkpoint, Around(False)])
     assert len(os.listdir(tmp_path)) == 2 and state > 12 * 2**20
     assert max(peaks) < 0.05 * state, [p / state for p in peaks]  # first and second save
+
+
+@pytest.mark.parametrize("ext", [".weights.h5", ".keras"])
+def test_restore_and_resume_hold_one_variable_at_a_time_not_a_copy_of_the_state(tmp_path, ext):
+    """Every checksum passes before anything is assigned (a read holds two arrays at most),
+    then each array is read again as it is assigned: never the whole state in memory."""
+    import tracemalloc
+
+    def build(seed):
+        keras.utils.set_random_seed(seed)
+        model = keras.Sequential([keras.Input((512,))] +
+                                 [keras.layers.Dense(512) for _ in range(16)])
+        model.compile(keras.optimizers.Adam(1e-3), "mse")
+        return model
+
+    x = np.ones((8, 512), "float32")
+    model = build(0)
+    path = str(tmp_path / f"c{ext}")
+    model.fit(x, x, epochs=2, verbose=0, callbacks=[keras_ckpt.ModelCheckpoint(
+        path, save_weights_only=ext == ".weights.h5")])
+    state = sum(v.numpy().nbytes for v in model.variables + model.optimizer.variables)
+    largest = max(v.numpy().nbytes for v in model.variables)
+    assert state > 40 * largest  # so a whole copy would show (fixed costs: a 1 MiB buffer)
+
+    restored = build(1)
+    restored.optimizer.build(restored.trainable_variables)
+    tracemalloc.start()
+    keras_ckpt.restore(restored, path)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert_same_state(model, restored)
+    assert peak < 0.15 * state, peak / state
+
+    peaks = []
+
+    class Measured(keras.callbacks.Callback):  # from before the checkpoint's train begin
+        def on_train_begin(self, logs=None):
+            peaks.append(tracemalloc.get_traced_memory()[1])
+            tracemalloc.stop()
+
+    resumed = build(2)
+    tracemalloc.start()
+    resumed.fit(x, x, epochs=2, verbose=0, callbacks=[keras_ckpt.ModelCheckpoint(
+        path, save_weights_only=ext == ".weights.h5", resume=True), Measured()])
+    assert resumed.optimizer.iterations.numpy() == model.optimizer.iterations.numpy()
+    assert_same_state(model, resumed)
+    assert peaks and peaks[0] < 0.15 * state, peaks[0] / state

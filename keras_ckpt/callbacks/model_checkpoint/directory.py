@@ -117,15 +117,16 @@ class CheckpointDirectory:
                                                    state_bytes=state_bytes)
                                 + list(self.remote_only.values()))
 
-    def latest(self, state_bytes: int | None = None, fits: Any = None
+    def latest(self, state_bytes: int | None = None, fits: Any = None, lazy: Any = None
                ) -> tuple[manager.CheckpointInfo, Any] | None:
         """The newest valid checkpoint to resume from, read and verified, or None.
 
         `state_bytes`: the most its arrays may take (`state_checks.state_bytes_bound`).
-        `fits`: see `manager.latest_valid` (another model's checkpoints are skipped).
+        `fits`, `lazy`: see `manager.latest_valid` (another model's checkpoints are
+        skipped; with `lazy`, arrays are read when asked for).
         """
         return manager.latest_valid(self.resumable(state_bytes), state_bytes=state_bytes,
-                                    fits=fits, fetch=self._fetch)
+                                    fits=fits, fetch=self._fetch, lazy=lazy)
 
     def _fetch(self, info: manager.CheckpointInfo) -> None:
         """Downloads a remote-only checkpoint before resume reads it."""

@@ -13,6 +13,7 @@ first calls of the step function consume them without training (`Replay`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -127,7 +128,16 @@ def _check_fit_arguments(owner: Any, info: Any, progress: dict, step: int) -> No
 
 
 def resume(owner: Any) -> None:
-    """Restores the newest valid checkpoint into `owner`'s model and fit (at train begin)."""
+    """Restores the newest valid checkpoint into `owner`'s model and fit (at train begin).
+
+    The checkpoint is verified whole before anything is assigned; its arrays
+    are then read one at a time as they are assigned (its file open until here).
+    """
+    with contextlib.ExitStack() as lazy:
+        _resume(owner, lazy)
+
+
+def _resume(owner: Any, lazy: contextlib.ExitStack) -> None:
     model, fit = owner.model, owner.fit
     bound = state_bytes_bound(model)  # nothing bigger than the model's state is read
 
@@ -135,9 +145,9 @@ def resume(owner: Any) -> None:
         _build_lazily(model, snapshot)
         state_lib.check_compatible(snapshot.meta, model)
 
-    own = owner.files.latest(bound, fits) if owner.options.resume is not True else None
+    own = owner.files.latest(bound, fits, lazy) if owner.options.resume is not True else None
     if owner.options.resume is True:
-        found = owner.files.latest(bound, fits)
+        found = owner.files.latest(bound, fits, lazy)
         if found is None:
             _agree(owner, None)
             _no_valid_checkpoint(owner)
@@ -150,7 +160,8 @@ def resume(owner: Any) -> None:
         print_msg(f"ModelCheckpoint: {owner.files.path} already holds this run's "
                   f"checkpoints; continuing from {info.path}, not from {owner.options.resume}.")
     else:
-        snapshot = manager.read_verified(owner.options.resume, state_bytes=bound)
+        snapshot = lazy.enter_context(
+            manager.read_verified_lazily(owner.options.resume, state_bytes=bound))
         info = manager.info_from_meta(owner.options.resume, snapshot.meta)
         fits(snapshot)  # (the directory's checkpoints were checked as they were chosen)
     _agree(owner, info)
