@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -32,9 +33,13 @@ class StateMismatchError(ValueError):
 
 @dataclasses.dataclass
 class Snapshot:
-    """A captured training state: `arrays` by name and JSON-safe `meta`."""
+    """A captured training state: `arrays` by name and JSON-safe `meta`.
 
-    arrays: dict[str, np.ndarray]
+    `arrays` is a dict, except in a checkpoint read lazily
+    (`storage.read_lazily`): a mapping that reads each array when asked for.
+    """
+
+    arrays: Mapping[str, np.ndarray]
     meta: dict[str, Any]
 
 
