@@ -243,6 +243,33 @@ def test_on_disk_best_weights(tmp_path):
     assert_has_best(model, tracker)
 
 
+def test_on_disk_best_weights_come_back_one_array_at_a_time(tmp_path):
+    """Verified whole first, then each array read as `set_weights` assigns it."""
+    model = keras.Sequential([keras.Input((512,))] + [keras.layers.Dense(512) for _ in range(16)])
+    cb = keras_ckpt.EarlyStopping(patience=1, restore_best_weights=True,
+                                  best_weights_path=tmp_path / "best.weights.h5")
+    best = [w.numpy() for w in model.weights]
+    cb.set_model(model)
+    model.stop_training = False
+    cb.on_train_begin()
+    cb.on_epoch_end(0, {"val_loss": 1.0})  # the best epoch: written to the file
+    for w in model.weights:
+        w.assign(np.zeros(w.shape, w.dtype))
+    size = sum(a.nbytes for a in best)
+    tracemalloc.start()
+    try:
+        for epoch in (1, 2):
+            cb.on_epoch_end(epoch, {"val_loss": 2.0})
+        cb.on_train_end()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert model.stop_training
+    for a, w in zip(best, model.weights, strict=True):
+        np.testing.assert_array_equal(a, w.numpy())
+    assert peak < 0.3 * size, peak / size  # the whole file was 1.0x
+
+
 # ------------------------------------------------------------------ resume
 def test_resumed_run_that_had_stopped_trains_no_further(tmp_path, capsys):
     path = str(tmp_path / "e{epoch}.keras")

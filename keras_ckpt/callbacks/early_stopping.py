@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections.abc
+import contextlib
 import math
 import os
 from typing import Any
@@ -293,17 +295,24 @@ class EarlyStopping(MonitorAttributes, StatefulCallback):
             self.best_weights = self.model.get_weights()
         self._has_best = True
 
-    def _read_best_file(self) -> tuple[Any, str] | None:
-        """The best weights of `best_epoch` from the file or its previous slot."""
+    def _read_best_file(self, stack: contextlib.ExitStack) -> tuple[Any, str] | None:
+        """The best weights of `best_epoch` from the file or its previous slot.
+
+        Verified whole, then read one array at a time (`storage.read_lazily`),
+        the file open until `stack` closes.
+        """
         found = []
         for path in (self.best_weights_path, self._previous_best_path()):
+            own = contextlib.ExitStack()
             try:
-                snapshot = storage.read(path)
+                snapshot = own.enter_context(storage.read_lazily(path))
             except (OSError, storage.CorruptCheckpointError) as e:
                 found.append(f"{path}: {e}")
                 continue
             if snapshot.meta.get("epoch") == self.best_epoch:
+                stack.enter_context(own.pop_all())
                 return snapshot, path
+            own.close()
             found.append(f"{path} holds the weights of epoch {snapshot.meta.get('epoch', -1) + 1}")
         # Both written after the checkpoint this run resumed from, by a run
         # that then crashed: not the best epoch of this run's history.
@@ -317,19 +326,20 @@ class EarlyStopping(MonitorAttributes, StatefulCallback):
         if not self.restore_best_weights or not self._has_best:
             return
         where = "host memory"
-        if self.best_weights_path is not None:
-            if self._workers is not None and in_step:
-                self._workers.barrier()  # until the chief has written the file
-            read = self._read_best_file()
-            if read is None:
-                return
-            snapshot, where = read
-            values = [snapshot.arrays[f"weights/{i:05d}"] for i in range(len(snapshot.arrays))]
-        else:
-            values = self.best_weights
-            if self._restored_from == "checkpoint":
-                where = "the checkpoint resumed from"
-        self.model.set_weights(values)
+        with contextlib.ExitStack() as stack:
+            if self.best_weights_path is not None:
+                if self._workers is not None and in_step:
+                    self._workers.barrier()  # until the chief has written the file
+                read = self._read_best_file(stack)
+                if read is None:
+                    return
+                snapshot, where = read
+                values: Any = _InOrder(snapshot.arrays)  # each read as it is assigned
+            else:
+                values = self.best_weights
+                if self._restored_from == "checkpoint":
+                    where = "the checkpoint resumed from"
+            self.model.set_weights(values)
         if self.verbose > 0:
             print_msg(f"Restoring model weights from the end of the best epoch: "
                       f"{self.best_epoch + 1} ({self.monitor} = {self.best}), kept in {where}.")
@@ -345,3 +355,19 @@ class EarlyStopping(MonitorAttributes, StatefulCallback):
         if self.verbose > 0:
             print_msg("EarlyStopping: training was interrupted; restoring the best weights.")
         self._restore_best()
+
+
+class _InOrder(collections.abc.Sequence):
+    """A best-weights file's arrays in `model.weights` order, each read when `set_weights`
+    takes it (one array in memory at a time)."""
+
+    def __init__(self, arrays: Any) -> None:
+        self._arrays = arrays
+
+    def __len__(self) -> int:
+        return len(self._arrays)
+
+    def __getitem__(self, i: Any) -> Any:
+        if not isinstance(i, int) or not 0 <= i < len(self):
+            raise IndexError(i)
+        return self._arrays[f"weights/{i:05d}"]
