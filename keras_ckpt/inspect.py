@@ -9,7 +9,7 @@ import os
 from typing import Any
 
 from keras_ckpt.jsonsafe import encode_float
-from keras_ckpt.manager import CheckpointInfo, list_checkpoints, read_verified
+from keras_ckpt.manager import CheckpointInfo, list_checkpoints, read_verified_lazily
 from keras_ckpt.monitor import infer_mode
 from keras_ckpt.plots import draw, plot_checkpoints
 from keras_ckpt.storage import read_meta
@@ -100,7 +100,8 @@ def _verified(info: CheckpointInfo) -> CheckpointInfo:
     if info.error is not None:
         return info
     try:
-        read_verified(info.path)
+        with read_verified_lazily(info.path):  # every checksum; two arrays in memory at most
+            pass
     except CorruptCheckpointError as e:
         return dataclasses.replace(info, error=str(e))
     return info
