@@ -32,21 +32,15 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from first_save_bench import _reset_peak, _status  # noqa: E402 - the same peak RSS probes
+
 METHODS = ("read", "keras_ckpt.restore", "load_weights")
-
-
-def _status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
 
 
 def child(method: str, millions: float, directory: str) -> dict:
     """One measurement, in this (fresh) process."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    sys.path.insert(0, HERE)
     import keras
     import save_bench
 
@@ -56,8 +50,7 @@ def child(method: str, millions: float, directory: str) -> dict:
     model = save_bench.build(millions)  # trained one step: the optimizer is built
     state = sum(v.numpy().nbytes for v in save_bench.state_variables(model))
     ours, theirs = (os.path.join(directory, n) for n in ("c.weights.h5", "k.weights.h5"))
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    _reset_peak()
     before = _status("VmRSS")
     start = time.perf_counter()
     if method == "read":
@@ -77,7 +70,6 @@ def child(method: str, millions: float, directory: str) -> dict:
 def write_files(millions: float, directory: str) -> None:
     """The checkpoint (`ModelCheckpoint`, after one more step) and Keras's own file."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    sys.path.insert(0, HERE)
     import keras
     import numpy as np
     import save_bench
