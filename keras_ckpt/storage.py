@@ -36,7 +36,7 @@ from keras_ckpt.storage_archive import (
     check_member_crc,
     check_version,
 )
-from keras_ckpt.storage_arrays import LazyArrays, read_arrays
+from keras_ckpt.storage_arrays import LazyArrays, file_stamp, read_arrays
 from keras_ckpt.storage_format import (  # noqa: F401 - the format, as before
     _DATASET_NAME,
     _MAX_META_BYTES,
@@ -340,6 +340,7 @@ def read_lazily(path: str, state_bytes: int | None = None) -> Iterator[Snapshot]
 
 @contextlib.contextmanager
 def _verified(path: str, verify: bool, limit: Limit, keep: bool) -> Iterator[Snapshot]:
+    stamp = None if keep else file_stamp(path)
     sidecar = archive_meta_text(path) if path.endswith(".keras") else None
     if sidecar is not None:
         # Our member holds what its own index declares (Keras's datasets share
@@ -363,4 +364,6 @@ def _verified(path: str, verify: bool, limit: Limit, keep: bool) -> Iterator[Sna
         finally:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
-        yield Snapshot(arrays=arrays if keep else LazyArrays(path, found), meta=meta)
+        if stamp is not None and file_stamp(path) != stamp:
+            raise CorruptCheckpointError(f"{path} was written while it was being verified.")
+        yield Snapshot(arrays=arrays if keep else LazyArrays(path, found, stamp), meta=meta)

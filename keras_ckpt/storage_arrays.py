@@ -12,6 +12,7 @@ nothing is assigned before every checksum has passed.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -27,7 +28,7 @@ from keras_ckpt.storage_format import (
 )
 from keras_ckpt.storage_limits import Limit
 
-__all__ = ["read_arrays", "LazyArrays"]
+__all__ = ["read_arrays", "LazyArrays", "file_stamp"]
 
 
 def read_arrays(path: str, data: Any, index: dict, limit: Limit, pool: Any,
@@ -112,19 +113,35 @@ def read_dataset(path: str, name: str, dataset: Any, declared: np.dtype) -> np.n
     return dtypes.as_declared(np.asarray(array), declared)
 
 
+def file_stamp(path: str) -> tuple[int, int, int, int]:
+    """What changes when a file is written in place: (inode, size, mtime, ctime)."""
+    st = os.stat(path)
+    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
 class LazyArrays(Mapping):
     """A verified checkpoint's arrays, each read from the open file when asked for.
 
     Valid while the file is open (`storage.read_lazily`). Each access reads
     the array again (a fresh numpy array, the caller's to keep or drop);
-    `spec(name)` gives its shape and dtype without reading it.
+    `spec(name)` gives its shape and dtype without reading it. keras-ckpt only
+    ever replaces a checkpoint by rename, which leaves the open file as it was
+    verified; a file written in place since (another program's `cp` over it)
+    is refused at the next access, naming it, instead of handing out
+    unverified data.
     """
 
-    def __init__(self, path: str, found: dict[str, tuple]) -> None:
-        self._path, self._found = path, found
+    def __init__(self, path: str, found: dict[str, tuple], stamp: tuple) -> None:
+        self._path, self._found, self._stamp = path, found, stamp
 
     def __getitem__(self, name: str) -> np.ndarray:
         dataset, declared = self._found[name]
+        now = file_stamp(self._path) if os.path.exists(self._path) else None
+        if now is not None and now[0] == self._stamp[0] and now != self._stamp:
+            raise CorruptCheckpointError(
+                f"{self._path} was written in place after it was verified; refusing its "
+                f"array {name!r}. What was being restored from it may be partly assigned: "
+                "restore again once nothing else writes the file.")
         try:
             return read_dataset(self._path, name, dataset, declared)
         except (RuntimeError, KeyError) as e:  # h5py: the file is closed

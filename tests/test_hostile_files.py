@@ -600,3 +600,16 @@ def test_resume_lists_nothing_larger_than_the_model_could_write(tmp_path):
         tracemalloc.stop()
     assert os.path.basename(checkpoint.resumed_from.path) == "c-1.weights.h5"
     assert peak < 40 << 20
+
+
+def test_a_checkpoint_written_in_place_after_it_was_verified_is_refused_not_read(saved):
+    """A lazy read hands out each array after the whole file was verified; another program
+    rewriting the file in place meanwhile (`cp` over it) must not slip unverified bytes in."""
+    _, path = saved
+    with storage.read_lazily(str(path)) as snapshot:
+        name = next(iter(snapshot.arrays))
+        assert snapshot.arrays[name].size  # read again from the verified file
+        with open(path, "r+b") as f:
+            f.truncate(4096)  # HDF5 would read zeros past the end, silently
+        with pytest.raises(keras_ckpt.CorruptCheckpointError, match="written in place"):
+            snapshot.arrays[name]
