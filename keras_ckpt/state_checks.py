@@ -195,9 +195,11 @@ def check_snapshot(snapshot: Snapshot) -> None:
     for group in GROUPS:
         for i, entry in enumerate(meta["variables"][group]):
             name = f"{group}/{i:05d}"
-            array = None if spec is not None else snapshot.arrays[name]
-            shape, dtype = spec(name) if spec is not None else (
-                list(getattr(array, "shape", ())), getattr(array, "dtype", None))
+            if spec is not None:
+                shape, dtype = spec(name)
+            else:
+                array = snapshot.arrays[name]
+                shape, dtype = list(getattr(array, "shape", ())), getattr(array, "dtype", None)
             if shape != entry["shape"] or getattr(dtype, "name", None) != entry["dtype"]:
                 raise StateMismatchError(
                     f"The checkpoint's array for {group} variable {entry['path']} is "

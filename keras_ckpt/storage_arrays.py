@@ -113,9 +113,12 @@ def read_dataset(path: str, name: str, dataset: Any, declared: np.dtype) -> np.n
     return dtypes.as_declared(np.asarray(array), declared)
 
 
-def file_stamp(path: str) -> tuple[int, int, int, int]:
-    """What changes when a file is written in place: (inode, size, mtime, ctime)."""
-    st = os.stat(path)
+def file_stamp(path: str) -> tuple[int, int, int, int] | None:
+    """What changes when a file is written in place: (inode, size, mtime, ctime); None if gone."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
     return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
@@ -136,18 +139,16 @@ class LazyArrays(Mapping):
 
     def __getitem__(self, name: str) -> np.ndarray:
         dataset, declared = self._found[name]
-        now = file_stamp(self._path) if os.path.exists(self._path) else None
-        if now is not None and now[0] == self._stamp[0] and now != self._stamp:
+        if not dataset.id.valid:  # a programming error, not a damaged file
+            raise RuntimeError(f"{self._path}: array {name!r} asked for after its file closed.")
+        now = file_stamp(self._path)  # deleted or renamed over: the open file is as verified
+        if now is not None and self._stamp is not None and now[:1] == self._stamp[:1] \
+                and now != self._stamp:
             raise CorruptCheckpointError(
                 f"{self._path} was written in place after it was verified; refusing its "
                 f"array {name!r}. What was being restored from it may be partly assigned: "
                 "restore again once nothing else writes the file.")
-        try:
-            return read_dataset(self._path, name, dataset, declared)
-        except (RuntimeError, KeyError) as e:  # h5py: the file is closed
-            raise CorruptCheckpointError(
-                f"{self._path}: array {name!r} was asked for after the file closed: {e}.") \
-                from None
+        return read_dataset(self._path, name, dataset, declared)
 
     def __contains__(self, name: object) -> bool:
         return name in self._found
