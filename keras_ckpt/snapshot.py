@@ -9,8 +9,48 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-__all__ = ["Stateful", "StateMismatchError", "Snapshot", "GROUPS", "normalise", "comparable",
-           "model_variables", "describe"]
+__all__ = ["Stateful", "StateMismatchError", "Snapshot", "HostBuffers", "GROUPS", "normalise",
+           "comparable", "model_variables", "describe"]
+
+
+class HostBuffers:
+    """Host arrays that one snapshot's copies reuse from the previous snapshot's.
+
+    A background write needs the variables copied where later steps write
+    them in place (torch). Fresh arrays for every save cost a page fault per
+    page (slow on VMs) and leave the allocator holding a second state's worth
+    of memory; these buffers are allocated at the first save and reused by
+    every later one. The owner must not reuse them while a write of the
+    previous snapshot is still in flight (ModelCheckpoint waits for it first).
+    """
+
+    def __init__(self) -> None:
+        self._arrays: dict[str, np.ndarray] = {}
+
+    def copy(self, key: str, value: np.ndarray) -> np.ndarray:
+        """`value` copied into the buffer kept under `key` (made, or remade, to fit it)."""
+        value = np.asarray(value)
+        buffer = self._arrays.get(key)
+        if buffer is None or buffer.shape != value.shape or buffer.dtype != value.dtype:
+            buffer = self._arrays[key] = np.empty(value.shape, value.dtype)
+        np.copyto(buffer, value)
+        return buffer
+
+    def keep_only(self, keys: set[str]) -> None:
+        """Drops the buffers of variables no longer captured."""
+        for key in set(self._arrays) - keys:
+            del self._arrays[key]
+
+    def release(self) -> None:
+        self._arrays.clear()
+
+    def items(self):
+        """(variable key, buffer) pairs."""
+        return self._arrays.items()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self._arrays.values())
 
 
 @runtime_checkable

@@ -22,6 +22,7 @@ from keras_ckpt.jsonsafe import to_json_value
 from keras_ckpt.replicas import assign_replicas, drifted, replica_arrays
 from keras_ckpt.rng import capture_rng, restore_rng_at_step, rng_state, rng_tuples, torch_if_used
 from keras_ckpt.snapshot import (
+    HostBuffers,
     Snapshot,
     Stateful,
     StateMismatchError,
@@ -30,10 +31,9 @@ from keras_ckpt.snapshot import (
 )
 from keras_ckpt.state_checks import check_compatible, check_snapshot
 
-__all__ = ["Stateful", "Snapshot", "capture", "host_view", "view_is_stable", "object_states",
-           "capture_rng", "restore_rng_at_step", "apply", "apply_metrics", "saved_metrics",
-           "first_step_part",
-           "check_compatible", "StateMismatchError"]
+__all__ = ["Stateful", "Snapshot", "HostBuffers", "capture", "host_view", "view_is_stable",
+           "object_states", "capture_rng", "restore_rng_at_step", "apply", "apply_metrics",
+           "saved_metrics", "first_step_part", "check_compatible", "StateMismatchError"]
 
 
 def object_states(objects: Mapping[str, Stateful]) -> dict[str, dict]:
@@ -44,7 +44,8 @@ def object_states(objects: Mapping[str, Stateful]) -> dict[str, dict]:
 def capture(model: Any, states: Mapping[str, Mapping[str, Any]] | None = None,
             progress: Mapping[str, Any] | None = None,
             rng: tuple[dict, dict[str, np.ndarray]] | None = None,
-            metrics: list[np.ndarray] | None = None, copy: bool = True) -> Snapshot:
+            metrics: list[np.ndarray] | None = None, copy: bool = True,
+            buffers: HostBuffers | None = None) -> Snapshot:
     """Captures the full training state of `model` into host memory.
 
     Args:
@@ -59,6 +60,8 @@ def capture(model: Any, states: Mapping[str, Mapping[str, Any]] | None = None,
             while training goes on). False: read without a copy where the
             backend allows it, for a caller that writes the snapshot out
             before the next training step (`host_view`).
+        buffers: with `copy`, copy into these reused arrays instead of new
+            ones (the previous snapshot taken with them must be written out).
 
     Returns:
         A `Snapshot`; its variable arrays are copies, unaffected by later
@@ -73,8 +76,11 @@ def capture(model: Any, states: Mapping[str, Mapping[str, Any]] | None = None,
             if group == "metrics" and metrics is not None and len(metrics) == len(variables):
                 arrays[f"{group}/{i:05d}"] = metrics[i]
             else:
-                view = host_view(v)
-                arrays[f"{group}/{i:05d}"] = np.array(view, copy=True) if copy else view
+                key, view = f"{group}/{i:05d}", host_view(v)
+                if copy:
+                    view = buffers.copy(key, view) if buffers is not None else \
+                        np.array(view, copy=True)
+                arrays[key] = view
         variables_meta[group] = described
     replicas: dict[str, int] = {}
     workers = multi_worker.workers_of(model)
@@ -129,6 +135,8 @@ def capture(model: Any, states: Mapping[str, Mapping[str, Any]] | None = None,
     }
     if replicas:
         meta["replicas"] = replicas
+    if buffers is not None:
+        buffers.keep_only(set(arrays))
     return Snapshot(arrays=arrays, meta=meta)
 
 

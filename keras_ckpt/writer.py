@@ -42,6 +42,11 @@ class BackgroundWriter:
         self._lock = threading.Lock()
         _live.add(self)
 
+    @property
+    def in_flight(self) -> bool:
+        """Whether a write was started and not yet waited for."""
+        return self._thread is not None
+
     def submit(self, job: Callable[[], Any]) -> None:
         """Waits for the previous write (raising its error, if any), then starts `job`."""
         self.wait()

@@ -228,3 +228,50 @@ def test_the_write_in_flight_commits_when_an_exception_ends_the_process(tmp_path
     assert sorted(os.listdir(tmp_path)) == ["e1.weights.h5", "e2.weights.h5", "events.log"]
     snapshot = storage.read(str(tmp_path / "e2.weights.h5"))
     assert snapshot.meta["progress"]["epoch"] == 1
+
+
+@pytest.mark.backends
+def test_background_copies_reuse_one_set_of_buffers_and_wait_for_the_write_before_it(
+        tmp_path, monkeypatch):
+    """Where a later step would change a view (torch; forced here on every backend), a
+    background save copies the state: into the same buffers every save, never before the
+    write of the previous save is done, and let go when the fit ends."""
+    from keras_ckpt import state as state_lib
+    from keras_ckpt.writer import BackgroundWriter
+
+    monkeypatch.setattr(state_lib, "view_is_stable", lambda: False)
+    # Each write is held until the training thread waits for it: a save that copied
+    # into the buffers before waiting would overwrite what the write in flight holds.
+    gate, real_write, real_wait = threading.Event(), storage.write, BackgroundWriter.wait
+
+    def held_write(*args, **kwargs):
+        assert gate.wait(60), "the training thread never waited for the write"
+        gate.clear()
+        return real_write(*args, **kwargs)
+
+    def wait(self):
+        if self.in_flight:
+            gate.set()
+        return real_wait(self)
+
+    monkeypatch.setattr(storage, "write", held_write)
+    monkeypatch.setattr(BackgroundWriter, "wait", wait)
+    seen = StateAtEpochEnd()
+    checkpoint = keras_ckpt.ModelCheckpoint(str(tmp_path / "e{epoch}.weights.h5"),
+                                            save_weights_only=True, async_write=True)
+    addresses = []
+
+    class Buffers(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):  # after the checkpoint's save
+            buffers = checkpoint.saver.buffers
+            addresses.append({k: v.__array_interface__["data"][0] for k, v in buffers.items()})
+
+    fit(make_model(seed=3, dropout=0.2, batchnorm=True), [seen, checkpoint, Buffers()],
+        epochs=4)
+    assert len(addresses) == 4 and len(addresses[0]) >= 10
+    assert all(a == addresses[0] for a in addresses)  # the same buffers every save
+    assert checkpoint.saver.buffers is None  # let go at the end of the fit
+    for epoch in range(4):  # and each file holds its own epoch's state
+        snapshot = storage.read(str(tmp_path / f"e{epoch + 1}.weights.h5"))
+        for i, value in enumerate(seen.states[epoch]):
+            np.testing.assert_array_equal(snapshot.arrays[f"model/{i:05d}"], value)

@@ -391,4 +391,5 @@ class ModelCheckpoint(MonitorAttributes, StatefulCallback):
     def _close_writer(self) -> None:
         if self.saver.writer is not None:
             self.saver.writer.drain()  # commit what is in flight (its error stays for later)
+        self.saver.release_buffers()
         self.fit.in_fit = False

@@ -61,6 +61,8 @@ class Saver:
         # (where, path, bookkeeping before it, (epoch, step)) of the background write
         self._in_flight: tuple[str, str, tuple, tuple] | None = None
         self._layout_cache: tuple | None = None
+        # A background write's copies (where later steps would change a view): reused.
+        self.buffers: state_lib.HostBuffers | None = None
         self.last_saved_path: str | None = None
         self.best_path: str | None = None
         self.last_save_seconds: float | None = None
@@ -186,9 +188,11 @@ class Saver:
         # Synchronous: written before training goes on, so read without copies.
         # In the background: without copies only where later steps cannot
         # change what was read (TensorFlow copies on write, JAX never writes).
-        snapshot = state_lib.capture(
-            model, states, progress, rng, metrics=metrics,
-            copy=self.writer is not None and not state_lib.view_is_stable())
+        copy = self.writer is not None and not state_lib.view_is_stable()
+        if copy and self.buffers is None:
+            self.buffers = state_lib.HostBuffers()
+        snapshot = state_lib.capture(model, states, progress, rng, metrics=metrics, copy=copy,
+                                     buffers=self.buffers if copy else None)
         meta = {
             "monitor": self.options.monitor,
             "monitor_value": _scalar(value), "loss": _scalar(loss),
@@ -216,6 +220,12 @@ class Saver:
         if self.options.retention:
             directory.apply_retention(self.options.retention,
                                       [self.best_path, self.last_saved_path])
+
+    def release_buffers(self) -> None:
+        """Lets go of the reused copies (the fit is over; its last write is committed)."""
+        if self.buffers is not None:
+            self.buffers.release()
+            self.buffers = None
 
     def wait(self) -> None:
         """Waits for the write in flight; a failure undoes it and follows `on_save_error`."""
