@@ -29,18 +29,7 @@ import sys
 import tempfile
 import time
 
-
-def _status(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(field)
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+from bench_common import reset_peak, status  # (benchmarks/ is this script's directory)
 
 
 def case(millions: float, ext: str, asynchronous: bool, saves: int, directory: str,
@@ -62,13 +51,13 @@ def case(millions: float, ext: str, asynchronous: bool, saves: int, directory: s
 
         def close(self):
             if rows and "peak_extra_bytes" not in rows[-1]:
-                rows[-1]["peak_extra_bytes"] = _status("VmHWM") - self.rss
+                rows[-1]["peak_extra_bytes"] = status("VmHWM") - self.rss
                 rows[-1]["peak_extra_over_state"] = rows[-1]["peak_extra_bytes"] / state
 
         def on_epoch_end(self, epoch, logs=None):
             self.close()
-            self.rss, self.started = _status("VmRSS"), time.perf_counter()
-            _reset_peak()
+            self.rss, self.started = status("VmRSS"), time.perf_counter()
+            reset_peak()
 
     class After(keras.callbacks.Callback):
         def on_epoch_end(self, epoch, logs=None):  # after the checkpoint's save

@@ -33,7 +33,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from first_save_bench import _reset_peak, _status  # noqa: E402 - the same peak RSS probes
+from bench_common import drop_caches, reset_peak, status  # noqa: E402 - the shared probes
 
 METHODS = ("read", "keras_ckpt.restore", "load_weights")
 
@@ -50,8 +50,8 @@ def child(method: str, millions: float, directory: str) -> dict:
     model = save_bench.build(millions)  # trained one step: the optimizer is built
     state = sum(v.numpy().nbytes for v in save_bench.state_variables(model))
     ours, theirs = (os.path.join(directory, n) for n in ("c.weights.h5", "k.weights.h5"))
-    _reset_peak()
-    before = _status("VmRSS")
+    reset_peak()
+    before = status("VmRSS")
     start = time.perf_counter()
     if method == "read":
         buffer = bytearray(4 << 20)
@@ -63,7 +63,7 @@ def child(method: str, millions: float, directory: str) -> dict:
     else:
         model.load_weights(theirs)
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "peak_extra": (_status("VmHWM") - before) / state,
+    return {"seconds": seconds, "peak_extra": (status("VmHWM") - before) / state,
             "state_bytes": state}
 
 
@@ -82,16 +82,6 @@ def write_files(millions: float, directory: str) -> None:
     model.fit(x, x, epochs=1, verbose=0, callbacks=[keras_ckpt.ModelCheckpoint(
         os.path.join(directory, "c.weights.h5"), save_weights_only=True)])
     model.save_weights(os.path.join(directory, "k.weights.h5"))
-
-
-def _drop_caches() -> bool:
-    os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3")
-        return True
-    except OSError:
-        return False
 
 
 def _warm(path: str) -> None:
@@ -124,7 +114,7 @@ def main(argv: list[str]) -> int:
         for cache in ("cold", "warm"):
             for method in METHODS:
                 if cache == "cold":
-                    dropped = _drop_caches() and dropped
+                    dropped = drop_caches() and dropped
                 else:
                     for name in ("c.weights.h5", "k.weights.h5"):
                         _warm(os.path.join(directory, name))
