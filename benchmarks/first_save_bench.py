@@ -11,7 +11,9 @@ epochs of `--steps-between` steps saves at every epoch end; with
 the step writes while the snapshot holds them). Per save: the time
 `ModelCheckpoint` blocked the training thread, and the peak RSS from the save
 to the next one (its step included) above the RSS before it (`VmHWM`, reset
-through `/proc/self/clear_refs`); for the last, its commit's time. Each
+through `/proc/self/clear_refs`) and the RSS it left behind (at the window's
+end above its start); for the last, its commit's time; and the RSS after the
+fit above the RSS before the first save (what the saves kept). Each
 process also times Keras's `model.save_weights` twice (not durable), the
 anchor of the async target. The state is weights plus Adam's
 two slots. `os.sync()` before each process; every save's raw values go to
@@ -42,7 +44,9 @@ def case(millions: float, ext: str, asynchronous: bool, saves: int, directory: s
     import keras_ckpt
 
     model = build(millions)  # save_bench's Dense stack, trained one step: the optimizer built
-    x = np.zeros((64, model.input_shape[-1]), "float32")
+    # One batch (32 rows) for each step of an epoch: fewer rows would end each epoch
+    # early ("ran out of data"), with fewer steps between the saves than asked for.
+    x = np.zeros((max(2, steps) * 32, model.input_shape[-1]), "float32")
     state = sum(v.numpy().nbytes for v in model.variables + model.optimizer.variables)
     rows: list[dict] = []
 
@@ -53,10 +57,14 @@ def case(millions: float, ext: str, asynchronous: bool, saves: int, directory: s
             if rows and "peak_extra_bytes" not in rows[-1]:
                 rows[-1]["peak_extra_bytes"] = status("VmHWM") - self.rss
                 rows[-1]["peak_extra_over_state"] = rows[-1]["peak_extra_bytes"] / state
+                # What the window left behind: the RSS at its end above the RSS at its start.
+                rows[-1]["rss_growth_over_state"] = (status("VmRSS") - self.rss) / state
 
         def on_epoch_end(self, epoch, logs=None):
             self.close()
             self.rss, self.started = status("VmRSS"), time.perf_counter()
+            if not rows:
+                self.first_rss = self.rss
             reset_peak()
 
     class After(keras.callbacks.Callback):
@@ -71,6 +79,7 @@ def case(millions: float, ext: str, asynchronous: bool, saves: int, directory: s
     model.fit(x, x, epochs=saves, steps_per_epoch=steps, verbose=0,
               callbacks=[measure, checkpoint, After()])
     measure.close()  # (the last window ends after fit waited for the last write)
+    kept = (status("VmRSS") - measure.first_rss) / state  # above the RSS before the first save
     rows[-1]["last_commit_s"] = checkpoint.last_save_seconds
     keras_times = []
     for _ in range(2):
@@ -78,7 +87,7 @@ def case(millions: float, ext: str, asynchronous: bool, saves: int, directory: s
         model.save_weights(os.path.join(directory, "keras.weights.h5"))
         keras_times.append(time.perf_counter() - started)
     return {"millions": millions, "ext": ext, "async": asynchronous, "steps_between": steps,
-            "state_bytes": state,
+            "state_bytes": state, "kept_after_fit_over_state": kept,
             "saves": rows, "keras_save_weights_s": keras_times}
 
 
@@ -116,8 +125,10 @@ def main() -> None:
                 saves = result["saves"]
                 print(f"{millions}M {ext} {'async' if asynchronous == '1' else 'sync'}: "
                       + "; ".join(f"blocked {r['blocked_s'] * 1000:.0f} ms, peak "
-                                  f"+{r['peak_extra_over_state']:.2f}x" for r in saves)
-                      + f"; save_weights {min(result['keras_save_weights_s']) * 1000:.0f} ms",
+                                  f"+{r['peak_extra_over_state']:.2f}x, left "
+                                  f"{r['rss_growth_over_state']:+.2f}x" for r in saves)
+                      + f"; save_weights {min(result['keras_save_weights_s']) * 1000:.0f} ms"
+                      + f"; kept after fit +{result['kept_after_fit_over_state']:.2f}x",
                       flush=True)
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
