@@ -1,8 +1,9 @@
-"""Training over several worker processes (`tf.distribute.MultiWorkerMirroredStrategy`).
+"""Training over several processes: `tf.distribute.MultiWorkerMirroredStrategy`, or JAX's
+`jax.distributed` (several processes, one Keras distribution over all their devices).
 
-Who writes (the chief only), and decisions all workers must take at the same
-step (a budget stop, a preemption signal that reached one of them), agreed by
-an all-reduce of one number among the workers.
+Who writes (the chief only: process 0 on JAX), and decisions all workers must
+take at the same step (a budget stop, a preemption signal that reached one of
+them), agreed by an all-reduce of one number among the workers.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import numpy as np
 
 from keras_ckpt import keras_compat
 
-__all__ = ["Workers", "is_chief", "workers_of"]
+__all__ = ["Workers", "JaxProcesses", "is_chief", "workers_of", "several_jax_processes"]
 
 
 class Workers:
@@ -36,6 +37,9 @@ class Workers:
         ...  # write
     ```
     """
+
+    # Each worker's replicas of a variable can differ (BatchNormalization's statistics).
+    per_replica_state = True
 
     def __init__(self, strategy: Any, task_type: str, task_id: int, count: int,
                  is_chief: bool) -> None:
@@ -118,6 +122,9 @@ class Workers:
         return [int(tf.get_static_value(i)) if tf.get_static_value(i) is not None
                 else int(i.numpy()) for i in self.strategy.experimental_local_results(ids)]
 
+    def check_model(self, model: Any, who: str) -> None:
+        """Raises where `model` cannot be checkpointed across these workers (nothing here)."""
+
     def barrier(self) -> None:
         """Returns once every worker has called it (an all-reduce of nothing)."""
         self.sum(0.0)
@@ -147,18 +154,110 @@ def is_chief(task_type: str | None, task_id: int, cluster: dict) -> bool:
     return task_type == "worker" and task_id == 0 and "chief" not in cluster
 
 
-def workers_of(model: Any) -> Workers | None:
-    """This process's `Workers` when `model` trains under a multi-worker strategy, else None.
+class JaxProcesses(Workers):
+    """This process's place among the processes of a multi-process JAX run.
+
+    After `jax.distributed.initialize`, Keras's distribution (`DataParallel`,
+    `ModelParallel`) spans the devices of every process, and each process runs
+    the same `fit`. Process 0 is the chief: it writes checkpoints, retention,
+    the directory lock, the ledger. A variable's value is the same on every
+    process (one global array), so no per-replica state is gathered.
 
     Args:
-        model: a Keras model (TensorFlow backend; other backends give None).
+        index: `jax.process_index()`.
+        count: `jax.process_count()` (more than one).
+
+    Example:
+
+    ```python
+    processes = workers_of(model)  # a JaxProcesses after jax.distributed.initialize
+    stop = processes.any(signal_seen)  # the same answer on every process
+    ```
+    """
+
+    per_replica_state = False
+
+    def __init__(self, index: int, count: int) -> None:
+        super().__init__(None, "process", index, count, index == 0)
+
+    def sum(self, value: float) -> float:
+        """The sum of `value` over all processes (every process calls it, in the same order).
+
+        The float64 travels as two uint32 words (JAX computes in 32 bits by
+        default), so the sum is exact for what the callbacks send (counts,
+        steps, flags).
+        """
+        from jax.experimental import multihost_utils
+
+        words = np.array([value], np.float64).view(np.uint32)
+        gathered = np.asarray(multihost_utils.process_allgather(words))
+        values = np.ascontiguousarray(gathered.reshape(self.count, 2)).view(np.float64)
+        return float(values.sum())
+
+    def check_model(self, model: Any, who: str) -> None:
+        """Raises where a variable is split across processes: each process must hold all of it.
+
+        keras-ckpt writes whole arrays from process 0; a variable whose shards
+        lie partly on another process's devices cannot be read there.
+        """
+        optimizer = getattr(model, "optimizer", None)
+        for variable in [*model.variables, *(getattr(optimizer, "variables", None) or [])]:
+            value = getattr(variable, "value", None)
+            sharding = getattr(value, "sharding", None)
+            if sharding is None or value.is_fully_replicated or value.is_fully_addressable:
+                continue
+            every = {_index_key(i) for i in sharding.devices_indices_map(value.shape).values()}
+            here = {_index_key(shard.index) for shard in value.addressable_shards}
+            if here != every:
+                raise NotImplementedError(
+                    f"{who}: the variable {variable.path!r} is split across the "
+                    f"{self.count} JAX processes (process {self.task_id} holds only part of "
+                    "it); keras-ckpt writes whole arrays from process 0 and cannot save it. "
+                    "Keep each variable's shards within one process's devices (a "
+                    "ModelParallel layout whose model axis spans one process), or train in "
+                    "one process.")
+
+    def gather(self, variables: list) -> list[np.ndarray]:
+        raise NotImplementedError("JAX's variables hold one value on every process")
+
+    def local_replica_ids(self) -> list[int]:
+        raise NotImplementedError("JAX's variables hold one value on every process")
+
+
+def several_jax_processes() -> bool:
+    """Whether Keras runs on JAX in one of several processes (`jax.distributed`)."""
+    import keras
+
+    if keras.backend.backend() != "jax":
+        return False
+    import jax
+
+    return jax.process_count() > 1
+
+
+def _index_key(index: tuple) -> tuple:
+    return tuple((s.start, s.stop) if isinstance(s, slice) else s for s in index)
+
+
+def workers_of(model: Any) -> Workers | None:
+    """This process's `Workers` when `model` trains over several processes, else None.
+
+    Args:
+        model: a Keras model: under a multi-worker strategy (TensorFlow), or
+            in one of several JAX processes (`jax.distributed`).
 
     Returns:
-        A `Workers`, or None for single-process training (one device, or a
-        `MirroredStrategy` on one machine).
+        A `Workers` (a `JaxProcesses` on JAX), or None for single-process
+        training (one device, a `MirroredStrategy` on one machine, JAX's
+        distributions over one process's devices, torch).
     """
     import keras
 
+    if keras.backend.backend() == "jax":
+        import jax
+
+        count = jax.process_count()
+        return JaxProcesses(jax.process_index(), count) if count > 1 else None
     if keras.backend.backend() != "tensorflow":
         return None
     import tensorflow as tf

@@ -84,7 +84,8 @@ def capture(model: Any, states: Mapping[str, Mapping[str, Any]] | None = None,
         variables_meta[group] = described
     replicas: dict[str, int] = {}
     workers = multi_worker.workers_of(model)
-    if workers is not None:  # each worker's replicas, gathered (on every worker alike)
+    if workers is not None and workers.per_replica_state:
+        # each worker's replicas, gathered (on every worker alike)
         index = [i for i, v in enumerate(groups["model"]) if not v.trainable]
         gathered = workers.gather([groups["model"][i] for i in index])
         per_variable = zip(index, [drifted(list(g)) for g in gathered], strict=True)

@@ -1,14 +1,19 @@
 """What the multi-process test children share: arguments, data, the small model, a clock.
 
-Imported by tests/distributed_child.py and tests/multi_worker_child.py after
+Imported by tests/distributed_child.py, tests/multi_worker_child.py and
+tests/jax_processes_child.py after
 they have set up the backend's environment (devices, TF_CONFIG).
 """
 
 from __future__ import annotations
 
 import argparse
+import builtins
+import io
 import json
+import os
 
+import h5py
 import keras
 import numpy as np
 
@@ -78,3 +83,52 @@ def write_report(out: str, model: keras.Model, history, checkpoint, guard, **ext
     }
     arrays["outcome"] = np.frombuffer(json.dumps(outcome).encode(), dtype=np.uint8)
     np.savez(out, **arrays)
+
+
+def record_writes(directory: str) -> list[str]:
+    """Records every change this process makes under `directory` (best effort, in Python)."""
+    root = os.path.realpath(directory)
+    changes: list[str] = []
+
+    def note(what, path):
+        if isinstance(path, (str, os.PathLike)):
+            full = os.path.realpath(os.fspath(path))
+            if full == root or full.startswith(root + os.sep):
+                changes.append(f"{what} {os.path.relpath(full, root)}")
+
+    def wrap(module, name, check):
+        original = getattr(module, name)
+
+        def wrapped(*args, **kwargs):
+            check(*args, **kwargs)
+            return original(*args, **kwargs)
+
+        setattr(module, name, wrapped)
+
+    writing = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+
+    def check_open(file, mode="r", *args, **kwargs):
+        if any(c in mode for c in "wax+"):
+            note("open", file)
+
+    wrap(builtins, "open", check_open)
+    wrap(io, "open", check_open)
+    wrap(os, "open", lambda path, flags, *a, **k: note("open", path) if flags & writing else None)
+    wrap(h5py, "File", lambda name, mode="r", *a, **k: note("h5py", name) if mode != "r" else None)
+    for name in ("replace", "rename", "remove", "unlink", "mkdir", "makedirs", "rmdir"):
+        wrap(os, name, lambda path, *a, _name=name, **k: note(_name, path))
+    return changes
+
+
+class AtStep(keras.callbacks.Callback):
+    """Sends `signum` to this process after global step `step`, once."""
+
+    def __init__(self, step, signum):
+        super().__init__()
+        self.step, self.signum, self.sent = step, signum, False
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = int(keras.ops.convert_to_numpy(self.model.optimizer.iterations))
+        if not self.sent and step >= self.step:
+            self.sent = True
+            os.kill(os.getpid(), self.signum)

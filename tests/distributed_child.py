@@ -66,7 +66,8 @@ def scope():
     else:
         mesh = keras.distribution.DeviceMesh((2,), ["model"], devices)
         layouts = keras.distribution.LayoutMap(mesh)
-        layouts["dense/kernel"] = (None, "model")  # the first Dense kernel, split by columns
+        # The first Dense kernel, split by columns (Keras matches the whole path).
+        layouts[".*/dense/kernel"] = (None, "model")
         keras.distribution.set_distribution(keras.distribution.ModelParallel(
             layout_map=layouts, batch_dim_name=None))
     return contextlib.nullcontext()

@@ -29,8 +29,6 @@ here, in this test process only (see docs/backends.md).
 
 from __future__ import annotations
 
-import builtins
-import io
 import json
 import os
 import signal
@@ -45,7 +43,6 @@ os.environ["KERAS_BACKEND"] = "tensorflow"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import child_setup  # noqa: E402
-import h5py  # noqa: E402
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
@@ -89,54 +86,6 @@ def patch_keras_fit() -> None:
     trainer.reduce_per_replica = reduce_scalars
 
 
-def record_writes(directory: str) -> list[str]:
-    """Records every change this process makes under `directory` (best effort, in Python)."""
-    root = os.path.realpath(directory)
-    changes: list[str] = []
-
-    def note(what, path):
-        if isinstance(path, (str, os.PathLike)):
-            full = os.path.realpath(os.fspath(path))
-            if full == root or full.startswith(root + os.sep):
-                changes.append(f"{what} {os.path.relpath(full, root)}")
-
-    def wrap(module, name, check):
-        original = getattr(module, name)
-
-        def wrapped(*args, **kwargs):
-            check(*args, **kwargs)
-            return original(*args, **kwargs)
-
-        setattr(module, name, wrapped)
-
-    writing = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
-
-    def check_open(file, mode="r", *args, **kwargs):
-        if any(c in mode for c in "wax+"):
-            note("open", file)
-
-    wrap(builtins, "open", check_open)
-    wrap(io, "open", check_open)
-    wrap(os, "open", lambda path, flags, *a, **k: note("open", path) if flags & writing else None)
-    wrap(h5py, "File", lambda name, mode="r", *a, **k: note("h5py", name) if mode != "r" else None)
-    for name in ("replace", "rename", "remove", "unlink", "mkdir", "makedirs", "rmdir"):
-        wrap(os, name, lambda path, *a, _name=name, **k: note(_name, path))
-    return changes
-
-
-class AtStep(keras.callbacks.Callback):
-    """Sends `signum` to this process after global step `step`, once."""
-
-    def __init__(self, step, signum):
-        super().__init__()
-        self.step, self.signum, self.sent = step, signum, False
-
-    def on_train_batch_end(self, batch, logs=None):
-        if not self.sent and int(self.model.optimizer.iterations.numpy()) >= self.step:
-            self.sent = True
-            os.kill(os.getpid(), self.signum)
-
-
 def main() -> None:
     p = child_setup.parser("index", "ports")
     p.add_argument("--signal-step", type=int)
@@ -151,7 +100,7 @@ def main() -> None:
     patch_keras_fit()
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
     assert strategy.num_replicas_in_sync == 2
-    changes = record_writes(a.directory)
+    changes = child_setup.record_writes(a.directory)
 
     x, y = child_setup.data(a.poison_step)
     data = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
@@ -177,11 +126,11 @@ def main() -> None:
         guard = keras_ckpt.TerminateOnNaN(verbose=0)
         callbacks.append(guard)
     if a.kill_step is not None and INDEX == 1:
-        callbacks.append(AtStep(a.kill_step, signal.SIGKILL))
+        callbacks.append(child_setup.AtStep(a.kill_step, signal.SIGKILL))
     if a.signal_step is not None and INDEX == 1:
-        callbacks.append(AtStep(a.signal_step, signal.SIGTERM))
+        callbacks.append(child_setup.AtStep(a.signal_step, signal.SIGTERM))
     if a.sigint_chief_step is not None and INDEX == 0:
-        callbacks.append(AtStep(a.sigint_chief_step, signal.SIGINT))
+        callbacks.append(child_setup.AtStep(a.sigint_chief_step, signal.SIGINT))
 
     class Report(keras.callbacks.Callback):  # also reached when a signal makes fit exit
         def on_train_end(self, logs=None):

@@ -10,33 +10,20 @@ killed worker leads to a resume that ends like an uninterrupted run. Keras
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 
 import forkserver
 import numpy as np
 import pytest
 from conftest import make_model
+from two_processes import TIMEOUT, assert_same, finish, free_ports, read
 
 from keras_ckpt import manager, multi_worker
 
 CHILD = os.path.join(os.path.dirname(__file__), "multi_worker_child.py")
-TIMEOUT = 240
-
-
-def free_ports(n=2):
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ",".join(map(str, ports))
 
 
 def launch(directory, out, *args):
@@ -44,7 +31,7 @@ def launch(directory, out, *args):
     env = {k: v for k, v in os.environ.items()
            if k not in ("KERAS_BACKEND", "TF_CONFIG", "XLA_FLAGS")}
     env.update(TF_CPP_MIN_LOG_LEVEL="3", PYTHONHASHSEED="0")
-    ports = free_ports()
+    ports = ",".join(map(str, free_ports()))
     # Forked by the TensorFlow fork server: it has imported TensorFlow but
     # started no runtime, so the child's TF_CONFIG (set before the strategy
     # is made) is the one the strategy reads.
@@ -52,31 +39,6 @@ def launch(directory, out, *args):
         [sys.executable, CHILD, str(i), ports, str(directory), f"{out}-{i}.npz", *args],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         for i in range(2)]
-
-
-def finish(procs, statuses=(0, 0)):
-    """Waits for both workers; checks their exit statuses; returns their reports."""
-    deadline = time.monotonic() + TIMEOUT
-    logs = []
-    for proc in procs:
-        try:
-            output, _ = proc.communicate(timeout=max(1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            raise
-        logs.append(output)
-    codes = [proc.returncode for proc in procs]
-    assert codes == list(statuses), "\n".join(
-        f"--- worker {i} (exit {code}):\n{output[-2500:]}"
-        for i, (code, output) in enumerate(zip(codes, logs, strict=True)))
-    return logs
-
-
-def read(out, index):
-    with np.load(f"{out}-{index}.npz") as data:
-        arrays = {k: data[k] for k in data.files if k != "outcome"}
-        return arrays, json.loads(data["outcome"].tobytes())
 
 
 def run(directory, out, *args, statuses=(0, 0)):
@@ -92,12 +54,6 @@ def assert_trained_alike(a, b, outcome):
     keys = [f"model/{i}" for i in outcome["trainable"]] + [k for k in a if k.startswith("opt")]
     assert len(keys) > 10
     assert_same({k: a[k] for k in keys}, {k: b[k] for k in keys})
-
-
-def assert_same(a, b):
-    assert a.keys() == b.keys()
-    for name in a:
-        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
 
 @pytest.mark.slow

@@ -226,6 +226,8 @@ class EarlyStopping(MonitorAttributes, StatefulCallback):
         self._monitor.resolve(self.model)
         # Several workers: the chief writes `best_weights_path`, all read it.
         self._workers = multi_worker.workers_of(self.model)
+        if self._workers is not None and self.restore_best_weights:
+            self._workers.check_model(self.model, "EarlyStopping(restore_best_weights=True)")
         if self.restore_on_interrupt:
             self._install_interrupt_guards()
 

@@ -6,7 +6,7 @@ import threading
 
 import keras
 
-from keras_ckpt import registry
+from keras_ckpt import multi_worker, registry
 
 __all__ = ["StatefulCallback", "overrides", "keep_default_hooks", "steps_done"]
 
@@ -61,6 +61,18 @@ class StatefulCallback(keras.callbacks.Callback):
     """
 
     state_key: str = ""
+    _async_safe = False
+
+    @property
+    def async_safe(self) -> bool:
+        """Whether Keras may run the batch hooks on its thread pool: as the subclass set it,
+        never with several JAX processes (each must take every stop at the same step, and
+        the collectives that agree on it run in the same order: on the training thread)."""
+        return self._async_safe and not multi_worker.several_jax_processes()
+
+    @async_safe.setter
+    def async_safe(self, value: bool) -> None:
+        self._async_safe = bool(value)
 
     def __init__(self) -> None:
         super().__init__()

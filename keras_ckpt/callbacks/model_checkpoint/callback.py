@@ -192,7 +192,8 @@ class ModelCheckpoint(MonitorAttributes, StatefulCallback):
         that overrides a batch hook gets Keras's default (synchronous).
         """
         return not (self._step_policies or self._metric_fields
-                    or overrides(self, ModelCheckpoint, _BATCH_HOOKS))
+                    or overrides(self, ModelCheckpoint, _BATCH_HOOKS)
+                    or multi_worker.several_jax_processes())
 
     def get_state(self) -> dict:
         """The callback's own state: its comparator, last save step, `"auto"` estimates."""
@@ -225,6 +226,8 @@ class ModelCheckpoint(MonitorAttributes, StatefulCallback):
         # Several worker processes: all take the same snapshots (reading the
         # metrics is a collective), only the chief writes.
         self.workers = multi_worker.workers_of(model)
+        if self.workers is not None:
+            self.workers.check_model(model, "ModelCheckpoint")
         self.writes = self.workers is None or self.workers.is_chief
         timed = "save_freq='auto'" if self.auto_freq else "`save_interval`"
         if self.workers is not None and (self.options.save_interval or self.auto_freq):
@@ -245,8 +248,7 @@ class ModelCheckpoint(MonitorAttributes, StatefulCallback):
             # What a resume could not replay, said now.
             inputs.check_input(model, keras_callbacks.lost_on_resume(session))
             resume(self)
-        if self.writes:
-            self.saver.learn_layout()  # now, not in the first save's blocking time
+        self.saver.learn_layout()  # now, not in the first save's blocking time
         self.fit.last_save_time = self.options.now()
         self.fit.in_fit = True
         if self.exception_save is not None:

@@ -139,11 +139,13 @@ class Saver:
             if o.save_best_only:
                 self.best_path = filepath
         fit.saved_at = SavedAt(session, step_now, written, steps_in_epoch is None)
-        if not owner.writes:
-            return written  # a worker beside the chief: the chief writes this state
         # Everything that reads the model is done here, on the training
         # thread: on JAX the model's variables are detached while it trains.
+        # Every worker reads it alike (Keras may make variables on the way: on
+        # several JAX processes, a collective each).
         plan = self._write_plan()
+        if not owner.writes:
+            return written  # a worker beside the chief: the chief writes this state
 
         def commit() -> None:
             self._commit(filepath if save_regular else None, write_last, snapshot, meta, plan,
@@ -301,7 +303,9 @@ class Saver:
 
     def learn_layout(self) -> None:
         """Learns Keras's layout at train begin where the model is complete (its optimizer
-        built: a resumed fit, a later fit), so a process's first save does not pay for it."""
+        built: a resumed fit, a later fit), so a process's first save does not pay for it.
+        On every worker, the chief's or not: Keras makes a throwaway optimizer the first
+        time (its variables are collectives on several JAX processes)."""
         optimizer = getattr(self.owner.model, "optimizer", None)
         if getattr(optimizer, "built", False) and getattr(self.owner.model, "built", False) \
                 and (self.options.save_weights_only or self.options.filepath.endswith(".keras")):

@@ -1,0 +1,107 @@
+"""One of two JAX processes (`jax.distributed` on 127.0.0.1), for tests/test_jax_processes.py.
+
+Usage: python jax_processes_child.py INDEX PORT DIRECTORY OUT [--epochs N]
+    [--kill-step S] [--budget-steps B] [--poison-step P] [--signal-step S]
+    [--split-kernel]
+
+INDEX is this process's index (0 writes), PORT the coordinator's port on
+127.0.0.1. Each process has one CPU device; Keras's `DataParallel` spans
+both, and each process feeds its own half of every global batch of 16 (its
+own 48 of the 96 samples). Trains the children's small model (Dropout,
+BatchNormalization) with a keras-ckpt ModelCheckpoint (every 3 steps,
+resume=True) and optionally: BudgetStop (a daily budget of B steps) on a
+simulated clock (one second a step on process 0, from 0 each run; process
+1's runs ten times faster, so a process deciding by its own clock would stop
+elsewhere), TerminateOnNaN (NaN targets at global step P), a SIGKILL of
+process 1 after global step S, a SIGTERM to process 1 alone after step S.
+`--split-kernel`: a `ModelParallel` layout that splits the first Dense kernel
+across the two processes' devices.
+
+Every change this process makes under DIRECTORY is recorded, to show that
+only process 0 writes there. Writes the variables, the history and what the
+callbacks report to OUT (an .npz).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+INDEX, PORT = int(sys.argv[1]), int(sys.argv[2])
+os.environ["KERAS_BACKEND"] = "jax"
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import jax  # noqa: E402
+
+# Before any JAX computation: both processes' devices form one global set.
+jax.distributed.initialize(f"127.0.0.1:{PORT}", num_processes=2, process_id=INDEX,
+                           initialization_timeout=60)
+
+import child_setup  # noqa: E402
+import keras  # noqa: E402
+
+import keras_ckpt  # noqa: E402
+
+
+def distribution(split_kernel: bool) -> keras.distribution.Distribution:
+    devices = jax.devices()
+    assert len(devices) == 2 and jax.process_count() == 2
+    if not split_kernel:
+        # Each process feeds its own rows (below): already sharded.
+        return keras.distribution.DataParallel(devices=devices, auto_shard_dataset=False)
+    mesh = keras.distribution.DeviceMesh((1, 2), ["batch", "model"], devices)
+    layouts = keras.distribution.LayoutMap(mesh)
+    # Columns 0-7 on process 0, 8-15 on process 1 (Keras matches the whole path).
+    layouts[".*/dense/kernel"] = (None, "model")
+    return keras.distribution.ModelParallel(layout_map=layouts, batch_dim_name="batch",
+                                            auto_shard_dataset=False)
+
+
+def main() -> None:
+    p = child_setup.parser("index", "port")
+    p.add_argument("--signal-step", type=int)
+    p.add_argument("--split-kernel", action="store_true")
+    a = p.parse_args()
+    changes = child_setup.record_writes(a.directory)
+    keras.distribution.set_distribution(distribution(a.split_kernel))
+    x, y = child_setup.data(a.poison_step)
+    # Global batch k is rows 16k..16k+15 (a poisoned step's too); process i feeds 16k+8i..+7.
+    rows = [r for k in range(6) for r in range(16 * k + 8 * INDEX, 16 * k + 8 * INDEX + 8)]
+    x, y = x[rows], y[rows]
+    keras.utils.set_random_seed(3)
+    model = child_setup.small_model()
+    checkpoint = keras_ckpt.ModelCheckpoint(
+        os.path.join(a.directory, "c-{epoch:02d}-{batch}.weights.h5"), save_freq=3,
+        save_weights_only=True, resume=True, verbose=0)
+    callbacks = [checkpoint]
+    budget = guard = None
+    if a.budget_steps is not None:
+        clock = child_setup.Clock(1.0 if INDEX == 0 else 10.0)
+        budget = keras_ckpt.BudgetStop(daily_budget=a.budget_steps + 0.5, clock=clock,
+                                       ledger=os.path.join(a.directory, "ledger.json"),
+                                       verbose=0)
+        callbacks = [clock, *callbacks, budget]
+    if a.poison_step is not None:
+        guard = keras_ckpt.TerminateOnNaN(verbose=0)
+        callbacks.append(guard)
+    if a.kill_step is not None and INDEX == 1:
+        callbacks.append(child_setup.AtStep(a.kill_step, signal.SIGKILL))
+    if a.signal_step is not None and INDEX == 1:
+        callbacks.append(child_setup.AtStep(a.signal_step, signal.SIGTERM))
+
+    class Report(keras.callbacks.Callback):  # also reached when a signal makes fit exit
+        def on_train_end(self, logs=None):
+            child_setup.write_report(
+                a.out, model, model.history, checkpoint, guard,
+                budget=None if budget is None else budget.stop_reason,
+                preempted_by=checkpoint.preempted_by,
+                trainable=[i for i, v in enumerate(model.variables) if v.trainable],
+                changes=changes)
+
+    model.fit(x, y, batch_size=8, epochs=a.epochs, shuffle=False, verbose=0,
+              callbacks=[*callbacks, Report()])
+
+
+if __name__ == "__main__":
+    main()

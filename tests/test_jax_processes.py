@@ -1,0 +1,122 @@
+"""Several JAX processes: two `jax.distributed` processes on 127.0.0.1 (jax_processes_child.py).
+
+Keras's `DataParallel` spans both processes' devices and each process runs
+the same `fit`. Process 0 alone writes into the checkpoint directory (files,
+lock, ledger); a stop decided on one process (a signal that reached it, a
+budget on process 0's clock, a NaN) is taken by both at the same step; both killed
+and resumed end bitwise like an uninterrupted run; a variable split across
+the processes is refused at train begin, before anything is written.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+
+import forkserver
+import pytest
+from two_processes import TIMEOUT, assert_same, finish, free_ports, read
+
+from keras_ckpt import manager
+
+CHILD = os.path.join(os.path.dirname(__file__), "jax_processes_child.py")
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("jax") is None,
+                                reason="needs jax (`pip install -e '.[test]'`)")
+
+
+def launch(directory, out, *args):
+    """Starts both processes (forked by the JAX fork server); returns them."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "TF_CONFIG")}
+    env.update(KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="3", PYTHONHASHSEED="0")
+    port = str(free_ports(1)[0])
+    return [forkserver.Popen(
+        [sys.executable, CHILD, str(i), port, str(directory), f"{out}-{i}.npz", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        for i in range(2)]
+
+
+def run(directory, out, *args, statuses=(0, 0)):
+    """Both processes to their end; their reports. Process 0 wrote, process 1 did not."""
+    finish(launch(directory, out, *args), statuses)
+    (first, first_outcome), (second, second_outcome) = read(out, 0), read(out, 1)
+    assert first_outcome.pop("changes"), "process 0 wrote nothing"
+    assert second_outcome.pop("changes") == []  # process 1 wrote nothing there
+    return first, first_outcome, second, second_outcome
+
+
+@pytest.mark.slow
+def test_both_killed_and_resumed_end_like_an_uninterrupted_run(tmp_path):
+    straight, outcome, straight_1, outcome_1 = run(tmp_path / "a", tmp_path / "a")
+    assert outcome == outcome_1 and outcome["iterations"] == 18
+    assert_same(straight, straight_1)  # one global state, the same on both processes
+
+    # Process 1 dies after global step 10; process 0 is stuck in the next step's
+    # collective until the job is ended, as a scheduler would end it.
+    procs = launch(tmp_path / "b", tmp_path / "b", "--kill-step", "10")
+    procs[1].wait(timeout=TIMEOUT)
+    assert procs[1].returncode == -signal.SIGKILL
+    procs[0].kill()
+    finish(procs, statuses=(-signal.SIGKILL, -signal.SIGKILL))
+    newest = manager.list_checkpoints(tmp_path / "b")[-1]
+    assert (newest.global_step, newest.epoch, newest.step) == (9, 1, 3)
+
+    resumed, resumed_outcome, resumed_1, resumed_outcome_1 = run(tmp_path / "b", tmp_path / "b")
+    assert resumed_outcome.pop("resumed_from") == resumed_outcome_1.pop("resumed_from") == [1, 3]
+    outcome.pop("resumed_from")
+    assert resumed_outcome == outcome == resumed_outcome_1  # history and iterations
+    assert_same(straight, resumed)
+    assert_same(straight, resumed_1)
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_process_stops_both_at_the_same_step_and_the_resume_is_exact(tmp_path):
+    straight, outcome, _, _ = run(tmp_path / "a", tmp_path / "a")
+    # SIGTERM reaches process 1 only, from a callback after the checkpoint's in
+    # step 4: seen at step 5's end; both stop there, process 0 saves it, both exit 143.
+    first, stopped, second, stopped_1 = run(tmp_path / "s", tmp_path / "s",
+                                            "--signal-step", "4", statuses=(143, 143))
+    assert stopped["preempted_by"] == stopped_1["preempted_by"] == "SIGTERM"
+    assert stopped["iterations"] == stopped_1["iterations"] == 5
+    assert_same(first, second)
+    assert manager.list_checkpoints(tmp_path / "s")[-1].global_step == 5
+
+    resumed, resumed_outcome, _, _ = run(tmp_path / "s", tmp_path / "s2")
+    assert resumed_outcome["resumed_from"] is not None
+    assert resumed_outcome["history"] == outcome["history"]
+    assert_same(straight, resumed)
+
+
+@pytest.mark.slow
+def test_a_budget_stop_on_process_0s_clock_is_taken_by_both(tmp_path):
+    # Process 1's clock runs 10x faster: deciding alone, it would stop first.
+    first, outcome, second, outcome_1 = run(tmp_path / "a", tmp_path / "a",
+                                            "--budget-steps", "7")
+    assert outcome["budget"] == outcome_1["budget"] == "daily-budget"
+    assert outcome["iterations"] == outcome_1["iterations"] in (7, 8)
+    assert_same(first, second)
+    assert os.path.exists(tmp_path / "a" / "ledger.json")  # process 0's (process 1 wrote none)
+    assert manager.list_checkpoints(tmp_path / "a")[-1].global_step == outcome["iterations"]
+
+
+@pytest.mark.slow
+def test_a_nan_stop_is_taken_by_both_at_the_same_step_and_never_saved(tmp_path):
+    first, outcome, second, outcome_1 = run(tmp_path / "n", tmp_path / "n", "--poison-step", "5")
+    assert outcome["nan_events"] == outcome_1["nan_events"] == [[0, 5]]
+    assert outcome["iterations"] == outcome_1["iterations"] == 5
+    assert_same(first, second)
+    assert [c.global_step for c in manager.list_checkpoints(tmp_path / "n")] == [3]
+
+
+@pytest.mark.slow
+def test_a_variable_split_across_the_processes_is_refused_at_train_begin(tmp_path):
+    procs = launch(tmp_path / "m", tmp_path / "m", "--split-kernel")
+    logs = finish(procs, statuses=(1, 1))
+    refused = "NotImplementedError: ModelCheckpoint: the variable 'sequential/dense/kernel' is " \
+        "split across the 2 JAX processes"
+    for log in logs:
+        assert refused in log, log[-2000:]
+    assert not os.path.exists(tmp_path / "m")  # nothing written, not even the directory
