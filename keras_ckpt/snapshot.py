@@ -18,10 +18,10 @@ class HostBuffers:
 
     A background write needs the variables copied where later steps write
     them in place (torch). Fresh arrays for every save cost a page fault per
-    page (slow on VMs) and leave the allocator holding a second state's worth
-    of memory; these buffers are allocated at the first save and reused by
-    every later one. The owner must not reuse them while a write of the
-    previous snapshot is still in flight (ModelCheckpoint waits for it first).
+    page (slow on VMs); these buffers are allocated at the first save and
+    reused by every later one, so the fit holds one copy of the state, never
+    two. The owner must not reuse them while a write of the previous snapshot
+    is still in flight (ModelCheckpoint waits for it first).
     """
 
     def __init__(self) -> None:
@@ -47,10 +47,6 @@ class HostBuffers:
     def items(self):
         """(variable key, buffer) pairs."""
         return self._arrays.items()
-
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for a in self._arrays.values())
 
 
 @runtime_checkable
