@@ -12,10 +12,13 @@ import builtins
 import io
 import json
 import os
+import signal
 
 import h5py
 import keras
 import numpy as np
+
+import keras_ckpt
 
 
 def parser(*positionals: str) -> argparse.ArgumentParser:
@@ -132,3 +135,40 @@ class AtStep(keras.callbacks.Callback):
         if not self.sent and step >= self.step:
             self.sent = True
             os.kill(os.getpid(), self.signum)
+
+
+def two_process_callbacks(a, index: int, model: keras.Model, checkpoint, callbacks: list,
+                          changes: list[str]) -> list:
+    """The two-process children's callbacks: `callbacks` (the checkpoint's first) with what
+    the arguments ask for, and a last one that writes the report when training ends.
+
+    BudgetStop (a daily budget of `--budget-steps`) on a simulated clock that runs ten times
+    faster in process 1, TerminateOnNaN with `--poison-step`, a SIGKILL (`--kill-step`) or
+    SIGTERM (`--signal-step`) of process 1 after that global step, a SIGINT of process 0
+    (`--sigint-chief-step`).
+    """
+    budget = guard = None
+    if a.budget_steps is not None:
+        clock = Clock(1.0 if index == 0 else 10.0)
+        budget = keras_ckpt.BudgetStop(daily_budget=a.budget_steps + 0.5, clock=clock,
+                                       ledger=os.path.join(a.directory, "ledger.json"),
+                                       verbose=0)
+        callbacks = [clock, *callbacks, budget]
+    if a.poison_step is not None:
+        guard = keras_ckpt.TerminateOnNaN(verbose=0)
+        callbacks.append(guard)
+    stops = [("kill_step", 1, signal.SIGKILL), ("signal_step", 1, signal.SIGTERM),
+             ("sigint_chief_step", 0, signal.SIGINT)]
+    for name, who, signum in stops:
+        if getattr(a, name, None) is not None and index == who:
+            callbacks.append(AtStep(getattr(a, name), signum))
+
+    class Report(keras.callbacks.Callback):  # also reached when a signal makes fit exit
+        def on_train_end(self, logs=None):
+            write_report(a.out, model, model.history, checkpoint, guard,
+                         budget=None if budget is None else budget.stop_reason,
+                         preempted_by=checkpoint.preempted_by,
+                         trainable=[i for i, v in enumerate(model.variables) if v.trainable],
+                         changes=changes)
+
+    return [*callbacks, Report()]

@@ -25,7 +25,6 @@ callbacks report to OUT (an .npz).
 from __future__ import annotations
 
 import os
-import signal
 import sys
 
 INDEX, PORT = int(sys.argv[1]), int(sys.argv[2])
@@ -74,33 +73,10 @@ def main() -> None:
     checkpoint = keras_ckpt.ModelCheckpoint(
         os.path.join(a.directory, "c-{epoch:02d}-{batch}.weights.h5"), save_freq=3,
         save_weights_only=True, resume=True, verbose=0)
-    callbacks = [checkpoint]
-    budget = guard = None
-    if a.budget_steps is not None:
-        clock = child_setup.Clock(1.0 if INDEX == 0 else 10.0)
-        budget = keras_ckpt.BudgetStop(daily_budget=a.budget_steps + 0.5, clock=clock,
-                                       ledger=os.path.join(a.directory, "ledger.json"),
-                                       verbose=0)
-        callbacks = [clock, *callbacks, budget]
-    if a.poison_step is not None:
-        guard = keras_ckpt.TerminateOnNaN(verbose=0)
-        callbacks.append(guard)
-    if a.kill_step is not None and INDEX == 1:
-        callbacks.append(child_setup.AtStep(a.kill_step, signal.SIGKILL))
-    if a.signal_step is not None and INDEX == 1:
-        callbacks.append(child_setup.AtStep(a.signal_step, signal.SIGTERM))
-
-    class Report(keras.callbacks.Callback):  # also reached when a signal makes fit exit
-        def on_train_end(self, logs=None):
-            child_setup.write_report(
-                a.out, model, model.history, checkpoint, guard,
-                budget=None if budget is None else budget.stop_reason,
-                preempted_by=checkpoint.preempted_by,
-                trainable=[i for i, v in enumerate(model.variables) if v.trainable],
-                changes=changes)
-
+    callbacks = child_setup.two_process_callbacks(a, INDEX, model, checkpoint, [checkpoint],
+                                                  changes)
     model.fit(x, y, batch_size=8, epochs=a.epochs, shuffle=False, verbose=0,
-              callbacks=[*callbacks, Report()])
+              callbacks=callbacks)
 
 
 if __name__ == "__main__":

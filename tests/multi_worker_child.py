@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 
 INDEX = int(sys.argv[1])
@@ -115,33 +114,9 @@ def main() -> None:
         callbacks.append(keras_ckpt.EarlyStopping(
             monitor="loss", patience=10, restore_best_weights=True,
             best_weights_path=os.path.join(a.directory, "best.weights.h5")))
-    budget = guard = None
-    if a.budget_steps is not None:
-        clock = child_setup.Clock(1.0 if INDEX == 0 else 10.0)
-        budget = keras_ckpt.BudgetStop(daily_budget=a.budget_steps + 0.5, clock=clock,
-                                       ledger=os.path.join(a.directory, "ledger.json"),
-                                       verbose=0)
-        callbacks = [clock, *callbacks, budget]
-    if a.poison_step is not None:
-        guard = keras_ckpt.TerminateOnNaN(verbose=0)
-        callbacks.append(guard)
-    if a.kill_step is not None and INDEX == 1:
-        callbacks.append(child_setup.AtStep(a.kill_step, signal.SIGKILL))
-    if a.signal_step is not None and INDEX == 1:
-        callbacks.append(child_setup.AtStep(a.signal_step, signal.SIGTERM))
-    if a.sigint_chief_step is not None and INDEX == 0:
-        callbacks.append(child_setup.AtStep(a.sigint_chief_step, signal.SIGINT))
-
-    class Report(keras.callbacks.Callback):  # also reached when a signal makes fit exit
-        def on_train_end(self, logs=None):
-            child_setup.write_report(
-                a.out, model, model.history, checkpoint, guard,
-                budget=None if budget is None else budget.stop_reason,
-                preempted_by=checkpoint.preempted_by,
-                trainable=[i for i, v in enumerate(model.variables) if v.trainable],
-                changes=changes)
-
-    model.fit(data, epochs=a.epochs, verbose=0, callbacks=[*callbacks, Report()])
+    callbacks = child_setup.two_process_callbacks(a, INDEX, model, checkpoint, callbacks,
+                                                  changes)
+    model.fit(data, epochs=a.epochs, verbose=0, callbacks=callbacks)
 
 
 if __name__ == "__main__":

@@ -12,13 +12,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import signal
-import subprocess
-import sys
 
-import forkserver
 import pytest
-from two_processes import TIMEOUT, assert_same, finish, free_ports, read
+import two_processes
+from two_processes import assert_same, finish, free_ports, kill_both, run_both
 
 from keras_ckpt import manager
 
@@ -30,22 +27,11 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("jax") is None,
 
 def launch(directory, out, *args):
     """Starts both processes (forked by the JAX fork server); returns them."""
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "TF_CONFIG")}
-    env.update(KERAS_BACKEND="jax", TF_CPP_MIN_LOG_LEVEL="3", PYTHONHASHSEED="0")
-    port = str(free_ports(1)[0])
-    return [forkserver.Popen(
-        [sys.executable, CHILD, str(i), port, str(directory), f"{out}-{i}.npz", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        for i in range(2)]
+    return two_processes.launch(CHILD, str(free_ports(1)[0]), directory, out, args, "jax")
 
 
 def run(directory, out, *args, statuses=(0, 0)):
-    """Both processes to their end; their reports. Process 0 wrote, process 1 did not."""
-    finish(launch(directory, out, *args), statuses)
-    (first, first_outcome), (second, second_outcome) = read(out, 0), read(out, 1)
-    assert first_outcome.pop("changes"), "process 0 wrote nothing"
-    assert second_outcome.pop("changes") == []  # process 1 wrote nothing there
-    return first, first_outcome, second, second_outcome
+    return run_both(launch(directory, out, *args), out, statuses)
 
 
 @pytest.mark.slow
@@ -57,10 +43,7 @@ def test_both_killed_and_resumed_end_like_an_uninterrupted_run(tmp_path):
     # Process 1 dies after global step 10; process 0 is stuck in the next step's
     # collective until the job is ended, as a scheduler would end it.
     procs = launch(tmp_path / "b", tmp_path / "b", "--kill-step", "10")
-    procs[1].wait(timeout=TIMEOUT)
-    assert procs[1].returncode == -signal.SIGKILL
-    procs[0].kill()
-    finish(procs, statuses=(-signal.SIGKILL, -signal.SIGKILL))
+    kill_both(procs)
     newest = manager.list_checkpoints(tmp_path / "b")[-1]
     assert (newest.global_step, newest.epoch, newest.step) == (9, 1, 3)
 

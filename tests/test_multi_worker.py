@@ -11,15 +11,12 @@ killed worker leads to a resume that ends like an uninterrupted run. Keras
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 
-import forkserver
 import numpy as np
 import pytest
+import two_processes
 from conftest import make_model
-from two_processes import TIMEOUT, assert_same, finish, free_ports, read
+from two_processes import assert_same, finish, free_ports, kill_both, run_both
 
 from keras_ckpt import manager, multi_worker
 
@@ -27,26 +24,14 @@ CHILD = os.path.join(os.path.dirname(__file__), "multi_worker_child.py")
 
 
 def launch(directory, out, *args):
-    """Starts both workers; returns the two processes."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("KERAS_BACKEND", "TF_CONFIG", "XLA_FLAGS")}
-    env.update(TF_CPP_MIN_LOG_LEVEL="3", PYTHONHASHSEED="0")
+    """Starts both workers (forked by the TensorFlow fork server: the child's TF_CONFIG, set
+    before the strategy is made, is the one the strategy reads); returns them."""
     ports = ",".join(map(str, free_ports()))
-    # Forked by the TensorFlow fork server: it has imported TensorFlow but
-    # started no runtime, so the child's TF_CONFIG (set before the strategy
-    # is made) is the one the strategy reads.
-    return [forkserver.Popen(
-        [sys.executable, CHILD, str(i), ports, str(directory), f"{out}-{i}.npz", *args],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        for i in range(2)]
+    return two_processes.launch(CHILD, ports, directory, out, args, "tensorflow")
 
 
 def run(directory, out, *args, statuses=(0, 0)):
-    finish(launch(directory, out, *args), statuses)
-    (chief, chief_outcome), (other, other_outcome) = read(out, 0), read(out, 1)
-    assert chief_outcome.pop("changes"), "the chief wrote nothing"
-    assert other_outcome.pop("changes") == []  # the other worker wrote nothing there
-    return chief, chief_outcome, other, other_outcome
+    return run_both(launch(directory, out, *args), out, statuses)
 
 
 def assert_trained_alike(a, b, outcome):
@@ -74,10 +59,7 @@ def test_a_killed_worker_resumes_to_the_end_of_an_uninterrupted_run(tmp_path):
     # Worker 1 dies after global step 10; the chief is stuck in the next
     # step's all-reduce until the job is ended, as a scheduler would.
     procs = launch(tmp_path / "b", tmp_path / "b", "--kill-step", "10")
-    procs[1].wait(timeout=TIMEOUT)
-    assert procs[1].returncode == -signal.SIGKILL
-    procs[0].kill()
-    finish(procs, statuses=(-signal.SIGKILL, -signal.SIGKILL))
+    kill_both(procs)
     newest = manager.list_checkpoints(tmp_path / "b")[-1]
     assert (newest.global_step, newest.epoch, newest.step) == (9, 1, 3)
 

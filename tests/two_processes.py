@@ -4,10 +4,14 @@ tests/test_jax_processes.py): free ports, waiting for both, reading their report
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
+import sys
 import time
 
+import forkserver
 import numpy as np
 
 TIMEOUT = 240
@@ -21,6 +25,19 @@ def free_ports(n: int = 2) -> list[int]:
     for s in sockets:
         s.close()
     return ports
+
+
+def launch(child: str, address: str, directory, out, args, backend: str) -> list:
+    """Starts `child INDEX ADDRESS DIRECTORY OUT-INDEX.npz ARGS...` as processes 0 and 1,
+    forked by `backend`'s fork server (it imported the backend and started no runtime, so what
+    the child sets up before its first op, TF_CONFIG or `jax.distributed`, is what counts)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("KERAS_BACKEND", "TF_CONFIG", "XLA_FLAGS")}
+    env.update(KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3", PYTHONHASHSEED="0")
+    return [forkserver.Popen(
+        [sys.executable, child, str(i), address, str(directory), f"{out}-{i}.npz", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        for i in range(2)]
 
 
 def finish(procs, statuses=(0, 0)) -> list[str]:
@@ -53,3 +70,22 @@ def assert_same(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+def run_both(procs, out, statuses=(0, 0)) -> tuple[dict, dict, dict, dict]:
+    """Both processes to their end; their reports. Process 0 (the chief) wrote into the
+    directory, process 1 did not: (arrays 0, outcome 0, arrays 1, outcome 1)."""
+    finish(procs, statuses)
+    (first, first_outcome), (second, second_outcome) = read(out, 0), read(out, 1)
+    assert first_outcome.pop("changes"), "process 0 wrote nothing"
+    assert second_outcome.pop("changes") == []  # process 1 wrote nothing there
+    return first, first_outcome, second, second_outcome
+
+
+def kill_both(procs) -> None:
+    """Process 1 has SIGKILLed itself (from a callback of its own); process 0, stuck in the
+    next step's collective, is then ended as a scheduler would end the job."""
+    procs[1].wait(timeout=TIMEOUT)
+    assert procs[1].returncode == -signal.SIGKILL
+    procs[0].kill()
+    finish(procs, statuses=(-signal.SIGKILL, -signal.SIGKILL))
