@@ -32,13 +32,14 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+
+from bench_common import status  # (benchmarks/ is this script's directory)
 
 FEATURES, BATCH = 32, 32
 
@@ -91,15 +92,6 @@ def model():
     return m
 
 
-def peak_rss_kib() -> int:
-    """This process's peak RSS (`VmHWM`: `ru_maxrss` keeps the parent's across exec)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-
-
 def child(directory: str, kind: str, steps: int, out: str) -> None:
     """Resumes from `directory`; writes when the first new step began, RSS, step time."""
     import warnings
@@ -115,7 +107,7 @@ def child(directory: str, kind: str, steps: int, out: str) -> None:
         def on_train_batch_begin(self, batch, logs=None):
             times.append(time.time())
             if len(times) == 1:
-                self.rss = peak_rss_kib()
+                self.rss = status("VmHWM") // 1024
             if len(times) > 301:
                 self.model.stop_training = True
 

@@ -253,11 +253,10 @@ def workers_of(model: Any) -> Workers | None:
     """
     import keras
 
-    if keras.backend.backend() == "jax":
+    if several_jax_processes():
         import jax
 
-        count = jax.process_count()
-        return JaxProcesses(jax.process_index(), count) if count > 1 else None
+        return JaxProcesses(jax.process_index(), jax.process_count())
     if keras.backend.backend() != "tensorflow":
         return None
     import tensorflow as tf

@@ -194,7 +194,7 @@ class Saver:
         if copy and self.buffers is None:
             self.buffers = state_lib.HostBuffers()
         snapshot = state_lib.capture(model, states, progress, rng, metrics=metrics, copy=copy,
-                                     buffers=self.buffers if copy else None)
+                                     buffers=self.buffers)
         meta = {
             "monitor": self.options.monitor,
             "monitor_value": _scalar(value), "loss": _scalar(loss),
