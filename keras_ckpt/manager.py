@@ -15,8 +15,8 @@ import string
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
+from keras_ckpt import shards, storage
 from keras_ckpt import state as state_lib
-from keras_ckpt import storage
 from keras_ckpt.jsonsafe import decode_float
 from keras_ckpt.rng import rng_tuples
 from keras_ckpt.state_checks import check_progress, check_snapshot
@@ -205,7 +205,9 @@ def info_of(path: str, size: int, read_meta: Callable[[], Mapping[str, Any]]) ->
     newest state (often a hard link to a regular file): its kind is "last".
     """
     try:
-        info = info_from_meta(path, read_meta(), size)
+        meta = read_meta()
+        info = info_from_meta(path, meta, size)
+        shards.check_present(path, meta)
     except storage.ForeignFileError as e:
         return CheckpointInfo(path=path, size=size, error=str(e), kind="foreign")
     except storage.CorruptCheckpointError as e:
@@ -274,6 +276,10 @@ def latest_valid(infos: Sequence[CheckpointInfo], *, verify: bool = True,
         except state_lib.StateMismatchError as e:
             own.close()
             mismatches.append(state_lib.StateMismatchError(f"{info.path}: {e}"))
+            continue
+        except storage.CorruptCheckpointError as e:  # (its shard files)
+            own.close()
+            warn(f"Skipping a checkpoint that fails verification (left on disk): {e}")
             continue
         for e in mismatches:
             warn(f"Skipping a checkpoint written for another model (left on disk): {e}")

@@ -122,8 +122,9 @@ class Workers:
         return [int(tf.get_static_value(i)) if tf.get_static_value(i) is not None
                 else int(i.numpy()) for i in self.strategy.experimental_local_results(ids)]
 
-    def check_model(self, model: Any, who: str) -> None:
+    def check_model(self, model: Any, who: str, split_ok: bool = False) -> list[str]:
         """Raises where `model` cannot be checkpointed across these workers (nothing here)."""
+        return []
 
     def barrier(self) -> None:
         """Returns once every worker has called it (an all-reduce of nothing)."""
@@ -180,42 +181,44 @@ class JaxProcesses(Workers):
     def __init__(self, index: int, count: int) -> None:
         super().__init__(None, "process", index, count, index == 0)
 
-    def sum(self, value: float) -> float:
-        """The sum of `value` over all processes (every process calls it, in the same order).
-
-        The float64 travels as two uint32 words (JAX computes in 32 bits by
-        default), so the sum is exact for what the callbacks send (counts,
-        steps, flags).
-        """
+    def values(self, value: float) -> list[float]:
+        """Every process's `value`, by process index (a collective, as `sum`)."""
         from jax.experimental import multihost_utils
 
         words = np.array([value], np.float64).view(np.uint32)
         gathered = np.asarray(multihost_utils.process_allgather(words))
-        values = np.ascontiguousarray(gathered.reshape(self.count, 2)).view(np.float64)
-        return float(values.sum())
+        return [float(v) for v in
+                np.ascontiguousarray(gathered.reshape(self.count, 2)).view(np.float64).ravel()]
 
-    def check_model(self, model: Any, who: str) -> None:
-        """Raises where a variable is split across processes: each process must hold all of it.
+    def sum(self, value: float) -> float:
+        return float(sum(self.values(value)))
 
-        keras-ckpt writes whole arrays from process 0; a variable whose shards
-        lie partly on another process's devices cannot be read there.
+    def check_model(self, model: Any, who: str, split_ok: bool = False) -> list[str]:
+        """The paths of the variables split across processes (no process holds all of it).
+
+        Args:
+            model: the model about to train.
+            who: the callback asking, for the message.
+            split_ok: the caller writes such variables as per-process pieces
+                (`shards`); otherwise they are refused.
+
+        Raises:
+            NotImplementedError: a variable is split and `split_ok` is False.
         """
         optimizer = getattr(model, "optimizer", None)
-        for variable in [*model.variables, *(getattr(optimizer, "variables", None) or [])]:
-            value = getattr(variable, "value", None)
-            sharding = getattr(value, "sharding", None)
-            if sharding is None or value.is_fully_replicated or value.is_fully_addressable:
-                continue
-            every = {_index_key(i) for i in sharding.devices_indices_map(value.shape).values()}
-            here = {_index_key(shard.index) for shard in value.addressable_shards}
-            if here != every:
-                raise NotImplementedError(
-                    f"{who}: the variable {variable.path!r} is split across the "
-                    f"{self.count} JAX processes (process {self.task_id} holds only part of "
-                    "it); keras-ckpt writes whole arrays from process 0 and cannot save it. "
-                    "Keep each variable's shards within one process's devices (a "
-                    "ModelParallel layout whose model axis spans one process), or train in "
-                    "one process.")
+        split = [v.path for v in [*model.variables,
+                                  *(getattr(optimizer, "variables", None) or [])]
+                 if _split(getattr(v, "value", None))]
+        if split and not split_ok:
+            why = "it writes to a URL directory (shard files: local or shared directories " \
+                "only)" if who == "ModelCheckpoint" else "it keeps whole arrays"
+            raise NotImplementedError(
+                f"{who}: the variable {split[0]!r} is split across the "
+                f"{self.count} JAX processes (process {self.task_id} holds only part of "
+                f"it), which this callback cannot keep: {why}. Keep each variable's shards "
+                "within one process's devices (a ModelParallel layout whose model axis "
+                "spans one process), or train in one process.")
+        return split
 
     def gather(self, variables: list) -> list[np.ndarray]:
         raise NotImplementedError("JAX's variables hold one value on every process")
@@ -233,6 +236,15 @@ def several_jax_processes() -> bool:
     import jax
 
     return jax.process_count() > 1
+
+
+def _split(value: Any) -> bool:
+    """A JAX array part of which lies on another process's devices."""
+    sharding = getattr(value, "sharding", None)
+    if sharding is None or value.is_fully_replicated or value.is_fully_addressable:
+        return False
+    every = {_index_key(i) for i in sharding.devices_indices_map(value.shape).values()}
+    return {_index_key(shard.index) for shard in value.addressable_shards} != every
 
 
 def _index_key(index: tuple) -> tuple:

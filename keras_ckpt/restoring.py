@@ -55,5 +55,9 @@ def restore(model: Any, path: str | os.PathLike, *, weights_only: bool = False,
     # Verified whole first; then each array is read as it is assigned (one at a time).
     with read_verified_lazily(path, state_bytes=state_bytes_bound(model)) as snapshot:
         info = info_from_meta(path, snapshot.meta, os.path.getsize(path))
-        state_lib.apply(snapshot, model, objects, weights_only=weights_only, rng=rng)
+        try:
+            state_lib.apply(snapshot, model, objects, weights_only=weights_only, rng=rng)
+        finally:
+            if snapshot.shard_files is not None:  # variables split across JAX processes
+                snapshot.shard_files.close()
     return info

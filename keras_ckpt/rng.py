@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import random
 import sys
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -11,7 +13,27 @@ import numpy as np
 
 from keras_ckpt.snapshot import Snapshot, StateMismatchError
 
-__all__ = ["rng_state", "torch_if_used", "rng_tuples", "restore_rng_at_step", "capture_rng"]
+__all__ = ["rng_state", "torch_if_used", "rng_tuples", "restore_rng_at_step", "capture_rng",
+           "digest", "DIFFER_KEY", "differ_message"]
+
+# Set in a checkpoint's metadata when the processes' global RNG states differed as it was
+# written (several workers or JAX processes): it holds the chief's, which every one resumes with.
+DIFFER_KEY = "rng_differs_across_processes"
+_FIX = ("Seed every process alike (keras.utils.set_random_seed with one seed), or give each "
+        "process's input pipeline a seed of its own (a tf.data shuffle seed).")
+
+
+def differ_message(at_resume: bool) -> str:
+    """What a resume from a checkpoint of processes with differing RNG states changes."""
+    if at_resume:
+        return ("the processes' global Python/NumPy RNG states differed when this checkpoint "
+                "was written; it holds process 0's (the chief's), and every process resumes "
+                "with them, so this run differs from the uninterrupted one wherever another "
+                "process draws from them. " + _FIX)
+    return ("the processes' global Python/NumPy RNG states differ at this save (each process "
+            "seeded differently?); a checkpoint holds process 0's (the chief's), and a resume "
+            "would give every process those, so it would differ from the uninterrupted run "
+            "wherever another process draws from them. " + _FIX)
 
 
 def rng_state() -> tuple[dict, dict[str, np.ndarray]]:
@@ -74,6 +96,14 @@ def restore_rng_at_step(snapshot: Snapshot) -> None:
     torch = torch_if_used()
     if state is not None and torch is not None:  # checked by `apply` (`rng_tuples`)
         torch.set_rng_state(torch.from_numpy(state.copy()))
+
+
+def digest(snapshot: Snapshot) -> int:
+    """A CRC-32 of the global RNG states `snapshot` holds (to compare across processes)."""
+    crc = zlib.crc32(json.dumps(snapshot.meta.get("rng"), sort_keys=True).encode())
+    for name in sorted(n for n in snapshot.arrays if n.startswith("rng/")):
+        crc = zlib.crc32(np.ascontiguousarray(snapshot.arrays[name]).tobytes(), crc)
+    return crc
 
 
 def capture_rng() -> tuple[dict, dict[str, np.ndarray]]:

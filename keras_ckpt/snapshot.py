@@ -73,10 +73,17 @@ class Snapshot:
 
     `arrays` is a dict, except in a checkpoint read lazily
     (`storage.read_lazily`): a mapping that reads each array when asked for.
+    Variables split across JAX processes (`shards`) have no entry in `arrays`:
+    a captured snapshot holds their global arrays in `split` (immutable: no
+    copy); one read from a file knows its `source` path, and `shard_files` (a
+    `shards.ShardFiles`, once opened) reads their pieces.
     """
 
     arrays: Mapping[str, np.ndarray]
     meta: dict[str, Any]
+    split: dict[str, Any] | None = None
+    source: str | None = None
+    shard_files: Any = None
 
 
 GROUPS = ("model", "optimizer", "metrics")

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from keras_ckpt import keras_compat, multi_worker
+from keras_ckpt import keras_compat, multi_worker, shards
 from keras_ckpt.jsonsafe import to_json_value
 from keras_ckpt.replicas import assign_replicas, drifted, replica_arrays
 from keras_ckpt.rng import capture_rng, restore_rng_at_step, rng_state, rng_tuples, torch_if_used
@@ -70,9 +70,13 @@ def capture(model: Any, states: Mapping[str, Mapping[str, Any]] | None = None,
     arrays: dict[str, np.ndarray] = {}
     variables_meta: dict[str, list] = {}
     groups = model_variables(model)
+    workers = multi_worker.workers_of(model)
+    split = shards.split_keys(groups) if isinstance(workers, multi_worker.JaxProcesses) else {}
     for group, variables in groups.items():
         described = describe(variables)
         for i, v in enumerate(variables):
+            if f"{group}/{i:05d}" in split:
+                continue  # its pieces, below: no process holds all of it
             if group == "metrics" and metrics is not None and len(metrics) == len(variables):
                 arrays[f"{group}/{i:05d}"] = metrics[i]
             else:
@@ -83,7 +87,6 @@ def capture(model: Any, states: Mapping[str, Mapping[str, Any]] | None = None,
                 arrays[key] = view
         variables_meta[group] = described
     replicas: dict[str, int] = {}
-    workers = multi_worker.workers_of(model)
     if workers is not None and workers.per_replica_state:
         # each worker's replicas, gathered (on every worker alike)
         index = [i for i, v in enumerate(groups["model"]) if not v.trainable]
@@ -136,9 +139,13 @@ def capture(model: Any, states: Mapping[str, Mapping[str, Any]] | None = None,
     }
     if replicas:
         meta["replicas"] = replicas
+    values = None
+    if split:
+        table, values = shards.capture(split, copy=copy)
+        meta["shards"] = {"variables": table, "files": []}  # (files: as they are written)
     if buffers is not None:
         buffers.keep_only(set(arrays))
-    return Snapshot(arrays=arrays, meta=meta)
+    return Snapshot(arrays=arrays, meta=meta, split=values)
 
 
 def view_is_stable() -> bool:
@@ -207,9 +214,15 @@ def _saved_order(variables: list, order: list[int] | None) -> list:
     return arranged
 
 
-def _assign(variables: list, group: str, arrays: Mapping[str, np.ndarray]) -> None:
+def _assign(variables: list, group: str, snapshot: Snapshot) -> None:
+    split = snapshot.meta.get("shards", {}).get("variables", {})
     for i, v in enumerate(variables):
-        v.assign(arrays[f"{group}/{i:05d}"])
+        key = f"{group}/{i:05d}"
+        if key not in split:
+            v.assign(snapshot.arrays[key])
+        else:  # split across processes: held (in memory), or read from the shard files
+            v.assign(snapshot.split[key] if snapshot.split is not None
+                     else snapshot.shard_files.array_for(key, v))
 
 
 def apply(snapshot: Snapshot, model: Any, objects: Mapping[str, Stateful] | None = None, *,
@@ -238,19 +251,19 @@ def apply(snapshot: Snapshot, model: Any, objects: Mapping[str, Stateful] | None
         check_compatible(meta, model, weights_only=True)
         optimizer.build(model.trainable_variables)
     orders = check_compatible(meta, model, weights_only=weights_only)
+    shards.open_for(snapshot, model)  # split variables: their pieces, verified first
     rng_states = rng_tuples(meta.get("rng"), snapshot.arrays) if rng and not weights_only \
         else None
     if weights_only:
-        _assign(_saved_order(list(model.variables), orders.get("model")), "model",
-                snapshot.arrays)
+        _assign(_saved_order(list(model.variables), orders.get("model")), "model", snapshot)
         return
     groups = model_variables(model)
     variables = _saved_order(groups["model"], orders.get("model"))
-    _assign(variables, "model", snapshot.arrays)
+    _assign(variables, "model", snapshot)
     assign_replicas(model, variables, meta.get("replicas", {}), snapshot.arrays, "model")
     if optimizer is not None and meta["variables"]["optimizer"]:
         _assign(_saved_order(groups["optimizer"], orders.get("optimizer")), "optimizer",
-                snapshot.arrays)
+                snapshot)
     if metrics:
         apply_metrics(snapshot, model)
     for key, obj in (objects or {}).items():

@@ -28,7 +28,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from keras_ckpt.state import Snapshot
+from keras_ckpt.snapshot import Snapshot
 from keras_ckpt.storage_archive import (
     Slice,
     archive_meta_text,
@@ -366,4 +366,5 @@ def _verified(path: str, verify: bool, limit: Limit, keep: bool) -> Iterator[Sna
                 pool.shutdown(wait=True, cancel_futures=True)
         if stamp is not None and file_stamp(path) != stamp:
             raise CorruptCheckpointError(f"{path} was written while it was being verified.")
-        yield Snapshot(arrays=arrays if keep else LazyArrays(path, found, stamp), meta=meta)
+        yield Snapshot(arrays=arrays if keep else LazyArrays(path, found, stamp), meta=meta,
+                       source=path)

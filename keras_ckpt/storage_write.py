@@ -20,7 +20,7 @@ import h5py
 import numpy as np
 
 from keras_ckpt import atomic, dtypes
-from keras_ckpt.state import Snapshot
+from keras_ckpt.snapshot import Snapshot
 from keras_ckpt.storage_format import (
     GROUP,
     KERAS_WEIGHTS_MEMBER,

@@ -73,9 +73,14 @@ class Clock(keras.callbacks.Callback):
 
 def write_report(out: str, model: keras.Model, history, checkpoint, guard, **extra) -> None:
     """Writes the model's and optimizer's variables and what the run reports to OUT (.npz)."""
-    arrays = {f"model/{i}": keras.ops.convert_to_numpy(v) for i, v in enumerate(model.variables)}
-    arrays.update({f"optimizer/{i}": keras.ops.convert_to_numpy(v)
-                   for i, v in enumerate(model.optimizer.variables)})
+    def host(v):  # a variable split across JAX processes: this process's part
+        value = v.value
+        if getattr(value, "is_fully_addressable", True) or value.is_fully_replicated:
+            return keras.ops.convert_to_numpy(v)
+        return np.stack([np.asarray(s.data) for s in value.addressable_shards])
+
+    arrays = {f"model/{i}": host(v) for i, v in enumerate(model.variables)}
+    arrays.update({f"optimizer/{i}": host(v) for i, v in enumerate(model.optimizer.variables)})
     resumed = checkpoint.resumed_from
     outcome = {
         "history": history.history, "epoch": history.epoch,
@@ -155,7 +160,8 @@ def two_process_callbacks(a, index: int, model: keras.Model, checkpoint, callbac
                                        verbose=0)
         callbacks = [clock, *callbacks, budget]
     if a.poison_step is not None:
-        guard = keras_ckpt.TerminateOnNaN(verbose=0)
+        guard = keras_ckpt.TerminateOnNaN(
+            verbose=0, **({"action": "rollback"} if getattr(a, "rollback", False) else {}))
         callbacks.append(guard)
     stops = [("kill_step", 1, signal.SIGKILL), ("signal_step", 1, signal.SIGTERM),
              ("sigint_chief_step", 0, signal.SIGINT)]

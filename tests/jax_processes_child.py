@@ -2,7 +2,8 @@
 
 Usage: python jax_processes_child.py INDEX PORT DIRECTORY OUT [--epochs N]
     [--kill-step S] [--budget-steps B] [--poison-step P] [--signal-step S]
-    [--split-kernel]
+    [--split-kernel] [--restore-best] [--keep-last N] [--rollback] [--only-step K]
+    [--seed-per-process]
 
 INDEX is this process's index (0 writes), PORT the coordinator's port on
 127.0.0.1. Each process has one CPU device; Keras's `DataParallel` spans
@@ -15,7 +16,13 @@ simulated clock (one second a step on process 0, from 0 each run; process
 elsewhere), TerminateOnNaN (NaN targets at global step P), a SIGKILL of
 process 1 after global step S, a SIGTERM to process 1 alone after step S.
 `--split-kernel`: a `ModelParallel` layout that splits the first Dense kernel
-across the two processes' devices.
+(and its optimizer slots) across the two processes' devices: each process
+writes its pieces to a shard file; its batch axis spans one device, so both
+processes feed every global batch whole. `--restore-best`: an
+`EarlyStopping(restore_best_weights=True)` too. `--keep-last N`: retention keeps the N
+newest checkpoints. `--rollback`: TerminateOnNaN rolls back (from memory).
+`--only-step K`: (with `--split-kernel`) the data is global batch K alone.
+`--seed-per-process`: NumPy's global RNG seeded differently in each process.
 
 Every change this process makes under DIRECTORY is recorded, to show that
 only process 0 writes there. Writes the variables, the history and what the
@@ -39,6 +46,7 @@ jax.distributed.initialize(f"127.0.0.1:{PORT}", num_processes=2, process_id=INDE
 
 import child_setup  # noqa: E402
 import keras  # noqa: E402
+import numpy as np  # noqa: E402
 
 import keras_ckpt  # noqa: E402
 
@@ -61,22 +69,37 @@ def main() -> None:
     p = child_setup.parser("index", "port")
     p.add_argument("--signal-step", type=int)
     p.add_argument("--split-kernel", action="store_true")
+    p.add_argument("--restore-best", action="store_true")
+    p.add_argument("--keep-last", type=int)
+    p.add_argument("--rollback", action="store_true")
+    p.add_argument("--only-step", type=int)
+    p.add_argument("--seed-per-process", action="store_true")
     a = p.parse_args()
     changes = child_setup.record_writes(a.directory)
     keras.distribution.set_distribution(distribution(a.split_kernel))
     x, y = child_setup.data(a.poison_step)
     # Global batch k is rows 16k..16k+15 (a poisoned step's too); process i feeds 16k+8i..+7.
     rows = [r for k in range(6) for r in range(16 * k + 8 * INDEX, 16 * k + 8 * INDEX + 8)]
-    x, y = x[rows], y[rows]
+    if not a.split_kernel:  # (split: the batch axis spans no process; both feed it whole)
+        x, y = x[rows], y[rows]
+    elif a.only_step:
+        batch = slice(16 * (a.only_step - 1), 16 * a.only_step)
+        x, y = x[batch], y[batch]
     keras.utils.set_random_seed(3)
+    if a.seed_per_process:
+        np.random.seed(100 + INDEX)
     model = child_setup.small_model()
     checkpoint = keras_ckpt.ModelCheckpoint(
         os.path.join(a.directory, "c-{epoch:02d}-{batch}.weights.h5"), save_freq=3,
-        save_weights_only=True, resume=True, verbose=0)
-    callbacks = child_setup.two_process_callbacks(a, INDEX, model, checkpoint, [checkpoint],
-                                                  changes)
-    model.fit(x, y, batch_size=8, epochs=a.epochs, shuffle=False, verbose=0,
-              callbacks=callbacks)
+        save_weights_only=True, resume=True, verbose=0,
+        retention=[keras_ckpt.KeepLast(a.keep_last)] if a.keep_last else None)
+    own = [checkpoint]
+    if a.restore_best:
+        own.append(keras_ckpt.EarlyStopping(monitor="loss", patience=50,
+                                            restore_best_weights=True))
+    callbacks = child_setup.two_process_callbacks(a, INDEX, model, checkpoint, own, changes)
+    model.fit(x, y, batch_size=16 if a.split_kernel else 8, epochs=a.epochs, shuffle=False,
+              verbose=0, callbacks=callbacks)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,8 @@ Keras's `DataParallel` spans both processes' devices and each process runs
 the same `fit`. Process 0 alone writes into the checkpoint directory (files,
 lock, ledger); a stop decided on one process (a signal that reached it, a
 budget on process 0's clock, a NaN) is taken by both at the same step; both killed
-and resumed end bitwise like an uninterrupted run; a variable split across
-the processes is refused at train begin, before anything is written.
+and resumed end bitwise like an uninterrupted run. A variable split across the
+processes: tests/test_jax_shards.py.
 """
 
 from __future__ import annotations
@@ -95,11 +95,16 @@ def test_a_nan_stop_is_taken_by_both_at_the_same_step_and_never_saved(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_variable_split_across_the_processes_is_refused_at_train_begin(tmp_path):
-    procs = launch(tmp_path / "m", tmp_path / "m", "--split-kernel")
-    logs = finish(procs, statuses=(1, 1))
-    refused = "NotImplementedError: ModelCheckpoint: the variable 'sequential/dense/kernel' is " \
-        "split across the 2 JAX processes"
+def test_rng_states_that_differ_between_processes_are_told_at_save_and_at_resume(tmp_path):
+    """Each process seeds NumPy differently: a checkpoint holds process 0's states, which a
+    resume gives both, so the resumed run is not the uninterrupted one: said when saving
+    and at the resume's train begin, not silently."""
+    logs = kill_both(launch(tmp_path / "d", tmp_path / "d", "--seed-per-process",
+                            "--kill-step", "10"))
+    assert "RNG states differ at this save" in logs[0].replace("\n", " ")
+    assert manager.storage.read_meta(
+        manager.list_checkpoints(tmp_path / "d")[-1].path)["rng_differs_across_processes"]
+    logs = finish(launch(tmp_path / "d", tmp_path / "d", "--seed-per-process"))
     for log in logs:
-        assert refused in log, log[-2000:]
-    assert not os.path.exists(tmp_path / "m")  # nothing written, not even the directory
+        assert "RNG states differed when this checkpoint was written" in log.replace("\n", " ")
+

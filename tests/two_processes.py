@@ -82,10 +82,10 @@ def run_both(procs, out, statuses=(0, 0)) -> tuple[dict, dict, dict, dict]:
     return first, first_outcome, second, second_outcome
 
 
-def kill_both(procs) -> None:
+def kill_both(procs) -> list[str]:
     """Process 1 has SIGKILLed itself (from a callback of its own); process 0, stuck in the
-    next step's collective, is then ended as a scheduler would end the job."""
+    next step's collective, is then ended as a scheduler would end the job. Their output."""
     procs[1].wait(timeout=TIMEOUT)
     assert procs[1].returncode == -signal.SIGKILL
     procs[0].kill()
-    finish(procs, statuses=(-signal.SIGKILL, -signal.SIGKILL))
+    return finish(procs, statuses=(-signal.SIGKILL, -signal.SIGKILL))

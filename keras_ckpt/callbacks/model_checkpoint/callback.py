@@ -18,7 +18,7 @@ import keras
 from keras_ckpt import inputs, manager, multi_worker, registry
 from keras_ckpt import state as state_lib
 from keras_ckpt.callbacks.base import MonitorAttributes, StatefulCallback
-from keras_ckpt.callbacks.model_checkpoint import policies
+from keras_ckpt.callbacks.model_checkpoint import policies, sharded
 from keras_ckpt.callbacks.model_checkpoint.auto_freq import AutoFrequency
 from keras_ckpt.callbacks.model_checkpoint.directory import CheckpointDirectory, local_template
 from keras_ckpt.callbacks.model_checkpoint.exception_save import ExceptionSave
@@ -226,8 +226,10 @@ class ModelCheckpoint(MonitorAttributes, StatefulCallback):
         # Several worker processes: all take the same snapshots (reading the
         # metrics is a collective), only the chief writes.
         self.workers = multi_worker.workers_of(model)
-        if self.workers is not None:
-            self.workers.check_model(model, "ModelCheckpoint")
+        split = [] if self.workers is None else self.workers.check_model(
+            model, "ModelCheckpoint", split_ok=self.files.mirror is None)
+        sharded.announce(split, self.workers)
+        self.files.sharded = bool(split)
         self.writes = self.workers is None or self.workers.is_chief
         timed = "save_freq='auto'" if self.auto_freq else "`save_interval`"
         if self.workers is not None and (self.options.save_interval or self.auto_freq):

@@ -40,6 +40,7 @@ class FitState:
         written: paths this callback wrote in this fit.
         in_fit: between train begin and the session's close.
         fits: the fits this callback began (`next_fit`).
+        rng_differs_said: the processes' differing RNG states were warned of.
     """
 
     epoch: int = 0
@@ -62,6 +63,7 @@ class FitState:
     written: set[str] = dataclasses.field(default_factory=set)
     in_fit: bool = False
     fits: int = 0
+    rng_differs_said: bool = False
 
     def next_fit(self, step_now: int, fields_unchecked: bool) -> FitState:
         """The counters of a new fit, which begins at global step `step_now`.

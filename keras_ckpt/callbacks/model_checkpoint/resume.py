@@ -19,7 +19,8 @@ from typing import Any
 
 import keras
 
-from keras_ckpt import inputs, keras_compat, manager, registry, storage
+from keras_ckpt import inputs, keras_compat, manager, registry, shards, storage
+from keras_ckpt import rng as rng_lib
 from keras_ckpt import state as state_lib
 from keras_ckpt.callbacks.base import StatefulCallback
 from keras_ckpt.jsonsafe import decode_log
@@ -38,9 +39,10 @@ def _no_valid_checkpoint(owner: Any) -> None:
             print_msg(f"ModelCheckpoint: no checkpoint in {directory.path}; "
                       "starting from scratch.")
         return
-    names = "; ".join(f"{os.path.basename(c.path)}: "
-                      f"{c.error or 'its recorded loss or metric is not finite'}"
-                      for c in files)
+    names = "; ".join(f"{os.path.basename(c.path)}: " + (
+        c.error or ("its recorded loss or metric is not finite" if not c.finite
+                    else "it fails verification (the warnings above say why)"))
+        for c in files)
     if owner.options.if_none_valid == "raise":
         raise storage.CorruptCheckpointError(
             f"ModelCheckpoint(resume=True): {directory.path} holds {len(files)} checkpoint "
@@ -70,6 +72,24 @@ def _agree(owner: Any, info: manager.CheckpointInfo | None) -> None:
             f"found {mine}, the chief {chief}. Every worker must see the chief's "
             f"checkpoint directory {owner.files.path} (a shared file system). Nothing "
             "was changed.")
+
+
+def _open_shards(owner: Any, snapshot: state_lib.Snapshot, bound: int | None) -> None:
+    """Opens a candidate's shard files; with several processes, all of them or none do
+    (each verifies the pieces it reads: one bad file makes the checkpoint invalid on all)."""
+    error = None
+    try:
+        shards.open_for(snapshot, owner.model, bound)
+    except storage.CorruptCheckpointError as e:
+        error = e
+    workers = owner.workers
+    if workers is not None and workers.any(error is not None) and error is None:
+        snapshot.shard_files.close()
+        error = storage.CorruptCheckpointError(
+            f"{snapshot.source}: a shard file another process reads fails verification "
+            "(that process's warning names it).")
+    if error is not None:
+        raise error
 
 
 def _first_rows(x: Any) -> Any:
@@ -144,6 +164,9 @@ def _resume(owner: Any, lazy: contextlib.ExitStack) -> None:
     def fits(snapshot: state_lib.Snapshot) -> None:
         _build_lazily(model, snapshot)
         state_lib.check_compatible(snapshot.meta, model)
+        if "shards" in snapshot.meta:  # verified here, read as assigned
+            _open_shards(owner, snapshot, bound)
+            lazy.callback(snapshot.shard_files.close)
 
     own = owner.files.latest(bound, fits, lazy) if owner.options.resume is not True else None
     if owner.options.resume is True:
@@ -175,6 +198,8 @@ def _resume(owner: Any, lazy: contextlib.ExitStack) -> None:
             f"{spe}. Compile with the steps_per_execution the run used "
             f"({progress.get('steps_per_execution')}).")
     _check_fit_arguments(owner, info, progress, step)
+    if snapshot.meta.get(rng_lib.DIFFER_KEY):
+        warn(f"ModelCheckpoint: resuming from {info.path}: " + rng_lib.differ_message(True))
     objects = registry.objects_for(model)
     state_lib.apply(snapshot, model, objects, metrics=False)
     owner.resumed_from = info

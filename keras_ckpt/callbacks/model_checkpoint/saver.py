@@ -19,8 +19,10 @@ import keras
 import numpy as np
 
 from keras_ckpt import atomic, keras_compat, keras_layout, registry, storage
+from keras_ckpt import rng as rng_lib
 from keras_ckpt import state as state_lib
 from keras_ckpt.callbacks.base import StatefulCallback, non_finite_logs
+from keras_ckpt.callbacks.model_checkpoint import sharded
 from keras_ckpt.callbacks.model_checkpoint.fit_state import SavedAt
 from keras_ckpt.jsonsafe import encode_float, encode_log
 from keras_ckpt.keras_compat import print_msg
@@ -132,6 +134,8 @@ class Saver:
         if not save_regular and not write_last:
             return None
         snapshot, meta = self._capture(logs, steps_in_epoch, step_now, value, metrics)
+        if owner.workers is not None:  # (a collective: on every process)
+            meta[rng_lib.DIFFER_KEY] = self._rng_differs(snapshot)
         written = filepath if save_regular else owner.files.last_path
         before = (self.last_saved_path, self.best_path, fit.saved_at, undo_best)
         if save_regular:
@@ -144,6 +148,15 @@ class Saver:
         # Every worker reads it alike (Keras may make variables on the way: on
         # several JAX processes, a collective each).
         plan = self._write_plan()
+        if "shards" in snapshot.meta:  # variables split across processes: every one writes
+            try:
+                sharded.commit(self, filepath if save_regular else None, write_last, snapshot,
+                               meta)
+            except (OSError, storage.NonFiniteStateError) as e:
+                self._undo(before)
+                self._failed(where, filepath, e, (epoch, steps_in_epoch))
+                return None
+            return written
         if not owner.writes:
             return written  # a worker beside the chief: the chief writes this state
 
@@ -164,6 +177,16 @@ class Saver:
             self._failed(where, filepath, e, (epoch, steps_in_epoch))
             return None
         return written
+
+    def _rng_differs(self, snapshot: state_lib.Snapshot) -> bool:
+        """Whether the processes' RNG states in `snapshot` differ (said once a fit)."""
+        workers = self.owner.workers
+        mine = rng_lib.digest(snapshot)
+        differs = workers.any(workers.from_chief(mine) != mine)
+        if differs and workers.is_chief and not self.owner.fit.rng_differs_said:
+            self.owner.fit.rng_differs_said = True
+            warn("ModelCheckpoint: " + rng_lib.differ_message(at_resume=False))
+        return differs
 
     def _capture(self, logs: dict, steps_in_epoch: int | None, step_now: int, value: Any,
                  metrics: list[np.ndarray] | None) -> tuple[state_lib.Snapshot, dict]:

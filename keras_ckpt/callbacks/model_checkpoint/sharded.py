@@ -1,0 +1,97 @@
+"""Saves whose state has variables split across JAX processes (see `keras_ckpt.shards`).
+
+Every process writes the pieces it holds to its own shard file; the processes
+agree that all of them did (one collective); process 0 then writes the main
+file, which records each shard file's digest: its rename is the commit. A
+failure anywhere is a failure everywhere (the same step, no checkpoint), and
+what was written for it is removed.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from typing import Any
+
+from keras_ckpt import shards, storage
+from keras_ckpt.warn import warn
+
+__all__ = ["announce", "commit"]
+
+
+def announce(split: list[str], workers: Any) -> None:
+    """Says at train begin how the checkpoints of a model with split variables are written."""
+    if split:
+        warn(f"ModelCheckpoint: {len(split)} variable(s) ({split[0]!r}, ...) are split "
+             f"across the {workers.count} JAX processes: each checkpoint is a main file plus "
+             "one .shard file per process beside it, written without gathering them. "
+             "Keras's load_weights cannot read such a file; keras_ckpt.restore and "
+             "resume=True can. These saves are synchronous (async_write does not apply).")
+
+
+def _elsewhere(digests: list[float]) -> Exception:
+    """The error for a shard file another process could not write."""
+    for process, digest in enumerate(digests):
+        if digest == -2:
+            return storage.NonFiniteStateError(
+                f"a piece of a split variable held by process {process} holds NaN or "
+                "infinite values")
+    process = next(p for p, d in enumerate(digests) if d < 0)
+    return OSError(f"process {process} could not write its shard file")
+
+
+def commit(saver: Any, regular: str | None, write_last: bool, snapshot: Any, meta: dict,
+           ) -> None:
+    """Writes `snapshot` as a sharded checkpoint to `regular` and/or the `last` file.
+
+    Every process calls it, in the same order (it is a collective).
+
+    Raises:
+        OSError: a process could not write (nothing of this save is left).
+        NonFiniteStateError: a piece holds NaN or infinity (nothing written).
+    """
+    owner, options = saver.owner, saver.options
+    workers, directory = owner.workers, owner.files
+    started = time.monotonic()
+    targets = ([(regular, "regular")] if regular is not None else []) + (
+        [(directory.last_path, "last")] if write_last else [])
+    written = []
+    for path, kind in targets:
+        uid = int(workers.from_chief(float(secrets.randbits(32)) if workers.is_chief else 0.0))
+        mine = shards.shard_name(path, uid, workers.task_id)
+        error: Exception | None = None
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            digest = float(shards.write_own(path, uid, workers.task_id, snapshot,
+                                            fsync=options.fsync,
+                                            compression=options.compression))
+        except storage.NonFiniteStateError as e:
+            error, digest = e, -2.0
+        except OSError as e:
+            error, digest = e, -1.0
+        digests = workers.values(digest)
+        if any(d < 0 for d in digests):
+            if error is None:
+                shards.remove_files([mine])
+            raise error or _elsewhere(digests)
+        if not workers.is_chief:
+            continue
+        new = [shards.shard_name(path, uid, p) for p in range(workers.count)]
+        table = {**snapshot.meta["shards"],
+                 "files": [{"name": os.path.basename(name), "digest": int(d)}
+                           for name, d in zip(new, digests, strict=True)]}
+        old = shards.files_of(path) if os.path.exists(path) else []
+        try:
+            saver._write(path, snapshot, {**meta, "kind": kind, "shards": table},
+                         storage.KerasPartFirst(None))
+        except BaseException:
+            shards.remove_files(new)
+            raise
+        shards.remove_files([p for p in old if p not in new])
+        written.append(path)
+    if workers.is_chief:
+        directory.push(written)
+        saver.last_save_seconds = time.monotonic() - started
+        if options.retention:
+            directory.apply_retention(options.retention, [saver.best_path, saver.last_saved_path])

@@ -1,0 +1,193 @@
+"""A variable split across two JAX processes (`ModelParallel` over both processes' devices).
+
+No process holds the first Dense kernel (nor its Adam slots) whole: each writes
+the columns it holds to its own shard file, process 0 commits the main file
+after both did (jax_processes_child.py `--split-kernel`). Killed and resumed,
+or stopped by a signal to one process and resumed, each process's part ends
+bitwise like an uninterrupted run's; a damaged piece makes its checkpoint invalid
+on both processes (an older one is resumed, with a warning), a missing shard
+file makes it damaged in the listing; one process can restore the whole model
+from the pieces.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+import two_processes
+from two_processes import assert_same, finish, free_ports, kill_both, read
+
+from keras_ckpt import manager, storage
+
+CHILD = os.path.join(os.path.dirname(__file__), "jax_processes_child.py")
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("jax") is None,
+                                reason="needs jax (`pip install -e '.[test]'`)")
+
+
+def launch(directory, out, *args):
+    return two_processes.launch(CHILD, str(free_ports(1)[0]), directory, out,
+                                ["--split-kernel", *args], "jax")
+
+
+def run(directory, out, *args, statuses=(0, 0)):
+    """Both processes to their end: (arrays 0, outcome 0, arrays 1, outcome 1, logs)."""
+    logs = finish(launch(directory, out, *args), statuses)
+    (a0, o0), (a1, o1) = read(out, 0), read(out, 1)
+    return a0, o0, a1, o1, logs
+
+
+def shard_files(directory) -> list[str]:
+    return sorted(os.path.basename(p) for p in glob.glob(os.path.join(directory, "*.shard")))
+
+
+def check_written(directory, outcome_0, outcome_1) -> None:
+    """Process 1 wrote its shard files only; every checkpoint has both of its shard files."""
+    changes_1 = [c for c in outcome_1.pop("changes") if c not in ("makedirs .", "mkdir .")]
+    assert changes_1 and all(c.endswith(".shard") or ".shard." in c for c in changes_1), changes_1
+    assert outcome_0.pop("changes")
+    checkpoints = manager.list_checkpoints(directory)
+    expected = []
+    for info in checkpoints:
+        table = storage.read_meta(info.path)["shards"]
+        assert [f["name"].rsplit("-", 1)[1] for f in table["files"]] == ["p0.shard", "p1.shard"]
+        expected += [f["name"] for f in table["files"]]
+    assert shard_files(directory) == sorted(expected)  # none left over, none missing
+
+
+@pytest.mark.slow
+def test_split_kernel_killed_and_resumed_ends_like_an_uninterrupted_run(tmp_path):
+    straight_0, outcome, straight_1, outcome_1, logs = run(tmp_path / "a", tmp_path / "a")
+    assert all("are split across the 2 JAX processes" in log for log in logs)
+    assert not any("RNG states differ" in log for log in logs)  # (seeded alike)
+    check_written(tmp_path / "a", outcome, outcome_1)
+    assert outcome["iterations"] == 18 and outcome["history"] == outcome_1["history"]
+    # Each process holds its own half of the kernel's columns (and of Adam's slots).
+    kernel_0, kernel_1 = straight_0["model/0"], straight_1["model/0"]
+    assert kernel_0.shape == kernel_1.shape == (1, 6, 8)
+    assert not np.array_equal(kernel_0, kernel_1)
+
+    procs = launch(tmp_path / "b", tmp_path / "b", "--kill-step", "10")
+    kill_both(procs)
+    newest = manager.list_checkpoints(tmp_path / "b")[-1]
+    assert (newest.global_step, newest.epoch, newest.step) == (9, 1, 3)
+    # A save killed between the shard files and the main file leaves shard files that no
+    # checkpoint records: the next train begin removes them.
+    orphan = tmp_path / "b" / f"{os.path.basename(newest.path)}.0badcafe-p1.shard"
+    orphan.write_bytes(b"a shard file of a save that never committed")
+    resumed_0, resumed, resumed_1, resumed_1_outcome, logs = run(tmp_path / "b", tmp_path / "b")
+    assert not orphan.exists() and "0badcafe-p1.shard" in logs[0]
+    assert resumed.pop("resumed_from") == resumed_1_outcome.pop("resumed_from") == [1, 3]
+    check_written(tmp_path / "b", resumed, resumed_1_outcome)
+    outcome.pop("resumed_from")
+    assert resumed == outcome  # history and iterations
+    assert_same(straight_0, resumed_0)
+    assert_same(straight_1, resumed_1)
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_process_saves_both_parts_of_the_same_step(tmp_path):
+    straight_0, outcome, straight_1, _, _ = run(tmp_path / "a", tmp_path / "a")
+    _, stopped, _, stopped_1, _ = run(tmp_path / "s", tmp_path / "s", "--signal-step", "4",
+                                      statuses=(143, 143))
+    assert stopped["preempted_by"] == stopped_1["preempted_by"] == "SIGTERM"
+    assert stopped["iterations"] == stopped_1["iterations"] == 5
+    assert manager.list_checkpoints(tmp_path / "s")[-1].global_step == 5
+    check_written(tmp_path / "s", stopped, stopped_1)
+
+    # A byte of process 1's piece of step 5 flips: only process 1 reads that piece, and
+    # both resume from step 3, bitwise like the uninterrupted run.
+    newest = manager.list_checkpoints(tmp_path / "s")[-1].path
+    flip_a_data_byte(tmp_path / "s" / storage.read_meta(newest)["shards"]["files"][1]["name"])
+    resumed_0, resumed, resumed_1, _, logs = run(tmp_path / "s", tmp_path / "s2")
+    assert resumed["resumed_from"] == [0, 3]
+    assert "'model/00000/1' fails its checksum" in logs[1]
+    assert "a shard file another process reads fails verification" in logs[0]
+    assert resumed["history"] == outcome["history"]
+    assert_same(straight_0, resumed_0)
+    assert_same(straight_1, resumed_1)
+
+    # A missing shard file: the listing marks its checkpoint damaged.
+    first = manager.list_checkpoints(tmp_path / "s")[0].path
+    os.remove(tmp_path / "s" / storage.read_meta(first)["shards"]["files"][0]["name"])
+    damaged = {c.path: c.error for c in manager.list_checkpoints(tmp_path / "s",
+                                                                  include_invalid=True)}
+    assert "its shard file" in damaged[first] and "is missing" in damaged[first]
+
+
+def flip_a_data_byte(path) -> None:
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        arrays = f["keras_ckpt/arrays"]
+        dataset = arrays[sorted(arrays)[0]]
+        offset = dataset.id.get_offset()
+    with open(path, "r+b") as f:
+        f.seek(offset + 5)
+        byte = f.read(1)
+        f.seek(offset + 5)
+        f.write(bytes([byte[0] ^ 0x40]))
+
+
+RESTORE = """
+import sys
+sys.path.insert(0, sys.argv[3])
+import numpy as np, keras, child_setup, keras_ckpt
+model = child_setup.small_model()
+keras_ckpt.restore(model, sys.argv[1])
+np.savez(sys.argv[2], *[keras.ops.convert_to_numpy(v) for v in model.variables])
+"""
+
+
+def test_one_process_restores_the_whole_model_from_the_pieces(tmp_path):
+    """One JAX process without `jax.distributed`: `restore` joins the pieces. (Retention
+    keeps the newest checkpoint: the shard files of the others go with them.)"""
+    import subprocess
+    import sys
+
+    import forkserver
+
+    part_0, outcome, part_1, outcome_1, _ = run(tmp_path / "a", tmp_path / "a", "--epochs", "1",
+                                                "--keep-last", "1")
+    check_written(tmp_path / "a", outcome, outcome_1)
+    (newest,) = manager.list_checkpoints(tmp_path / "a")
+    assert len(shard_files(tmp_path / "a")) == 2
+    env = {**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "3",
+           "PYTHONHASHSEED": "0"}
+    done = forkserver.run([sys.executable, "-c", RESTORE, newest.path, str(tmp_path / "r.npz"),
+                           os.path.dirname(__file__)],
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=two_processes.TIMEOUT)
+    assert done.returncode == 0, done.stdout[-3000:]
+    with np.load(tmp_path / "r.npz") as restored:
+        values = [restored[f"arr_{i}"] for i in range(len(restored.files))]
+    # The kernel's columns 0-7 were process 0's, 8-15 process 1's.
+    np.testing.assert_array_equal(values[0], np.concatenate([part_0["model/0"][0],
+                                                             part_1["model/0"][0]], axis=1))
+    for i in range(1, len(values)):
+        np.testing.assert_array_equal(values[i], part_0[f"model/{i}"])
+
+
+def test_early_stopping_restore_best_refuses_a_split_variable_at_train_begin(tmp_path):
+    logs = finish(launch(tmp_path / "m", tmp_path / "m", "--restore-best"), statuses=(1, 1))
+    refused = ("NotImplementedError: EarlyStopping(restore_best_weights=True): the variable "
+               "'sequential/dense/kernel' is split across the 2 JAX processes")
+    for log in logs:
+        assert refused in log, log[-2000:]
+
+
+def test_terminate_on_nan_rolls_a_split_variable_back_from_memory(tmp_path):
+    """The in-memory snapshot copies each split variable's global array on its devices. A NaN
+    at step 5 of every epoch rolls both processes back to the epoch's start, so only step 6
+    of each epoch counts: each process's part ends bitwise like a run on batch 6 alone."""
+    rolled_0, outcome, rolled_1, outcome_1, _ = run(tmp_path / "n", tmp_path / "n",
+                                                    "--poison-step", "5", "--rollback")
+    assert outcome["nan_events"] == outcome_1["nan_events"] == [[0, 5], [1, 5], [2, 5]]
+    assert outcome["iterations"] == outcome_1["iterations"] == 3
+    alone_0, _, alone_1, _, _ = run(tmp_path / "r", tmp_path / "r", "--only-step", "6")
+    assert_same(rolled_0, alone_0)
+    assert_same(rolled_1, alone_1)
