@@ -1,9 +1,8 @@
 """Every private Keras (and TensorFlow) API keras-ckpt touches, in one place.
 
-Each function names what it relies on; `tests/test_keras_compat.py` pins each
-one against the installed Keras, so a Keras release that changes any of them
-fails there first, with the name of the function, instead of somewhere in a
-resume. Nothing here imports a backend at import time.
+Each function names what it relies on; `tests/test_keras_compat.py` pins each one against the
+installed Keras, so a Keras release that changes any of them fails there first, with the name
+of the function, instead of somewhere in a resume. Nothing here imports a backend at import time.
 """
 
 from __future__ import annotations
@@ -125,49 +124,26 @@ def start_epoch_at(model: Any, batches: int, skipped: Callable[[Any], None],
                    failed: Callable[[BaseException], None]) -> str | None:
     """Makes the running fit's next epoch begin at batch `batches`; returns how, or None.
 
-    Keras's epoch iterator yields `(first step, last step, data iterator)` per
-    train-function call from `_enumerate_iterator` (which first makes the
-    epoch's data iterator, drawing its order). For one epoch an instance
-    attribute shadows it and drops the calls before `batches` (no step, no
-    callback sees them); their data is skipped where it costs least (see
-    `_skip_before`). The last skipped batch is always taken: `skipped(batch)`
-    gets it before the first new step (None: the data ended). `failed(error)`
-    hears a data error while skipping (no step guard sees it).
+    Keras's epoch iterator yields `(first step, last step, data iterator)` per train-function
+    call from `_enumerate_iterator` (which first makes the epoch's data iterator, drawing its
+    order). For one epoch an instance attribute shadows it and drops the calls before `batches`
+    (no step, no callback sees them); their data is skipped where it costs least (see
+    `_skip_before`). The last skipped batch is always taken: `skipped(batch)` gets it before
+    the first new step (None: the data ended). `failed(error)` hears a data error while
+    skipping (no step guard sees it).
     """
     it = fit_epoch_iterator(model)
     original = getattr(type(it), "_enumerate_iterator", None)
     if it is None or original is None or batches <= 0:
         return None
+    from keras_ckpt import epoch_skip
+
     spe = max(1, int(getattr(it, "steps_per_execution", 1) or 1))
-    calls = -(-batches // spe)
     how, undo = _skip_before(it, batches - 1)
 
     def enumerate_from() -> Any:
         del it._enumerate_iterator  # this epoch only
-        inner = original(it)
-        try:
-            for n, item in enumerate(inner):
-                if n == 0 and how == "dataset":  # the epoch's data iterator is made
-                    undo()
-                if n >= calls:
-                    yield item
-                    continue
-                take = min(spe, batches - n * spe) if how == "consume" else int(n == calls - 1)
-                batch = None
-                for _ in range(take):
-                    try:
-                        batch = next(item[-1])
-                    except BaseException as e:
-                        if not is_end_of_data(e):
-                            failed(e)
-                            raise
-                        skipped(None)
-                        return
-                if n == calls - 1:
-                    skipped(batch)
-        finally:
-            undo()
-            inner.close()
+        return epoch_skip.calls_from(original(it), batches, spe, how, undo, skipped, failed)
 
     it._enumerate_iterator = enumerate_from
     return how
@@ -176,7 +152,8 @@ def start_epoch_at(model: Any, batches: int, skipped: Callable[[Any], None],
 def _skip_before(it: Any, count: int) -> tuple[str, Callable[[], None]]:
     """Skips the next data iterator's first `count` batches: `"source"` (a PyDataset without
     workers from the index, as `_finite_generator` orders it; a generator's stream advanced),
-    `"dataset"` (`_distributed_dataset.skip(n)`, in C++) or `"consume"` (read and dropped)."""
+    `"index"` (Keras's array pipeline, `_array_index_skip`), `"dataset"`
+    (`_distributed_dataset.skip(n)`, in C++) or `"consume"` (read and dropped)."""
     adapter = getattr(it, "data_adapter", None)
     py_dataset = getattr(adapter, "py_dataset", None)
     if py_dataset is not None and getattr(adapter, "enqueuer", 1) is None \
@@ -208,9 +185,33 @@ def _skip_before(it: Any, count: int) -> tuple[str, Callable[[], None]]:
     dataset = getattr(it, "_distributed_dataset", None)
     tf = sys.modules.get("tensorflow")
     if tf is not None and isinstance(dataset, tf.data.Dataset):
-        it._distributed_dataset = dataset.skip(count)
-        return "dataset", lambda: setattr(it, "_distributed_dataset", dataset)
+        rebuilt = _array_index_skip(it, dataset, count, tf)
+        it._distributed_dataset = dataset.skip(count) if rebuilt is None else rebuilt
+        return ("dataset" if rebuilt is None else "index",
+                lambda: setattr(it, "_distributed_dataset", dataset))
     return "consume", lambda: None
+
+
+def _array_index_skip(it: Any, dataset: Any, count: int, tf: Any) -> Any:
+    """Keras's array pipeline, its first `count` batches skipped before their gather; or None.
+
+    `ArrayDataAdapter.get_tf_dataset` is `zip((indices, arrays)).map(gather)` under two
+    `with_options` and a prefetch (none in tf.data's debug mode), `indices` drawing the epoch's
+    order; found here by its inputs (`_inputs()`), rebuilt by `epoch_skip.gathered_from`."""
+    from keras.src.trainers.data_adapters.array_data_adapter import ArrayDataAdapter
+
+    from keras_ckpt import epoch_skip
+
+    if type(getattr(it, "data_adapter", None)) is not ArrayDataAdapter:
+        return None
+    node, kinds = dataset, []
+    while len(inputs := node._inputs()) == 1:
+        kinds += [type(node).__name__.lstrip("_").replace("Parallel", "")]
+        node = inputs[0]
+    if [k for k in kinds if k != "PrefetchDataset"] != ["OptionsDataset"] * 2 + ["MapDataset"] \
+            or type(node).__name__.lstrip("_") != "ZipDataset" or len(inputs) != 2:
+        return None
+    return epoch_skip.gathered_from(dataset, *inputs, count, tf)
 
 
 def release_epoch_iterator(model: Any) -> bool:
@@ -384,10 +385,9 @@ def tf_tensor_view(tensor: Any) -> Any:
 def tf_iterators_before_epoch(epoch: int, steps_per_epoch: Any) -> int:
     """How many iterators of a finite tf.data input Keras's `fit` makes before epoch `epoch`'s.
 
-    Keras's epoch iterator makes one after an epoch's last batch; without
-    `steps_per_epoch` each epoch then makes its own at its begin (two an epoch);
-    with `steps_per_epoch` equal to the dataset's length the next epoch reads
-    the one made at the last one's end (one an epoch).
+    Keras's epoch iterator makes one after an epoch's last batch; without `steps_per_epoch`
+    each epoch then makes its own at its begin (two an epoch); with `steps_per_epoch` equal to
+    the dataset's length the next epoch reads the one made at the last one's end (one an epoch).
     """
     return epoch * (2 if steps_per_epoch is None else 1)
 

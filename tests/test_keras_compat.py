@@ -305,7 +305,81 @@ def test_tf_data_and_array_epochs_start_at_a_batch_through_the_dataset():
     assert float(start.handed[0][0][0, 0]) == 4.0  # batch 4, the last skipped, handed over
     start = StartAt(3)
     make_model().fit(X, Y, batch_size=4, epochs=1, verbose=0, callbacks=[start])
+    assert start.how == "index" and start.batches == [3]  # arrays: `_array_index_skip`
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="Keras's array tf.data")
+def test_sparse_arrays_start_at_a_batch_through_the_dataset():
+    """Keras slices sparse arrays its own way: `_array_index_skip` leaves them to `.skip`."""
+    import tensorflow as tf
+
+    start = StartAt(3)
+    make_model().fit(tf.sparse.from_dense(X), Y, batch_size=4, epochs=1, verbose=0,
+                     callbacks=[start])
     assert start.how == "dataset" and start.batches == [3]
+
+
+def fit_recording(x, y, at=None, spe=1, **kwargs):
+    """The batches (numpy) a seeded one-epoch fit trains on; with `at`, starting at batch `at`."""
+    seen = []
+
+    class Recording(keras.Sequential):
+        def train_step(self, data):
+            seen.append([np.array(t) for t in keras.tree.flatten(data)])
+            return super().train_step(data)
+
+    keras.utils.set_random_seed(3)
+    model = Recording([keras.Input((x.shape[1],)), keras.layers.Dense(1)])
+    model.compile("sgd", "mse", run_eagerly=True, steps_per_execution=spe)
+    start = StartAt(at) if at else keras.callbacks.Callback()
+    model.fit(x, y, epochs=1, verbose=0, callbacks=[start], **kwargs)
+    return seen, start
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="Keras's array tf.data")
+@pytest.mark.parametrize("shuffle,batch_size,at,spe,weights", [
+    (True, 5, 2, 1, None), ("batch", 5, 3, 1, None), (False, 4, 2, 2, None),
+    (True, 3, 4, 2, "sample"), ("batch", 5, 2, 1, "class")])
+def test_an_array_epoch_started_at_its_indices_trains_on_keras_s_batches(
+        shuffle, batch_size, at, spe, weights):
+    """`ArrayDataAdapter.get_tf_dataset`: the rebuilt pipeline yields Keras's batches bitwise."""
+    x, y = make_data(16, classes=2 if weights == "class" else 0)
+    kwargs = dict(batch_size=batch_size, shuffle=shuffle)
+    if weights == "sample":
+        kwargs["sample_weight"] = np.linspace(0.5, 2.0, 16).astype("float32")
+    elif weights == "class":
+        kwargs["class_weight"] = {0: 1.0, 1: 3.0}
+    keras_own, _ = fit_recording(x, y, spe=spe, **kwargs)
+    ours, start = fit_recording(x, y, at=at, spe=spe, **kwargs)
+    assert start.how == "index" and len(ours) == len(keras_own) - at > 0
+    handed = [np.array(t) for t in keras.tree.flatten(start.handed[0])]
+    for mine, theirs in zip([handed] + ours, keras_own[at - 1:], strict=True):
+        assert [(a.dtype, a.shape, a.tobytes()) for a in mine] == [
+            (a.dtype, a.shape, a.tobytes()) for a in theirs]
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="Keras's array tf.data")
+def test_an_array_epoch_started_at_its_indices_gathers_no_skipped_batch(monkeypatch):
+    """tf.data's debug mode runs the pipeline's maps in Python: every gather is counted."""
+    import tensorflow as tf
+    from tensorflow.python.data.ops import debug_mode
+
+    gathered, gather = [], tf.gather
+
+    def counting(params, indices, *args, **kwargs):
+        if tf.executing_eagerly():  # (not the traces)
+            gathered.append(len(indices))
+        return gather(params, indices, *args, **kwargs)
+
+    monkeypatch.setattr(tf, "gather", counting)
+    tf.data.experimental.enable_debug_mode()
+    try:
+        start = StartAt(6)
+        make_model().fit(X, Y, batch_size=2, epochs=1, verbose=0, callbacks=[start])
+    finally:
+        debug_mode.toggle_debug_mode(False)
+    assert start.how == "index" and start.batches == [6, 7]
+    assert gathered == [2] * 6  # batch 5 (handed over), 6 and 7: x and y each; none before
 
 
 def test_a_generator_epoch_starts_at_a_batch_by_advancing_its_stream():
