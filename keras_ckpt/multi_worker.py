@@ -205,10 +205,12 @@ class JaxProcesses(Workers):
         Raises:
             NotImplementedError: a variable is split and `split_ok` is False.
         """
-        optimizer = getattr(model, "optimizer", None)
-        split = [v.path for v in [*model.variables,
-                                  *(getattr(optimizer, "variables", None) or [])]
-                 if _split(getattr(v, "value", None))]
+        from keras_ckpt import shards
+        from keras_ckpt.snapshot import model_variables
+
+        groups = model_variables(model)
+        split = [v.path for v in shards.split_keys({g: groups[g] for g in ("model", "optimizer")})
+                 .values()]
         if split and not split_ok:
             why = "it writes to a URL directory (shard files: local or shared directories " \
                 "only)" if who == "ModelCheckpoint" else "it keeps whole arrays"
@@ -236,19 +238,6 @@ def several_jax_processes() -> bool:
     import jax
 
     return jax.process_count() > 1
-
-
-def _split(value: Any) -> bool:
-    """A JAX array part of which lies on another process's devices."""
-    sharding = getattr(value, "sharding", None)
-    if sharding is None or value.is_fully_replicated or value.is_fully_addressable:
-        return False
-    every = {_index_key(i) for i in sharding.devices_indices_map(value.shape).values()}
-    return {_index_key(shard.index) for shard in value.addressable_shards} != every
-
-
-def _index_key(index: tuple) -> tuple:
-    return tuple((s.start, s.stop) if isinstance(s, slice) else s for s in index)
 
 
 def workers_of(model: Any) -> Workers | None:

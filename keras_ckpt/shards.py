@@ -43,7 +43,8 @@ __all__ = ["split_keys", "capture", "write_own", "shard_name", "ShardFiles", "op
            "check_table",
            "check_present", "files_of", "remove_files", "orphans"]
 
-_SHARD = re.compile(r"(?P<main>.+)\.(?P<uid>[0-9a-f]{8})-p(?P<process>\d+)\.shard")
+# A shard file's name: a base name (never a path: a checkpoint names files beside itself only).
+_SHARD = re.compile(r"(?P<main>[^/\\]+)\.(?P<uid>[0-9a-f]{8})-p(?P<process>\d+)\.shard")
 
 
 def _bounds(index: tuple, shape: tuple) -> list[list[int]]:
@@ -56,8 +57,18 @@ def _bounds(index: tuple, shape: tuple) -> list[list[int]]:
 
 
 def _is_split(value: Any) -> bool:
-    return (getattr(value, "sharding", None) is not None
-            and not value.is_fully_replicated and not value.is_fully_addressable)
+    """Whether some process lacks part of the global array `value` (the same answer on every
+    process: decided from the global sharding, not from what this process holds)."""
+    sharding = getattr(value, "sharding", None)
+    if sharding is None or value.is_fully_replicated or value.is_fully_addressable:
+        return False
+    shape = tuple(value.shape)
+    held: dict[int, set] = {}
+    for device, index in sharding.devices_indices_map(shape).items():
+        held.setdefault(device.process_index, set()).add(
+            tuple(map(tuple, _bounds(index, shape))))
+    every = set().union(*held.values())
+    return any(h != every for h in held.values())
 
 
 def split_keys(groups: Mapping[str, list]) -> dict[str, Any]:
@@ -232,9 +243,26 @@ class ShardFiles:
                 if process in needed:
                     self._open[process] = self._stack.enter_context(
                         storage.read_lazily(name, state_bytes))
+            self._check_pieces(needed)
         except BaseException:
             self.close()
             raise
+
+    def _check_pieces(self, opened: set[int]) -> None:
+        """Every piece in the opened files is there with its slice's shape and the variable's
+        dtype (no silent broadcast of a smaller array)."""
+        for key, entry in self.table["variables"].items():
+            for k, piece in enumerate(entry["pieces"]):
+                if piece["process"] not in opened:
+                    continue
+                arrays, name = self._open[piece["process"]].arrays, f"{key}/{k}"
+                shape = [b - a for a, b in piece["index"]]
+                found = arrays.spec(name) if name in arrays else None
+                if found is None or (list(found[0]), str(found[1])) != (shape, entry["dtype"]):
+                    file = self.table["files"][piece["process"]]["name"]
+                    raise storage.CorruptCheckpointError(
+                        f"{os.path.join(os.path.dirname(self.path), file)}: the piece {name} "
+                        f"is missing or not a {tuple(shape)} {entry['dtype']} array.")
 
     def close(self) -> None:
         """Closes the shard files (once; `open` may open them again)."""
@@ -327,8 +355,9 @@ def files_of(path: str) -> list[str]:
     """The shard files a checkpoint records (paths), [] if none or unreadable."""
     try:
         table = storage.read_meta(path).get("shards") or {}
-        return [os.path.join(os.path.dirname(path), f["name"]) for f in table.get("files", [])
-                if isinstance(f, dict) and _SHARD.fullmatch(str(f.get("name")))]
+        names = [str(f.get("name")) for f in table.get("files", []) if isinstance(f, dict)]
+        return [os.path.join(os.path.dirname(path), n) for n in names
+                if (m := _SHARD.fullmatch(n)) and m.group("main") == os.path.basename(path)]
     except (storage.CorruptCheckpointError, OSError, AttributeError, TypeError):
         return []
 

@@ -3,7 +3,7 @@
 Usage: python jax_processes_child.py INDEX PORT DIRECTORY OUT [--epochs N]
     [--kill-step S] [--budget-steps B] [--poison-step P] [--signal-step S]
     [--split-kernel] [--restore-best] [--keep-last N] [--rollback] [--only-step K]
-    [--seed-per-process]
+    [--seed-per-process] [--split-within]
 
 INDEX is this process's index (0 writes), PORT the coordinator's port on
 127.0.0.1. Each process has one CPU device; Keras's `DataParallel` spans
@@ -23,6 +23,8 @@ processes feed every global batch whole. `--restore-best`: an
 newest checkpoints. `--rollback`: TerminateOnNaN rolls back (from memory).
 `--only-step K`: (with `--split-kernel`) the data is global batch K alone.
 `--seed-per-process`: NumPy's global RNG seeded differently in each process.
+`--split-within`: two devices a process, the first Dense kernel split over each process's
+two and the same on both processes (each feeds its own rows, as with `DataParallel`).
 
 Every change this process makes under DIRECTORY is recorded, to show that
 only process 0 writes there. Writes the variables, the history and what the
@@ -37,6 +39,9 @@ import sys
 INDEX, PORT = int(sys.argv[1]), int(sys.argv[2])
 os.environ["KERAS_BACKEND"] = "jax"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+WITHIN = "--split-within" in sys.argv  # two devices a process (read at JAX's first device query)
+if WITHIN:
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
 
 import jax  # noqa: E402
 
@@ -53,7 +58,17 @@ import keras_ckpt  # noqa: E402
 
 def distribution(split_kernel: bool) -> keras.distribution.Distribution:
     devices = jax.devices()
-    assert len(devices) == 2 and jax.process_count() == 2
+    assert len(devices) == (4 if WITHIN else 2) and jax.process_count() == 2
+    if WITHIN:
+        # Rows: the processes (the batch axis: each feeds its own rows); columns: each
+        # process's two devices (the model axis), so the kernel is split within each process
+        # and the same on both: no process can read it whole as one array.
+        grid = np.array(sorted(devices, key=lambda d: (d.process_index, d.id))).reshape(2, 2)
+        mesh = keras.distribution.DeviceMesh((2, 2), ["batch", "model"], grid)
+        layouts = keras.distribution.LayoutMap(mesh)
+        layouts[".*/dense/kernel"] = (None, "model")
+        return keras.distribution.ModelParallel(layout_map=layouts, batch_dim_name="batch",
+                                                auto_shard_dataset=False)
     if not split_kernel:
         # Each process feeds its own rows (below): already sharded.
         return keras.distribution.DataParallel(devices=devices, auto_shard_dataset=False)
@@ -74,6 +89,7 @@ def main() -> None:
     p.add_argument("--rollback", action="store_true")
     p.add_argument("--only-step", type=int)
     p.add_argument("--seed-per-process", action="store_true")
+    p.add_argument("--split-within", action="store_true")
     a = p.parse_args()
     changes = child_setup.record_writes(a.directory)
     keras.distribution.set_distribution(distribution(a.split_kernel))

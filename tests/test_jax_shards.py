@@ -29,14 +29,14 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("jax") is None,
                                 reason="needs jax (`pip install -e '.[test]'`)")
 
 
-def launch(directory, out, *args):
+def launch(directory, out, *args, layout="--split-kernel"):
     return two_processes.launch(CHILD, str(free_ports(1)[0]), directory, out,
-                                ["--split-kernel", *args], "jax")
+                                [layout, *args], "jax")
 
 
-def run(directory, out, *args, statuses=(0, 0)):
+def run(directory, out, *args, statuses=(0, 0), layout="--split-kernel"):
     """Both processes to their end: (arrays 0, outcome 0, arrays 1, outcome 1, logs)."""
-    logs = finish(launch(directory, out, *args), statuses)
+    logs = finish(launch(directory, out, *args, layout=layout), statuses)
     (a0, o0), (a1, o1) = read(out, 0), read(out, 1)
     return a0, o0, a1, o1, logs
 
@@ -85,6 +85,30 @@ def test_split_kernel_killed_and_resumed_ends_like_an_uninterrupted_run(tmp_path
     check_written(tmp_path / "b", resumed, resumed_1_outcome)
     outcome.pop("resumed_from")
     assert resumed == outcome  # history and iterations
+    assert_same(straight_0, resumed_0)
+    assert_same(straight_1, resumed_1)
+
+
+@pytest.mark.slow
+def test_a_kernel_split_within_each_process_is_saved_whole_by_process_0(tmp_path):
+    """Two devices a process, the kernel split over each process's two and the same on both
+    processes: every process holds all of it, so process 0 writes it whole (a file Keras
+    reads; no shard files), and both killed and resumed end bitwise like an uninterrupted run."""
+    straight_0, outcome, straight_1, outcome_1, logs = run(tmp_path / "a", tmp_path / "a",
+                                                           layout="--split-within")
+    assert not any("split across" in log for log in logs)
+    assert outcome.pop("changes") and outcome_1.pop("changes") == []  # process 0 alone
+    assert shard_files(tmp_path / "a") == []
+    assert straight_0["model/0"].shape == (2, 6, 8)  # this process's two devices' halves
+    assert_same(straight_0, straight_1)  # the same on both processes
+    kill_both(launch(tmp_path / "b", tmp_path / "b", "--kill-step", "10",
+                     layout="--split-within"))
+    resumed_0, resumed, resumed_1, _, _ = run(tmp_path / "b", tmp_path / "b",
+                                              layout="--split-within")
+    assert resumed.pop("resumed_from") == [1, 3]
+    resumed.pop("changes")
+    outcome.pop("resumed_from")
+    assert resumed == outcome
     assert_same(straight_0, resumed_0)
     assert_same(straight_1, resumed_1)
 
@@ -191,3 +215,36 @@ def test_terminate_on_nan_rolls_a_split_variable_back_from_memory(tmp_path):
     alone_0, _, alone_1, _, _ = run(tmp_path / "r", tmp_path / "r", "--only-step", "6")
     assert_same(rolled_0, alone_0)
     assert_same(rolled_1, alone_1)
+
+
+def _table(names, pieces=((0, 2),)) -> dict:
+    entry = {"shape": [2, 2], "dtype": "float32",
+             "pieces": [{"index": [[0, 2], list(p)], "process": 0} for p in pieces]}
+    return {"variables": {"model": [{"path": "d/k", "shape": [2, 2], "dtype": "float32"}],
+                          "optimizer": [], "metrics": []},
+            "shards": {"variables": {"model/00000": entry},
+                       "files": [{"name": n, "digest": 1} for n in names]}}
+
+
+def test_a_checkpoint_names_shard_files_beside_itself_only(tmp_path):
+    """A checkpoint is data from a stranger: its table names base names only, its pieces
+    cover each variable, and retention deletes only shard files named after the checkpoint."""
+    from keras_ckpt import shards
+    from keras_ckpt.snapshot import Snapshot, StateMismatchError
+
+    assert shards.check_table(_table(["c.h5.0000abcd-p0.shard"])) == {"model/00000"}
+    for bad in (_table(["../c.h5.0000abcd-p0.shard"]), _table(["/tmp/c.h5.0000abcd-p0.shard"]),
+                _table(["c.h5.0000abcd-p0.shard"], pieces=((0, 1),))):
+        with pytest.raises(StateMismatchError):
+            shards.check_table(bad)
+    # A main file whose table names another checkpoint's shard files: not deleted with it.
+    other = tmp_path / "b.h5.0000abcd-p0.shard"
+    other.write_bytes(b"b's")
+    main = str(tmp_path / "a.h5")
+    storage.write(main, Snapshot(arrays={}, meta={}), layout=storage.KerasPartFirst(None),
+                  meta={"shards": _table([other.name])["shards"]})
+    assert shards.files_of(main) == []
+    storage.write(main, Snapshot(arrays={}, meta={}), layout=storage.KerasPartFirst(None),
+                  meta={"shards": _table(["a.h5.0000abcd-p0.shard"])["shards"]})
+    assert shards.files_of(main) == [str(tmp_path / "a.h5.0000abcd-p0.shard")]
+    assert shards.orphans(str(tmp_path)) == [str(other)]  # (b.h5 does not exist)
