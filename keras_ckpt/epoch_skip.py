@@ -6,24 +6,26 @@ fit's train-function calls, the parts of Keras's array pipeline); the rest is he
 
 from __future__ import annotations
 
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 from keras_ckpt import keras_compat
 
-__all__ = ["calls_from", "gathered_from"]
+__all__ = ["calls_from", "gathered_from", "shadowed_once", "sliced_from", "loader_from"]
 
 
-def calls_from(calls: Generator, batches: int, spe: int, how: str, undo: Callable[[], None],
+def calls_from(calls: Generator, batches: int, spe: int, how: str, undo: Callable[[], Any],
                skipped: Callable[[Any], None], failed: Callable[[BaseException], None]) -> Any:
     """Keras's `(first step, last step, data iterator)` per train-function call, the calls
     before batch `batches` dropped (`how`, `undo`: `keras_compat._skip_before`'s; "consume":
-    their batches read here). The last skipped batch is read and handed to `skipped`."""
+    their batches read here, as where `undo()` says nothing was skipped). The last skipped
+    batch is read and handed to `skipped`."""
     dropped = -(-batches // spe)
     try:
         for n, item in enumerate(calls):
-            if n == 0 and how in ("dataset", "index"):  # the epoch's data iterator is made
-                undo()
+            # The epoch's data iterator is made: its batches skipped, unless undo() says not.
+            if n == 0 and how in ("dataset", "index") and undo():
+                how = "consume"
             if n >= dropped:
                 yield item
                 continue
@@ -61,3 +63,88 @@ def gathered_from(dataset: Any, indices: Any, arrays: Any, count: int, tf: Any) 
         gather, num_parallel_calls=tf.data.AUTOTUNE)
     rebuilt = rebuilt.with_options(dataset.options()).prefetch(tf.data.AUTOTUNE)
     return rebuilt if rebuilt.element_spec == dataset.element_spec else None
+
+
+def shadowed_once(owner: Any, name: str, skip: Callable[..., tuple[Any, bool]],
+                  count: int) -> Callable[[], bool]:
+    """`owner.<name>` shadowed for its next call by `skip(original, count, *args)`: `(what the
+    call gives from batch `count`, or unskipped where declined; whether skipped)` (`sliced_from`,
+    `loader_from`). Returns the undo: true where nothing was skipped (no call, or declined),
+    and the batches are then to be read."""
+    original, done = getattr(owner, name), []
+
+    def shadow(*args: Any) -> Any:
+        owner.__dict__.pop(name, None)  # this call only
+        made, skipped = skip(original, count, *args)
+        done.append(skipped)
+        return made
+
+    keras_compat.set_instance_attr(owner, name, shadow)
+
+    def undo() -> bool:
+        owner.__dict__.pop(name, None)
+        return not any(done)
+
+    return undo
+
+
+def sliced_from(batches_of: Callable, count: int, slice_fn: Callable,
+                inputs: Any) -> tuple[Iterator, bool]:
+    """Keras's array batches `batches_of(slice_fn, inputs)` (`ArrayDataAdapter._get_iterator`,
+    which draws the epoch's permutations with `np.random`) from batch `count`: Keras's own loop
+    runs through the first `count`, drawing as it always does, with a slice function that gives
+    None for every array (nothing sliced or converted), and those batches are dropped here."""
+    slicing = False
+
+    def sliced(sliceable: Any, indices: Any = None) -> Any:
+        return slice_fn(sliceable, indices=indices) if slicing else None
+
+    batches, end = batches_of(sliced, inputs), object()
+
+    def rest() -> Iterator:  # drawn at the first batch, where Keras draws
+        nonlocal slicing
+        for _ in range(count):
+            if next(batches, end) is end:
+                return
+        slicing = True
+        yield from batches
+
+    return rest(), True
+
+
+class _BatchesFrom:
+    """A batch sampler's index batches from batch `count`: the first ones drawn (the same
+    draws from torch's RNG as ever), not yielded."""
+
+    def __init__(self, sampler: Any, count: int) -> None:
+        self.sampler, self.count = sampler, count
+
+    def __iter__(self) -> Iterator:
+        batches = iter(self.sampler)
+        for _ in range(self.count):
+            if next(batches, None) is None:
+                return
+        yield from batches
+
+    def __len__(self) -> int:
+        return max(0, len(self.sampler) - self.count)
+
+
+def loader_from(make_loader: Callable[[], Any], count: int) -> tuple[Any, bool]:
+    """Keras's DataLoader of array batches (`make_loader()`, `ArrayDataAdapter.
+    get_torch_dataloader`) from batch `count`: a DataLoader on the same dataset and collate
+    function whose batch sampler draws Keras's one's first `count` index batches without
+    fetching them. Iterating it draws from torch's RNG as Keras's does (its base seed, then its
+    batch sampler's). Declined (Keras's own, unskipped) where the loader is not a plain one
+    (workers, a generator, pinned memory, an iterable dataset, no batch sampler)."""
+    import torch
+
+    loader = make_loader()
+    data = torch.utils.data
+    if type(loader) is not data.DataLoader or loader.num_workers or loader.pin_memory \
+            or loader.generator is not None or loader.batch_sampler is None or loader.timeout \
+            or loader.worker_init_fn is not None \
+            or isinstance(loader.dataset, data.IterableDataset):
+        return loader, False
+    return data.DataLoader(loader.dataset, batch_sampler=_BatchesFrom(loader.batch_sampler, count),
+                           collate_fn=loader.collate_fn), True

@@ -2,8 +2,7 @@
 
 Each function names what it relies on; `tests/test_keras_compat.py` pins each one against the
 installed Keras, so a Keras release that changes any of them fails there first, with the name
-of the function, instead of somewhere in a resume. Nothing here imports a backend at import time.
-"""
+of the function, instead of somewhere in a resume. Nothing here imports a backend at import time."""
 
 from __future__ import annotations
 
@@ -48,10 +47,8 @@ def set_initial_epoch(model: Any, epoch: Any) -> None:
 
 # ------------------------------------------------------------ the fit's CallbackList
 def calling_callback_list(max_depth: int = 12) -> Any:
-    """The `keras.callbacks.CallbackList` whose `set_model` is running up the stack, or None.
-
-    `fit`'s list calls `set_model` from its constructor; no public API hands it over.
-    """
+    """The `keras.callbacks.CallbackList` whose `set_model` is running up the stack, or None
+    (`fit`'s list calls `set_model` from its constructor; no public API hands it over)."""
     import keras
 
     frame = sys._getframe(1)
@@ -89,10 +86,9 @@ def make_test_function(model: Any) -> None:
 
 
 def is_end_of_data(error: BaseException) -> bool:
-    """Whether `error` is how a step says the data ran out (not a failure)."""
-    if isinstance(error, StopIteration):
-        return True
-    return type(error).__name__ == "OutOfRangeError"  # tf.errors.OutOfRangeError
+    """Whether `error` is how a step says the data ran out (not a failure; on TensorFlow
+    `tf.errors.OutOfRangeError`)."""
+    return isinstance(error, StopIteration) or type(error).__name__ == "OutOfRangeError"
 
 
 def _fit_frame(model: Any) -> Any:
@@ -127,11 +123,9 @@ def start_epoch_at(model: Any, batches: int, skipped: Callable[[Any], None],
     Keras's epoch iterator yields `(first step, last step, data iterator)` per train-function
     call from `_enumerate_iterator` (which first makes the epoch's data iterator, drawing its
     order). For one epoch an instance attribute shadows it and drops the calls before `batches`
-    (no step, no callback sees them); their data is skipped where it costs least (see
-    `_skip_before`). The last skipped batch is always taken: `skipped(batch)` gets it before
-    the first new step (None: the data ended). `failed(error)` hears a data error while
-    skipping (no step guard sees it).
-    """
+    (no step, no callback sees them), their data skipped where it costs least (`_skip_before`).
+    The last skipped batch is always read: `skipped(batch)` gets it before the first new step
+    (None: the data ended); `failed(error)` hears a data error while skipping (no guard sees it)."""
     it = fit_epoch_iterator(model)
     original = getattr(type(it), "_enumerate_iterator", None)
     if it is None or original is None or batches <= 0:
@@ -149,11 +143,12 @@ def start_epoch_at(model: Any, batches: int, skipped: Callable[[Any], None],
     return how
 
 
-def _skip_before(it: Any, count: int) -> tuple[str, Callable[[], None]]:
+def _skip_before(it: Any, count: int) -> tuple[str, Callable[[], Any]]:
     """Skips the next data iterator's first `count` batches: `"source"` (a PyDataset without
     workers from the index, as `_finite_generator` orders it; a generator's stream advanced),
-    `"index"` (Keras's array pipeline, `_array_index_skip`), `"dataset"`
-    (`_distributed_dataset.skip(n)`, in C++) or `"consume"` (read and dropped)."""
+    `"index"` (Keras's arrays, skipped before their slicing: `_array_index_skip` on TensorFlow,
+    `_array_batch_skip`), `"dataset"` (`_distributed_dataset.skip(n)`, in C++) or `"consume"`
+    (read and dropped)."""
     adapter = getattr(it, "data_adapter", None)
     py_dataset = getattr(adapter, "py_dataset", None)
     if py_dataset is not None and getattr(adapter, "enqueuer", 1) is None \
@@ -189,7 +184,8 @@ def _skip_before(it: Any, count: int) -> tuple[str, Callable[[], None]]:
         it._distributed_dataset = dataset.skip(count) if rebuilt is None else rebuilt
         return ("dataset" if rebuilt is None else "index",
                 lambda: setattr(it, "_distributed_dataset", dataset))
-    return "consume", lambda: None
+    undo = _array_batch_skip(adapter, count)
+    return ("consume", lambda: None) if undo is None else ("index", undo)
 
 
 def _array_index_skip(it: Any, dataset: Any, count: int, tf: Any) -> Any:
@@ -214,14 +210,29 @@ def _array_index_skip(it: Any, dataset: Any, count: int, tf: Any) -> Any:
     return epoch_skip.gathered_from(dataset, *inputs, count, tf)
 
 
-def release_epoch_iterator(model: Any) -> bool:
-    """Lets the running fit's epoch iterator go of its data iterator; call at train end.
+def _array_batch_skip(adapter: Any, count: int) -> Any:
+    """An epoch's arrays, `get_jax_iterator`'s `ArrayDataAdapter._get_iterator(slice_fn, inputs)`
+    (drawing the order with `np.random`) or `get_torch_dataloader()` (a DataLoader drawing from
+    torch's RNG), shadowed for one call (`epoch_skip.shadowed_once`). The undo, or None."""
+    import keras
+    from keras.src.trainers.data_adapters.array_data_adapter import ArrayDataAdapter
 
-    Its `_epoch_iterator` generator, suspended by a stop mid-epoch, and the iterator
-    refer to each other, so only a later full collection would free them (where
-    destroying a tf.data iterator waits seconds for its autotune thread). Drops
-    both (not `reset()`: it calls the data's `on_epoch_end`). Returns whether found.
-    """
+    from keras_ckpt import epoch_skip as skip
+
+    backend = keras.backend.backend()
+    if type(adapter) is not ArrayDataAdapter or backend not in ("jax", "torch"):
+        return None
+    torch = backend == "torch"
+    return skip.shadowed_once(adapter, "get_torch_dataloader" if torch else "_get_iterator",
+                              skip.loader_from if torch else skip.sliced_from, count)
+
+
+def release_epoch_iterator(model: Any) -> bool:
+    """Lets the running fit's epoch iterator go of its data iterator; call at train end. Its
+    `_epoch_iterator` generator, suspended by a stop mid-epoch, and the iterator refer to each
+    other: only a later full collection would free them (where destroying a tf.data iterator
+    waits seconds for its autotune thread). Drops both (not `reset()`: it calls the data's
+    `on_epoch_end`). Returns whether found."""
     iterator = fit_epoch_iterator(model)
     if iterator is None or not hasattr(iterator, "_epoch_iterator"):
         return False
@@ -235,13 +246,10 @@ _GUARDED_CLASSES: dict[type, type] = {}
 
 def guard_torch_fetch(model: Any, on_error: Callable[[str, BaseException], None]) -> Any:
     """On torch, reports errors of the data fetch, which Keras does outside the step.
-
-    Keras's torch `fit` takes each batch from its epoch iterator (a local
-    `epoch_iterator` of the running `fit`, found through the calling frames)
-    before it calls `train_function`. The iterator's class is swapped for a
-    subclass whose `__next__` reports errors. Returns a handle for
-    `unguard_torch_fetch`, or None (not torch, or no iterator found).
-    """
+    Keras's torch `fit` takes each batch from its epoch iterator (`fit_epoch_iterator`) before
+    it calls `train_function`. The iterator's class is swapped for a subclass whose `__next__`
+    reports errors. Returns a handle for `unguard_torch_fetch`, or None (not torch, or no
+    iterator found)."""
     import keras
 
     if keras.backend.backend() != "torch":
@@ -315,9 +323,9 @@ def has_keras_train_step(model: Any) -> bool:
 def step_counter(optimizer: Any) -> Any:
     """The variable counting the optimizer's training steps (one per batch).
 
-    `optimizer.iterations` counts updates: with `gradient_accumulation_steps=N` it is
-    a computed `_iterations // N`, so the batch count is `optimizer._iterations`;
-    wrappers such as `LossScaleOptimizer` count in their inner optimizer."""
+    `optimizer.iterations` counts updates: with `gradient_accumulation_steps=N` it is a computed
+    `_iterations // N`, so the batch count is `optimizer._iterations`; wrappers such as
+    `LossScaleOptimizer` count in their inner optimizer."""
     inner = getattr(optimizer, "inner_optimizer", None)
     if inner is not None:
         return step_counter(inner)
@@ -342,8 +350,7 @@ def metric_direction(metric: Any) -> Any:
 
 
 def saving_internals() -> tuple[Any, Any, Callable[[Any], tuple[str, str]]]:
-    """`(H5IOStore, _save_state, _serialize_model_as_json)` of `keras.src.saving.saving_lib`.
-
+    """`(H5IOStore, _save_state, _serialize_model_as_json)` of `keras.src.saving.saving_lib`:
     `_save_state` is Keras's walk over a model's trackables that writes `.weights.h5`;
     keras-ckpt runs it against a recording store to learn the layout (no variable copied)."""
     from keras.src.saving import saving_lib
@@ -353,14 +360,12 @@ def saving_internals() -> tuple[Any, Any, Callable[[Any], tuple[str, str]]]:
 
 
 def store_optimizer_uncopied(optimizer: Any) -> Callable[[], None]:
-    """While Keras's layout is recorded, the optimizer stores its variables, not copies.
-
+    """While Keras's layout is recorded, the optimizer stores its variables, not copies:
     `BaseOptimizer.save_own_variables` stores `variable.numpy()` (a copy) as key `i` of
     `optimizer.variables[i]`; a class overriding it is left alone. Returns the undo."""
     from keras.src.optimizers.base_optimizer import BaseOptimizer
 
-    if getattr(type(optimizer), "save_own_variables", None) is not \
-            BaseOptimizer.save_own_variables:
+    if getattr(type(optimizer), "save_own_variables", None) is not BaseOptimizer.save_own_variables:
         return lambda: None
 
     def save_own_variables(store: Any) -> None:
@@ -383,12 +388,10 @@ def tf_tensor_view(tensor: Any) -> Any:
 
 
 def tf_iterators_before_epoch(epoch: int, steps_per_epoch: Any) -> int:
-    """How many iterators of a finite tf.data input Keras's `fit` makes before epoch `epoch`'s.
-
-    Keras's epoch iterator makes one after an epoch's last batch; without `steps_per_epoch`
-    each epoch then makes its own at its begin (two an epoch); with `steps_per_epoch` equal to
-    the dataset's length the next epoch reads the one made at the last one's end (one an epoch).
-    """
+    """How many iterators of a finite tf.data input Keras's `fit` makes before epoch `epoch`'s:
+    Keras's epoch iterator makes one after an epoch's last batch; without `steps_per_epoch` each
+    epoch then makes its own at its begin (two an epoch); with `steps_per_epoch` equal to the
+    dataset's length the next epoch reads the one made at the last one's end (one an epoch)."""
     return epoch * (2 if steps_per_epoch is None else 1)
 
 

@@ -12,7 +12,7 @@ import sys
 import keras
 import numpy as np
 import pytest
-from conftest import make_data, make_model
+from conftest import make_data, make_model, needs_steps_per_execution
 
 from keras_ckpt import keras_compat
 
@@ -288,6 +288,7 @@ def data_adapter_of(callback):
     return callback.iterator.data_adapter
 
 
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="`_distributed_dataset`")
 def test_tf_data_and_array_epochs_start_at_a_batch_through_the_dataset():
     import tensorflow as tf
 
@@ -319,14 +320,28 @@ def test_sparse_arrays_start_at_a_batch_through_the_dataset():
     assert start.how == "dataset" and start.batches == [3]
 
 
-def fit_recording(x, y, at=None, spe=1, **kwargs):
-    """The batches (numpy) a seeded one-epoch fit trains on; with `at`, starting at batch `at`."""
+def rng_states() -> tuple:
+    """numpy's global RNG state (and torch's, on torch), as bytes."""
+    kind, keys, *rest = np.random.get_state()
+    torch_state = b""
+    if keras.backend.backend() == "torch":
+        import torch
+
+        torch_state = torch.get_rng_state().numpy().tobytes()
+    return kind, keys.tobytes(), *rest, torch_state
+
+
+def fit_recording(x, y, at=None, spe=1, rngs=None, **kwargs):
+    """The batches (numpy) a seeded one-epoch fit trains on; with `at`, starting at batch `at`.
+    `rngs`: gets the global RNG states each step sees."""
     seen = []
 
     class Recording(keras.Sequential):
-        def train_step(self, data):
-            seen.append([np.array(t) for t in keras.tree.flatten(data)])
-            return super().train_step(data)
+        def train_step(self, *args):  # (JAX's: `state, data`)
+            seen.append([keras.ops.convert_to_numpy(t) for t in keras.tree.flatten(args[-1])])
+            if rngs is not None:
+                rngs.append(rng_states())
+            return super().train_step(*args)
 
     keras.utils.set_random_seed(3)
     model = Recording([keras.Input((x.shape[1],)), keras.layers.Dense(1)])
@@ -352,7 +367,7 @@ def test_an_array_epoch_started_at_its_indices_trains_on_keras_s_batches(
     keras_own, _ = fit_recording(x, y, spe=spe, **kwargs)
     ours, start = fit_recording(x, y, at=at, spe=spe, **kwargs)
     assert start.how == "index" and len(ours) == len(keras_own) - at > 0
-    handed = [np.array(t) for t in keras.tree.flatten(start.handed[0])]
+    handed = [keras.ops.convert_to_numpy(t) for t in keras.tree.flatten(start.handed[0])]
     for mine, theirs in zip([handed] + ours, keras_own[at - 1:], strict=True):
         assert [(a.dtype, a.shape, a.tobytes()) for a in mine] == [
             (a.dtype, a.shape, a.tobytes()) for a in theirs]
@@ -380,6 +395,115 @@ def test_an_array_epoch_started_at_its_indices_gathers_no_skipped_batch(monkeypa
         debug_mode.toggle_debug_mode(False)
     assert start.how == "index" and start.batches == [6, 7]
     assert gathered == [2] * 6  # batch 5 (handed over), 6 and 7: x and y each; none before
+
+
+@pytest.mark.parametrize("shuffle", [True, "batch", False])
+def test_array_batches_are_drawn_and_sliced_by_get_iterator_with_a_slice_function(shuffle):
+    """`ArrayDataAdapter._get_iterator(slice_fn, inputs)` makes the epoch's batches (numpy's
+    iterator here, JAX's alike), drawing from `np.random`: shadowed once, it gives Keras's
+    batches from batch 2 bitwise and leaves numpy's RNG as Keras's leaves it."""
+    from keras.src.trainers.data_adapters.array_data_adapter import ArrayDataAdapter
+
+    from keras_ckpt import epoch_skip
+
+    def epoch(skip):
+        adapter = ArrayDataAdapter(X, Y, batch_size=3, shuffle=shuffle)
+        undo = epoch_skip.shadowed_once(adapter, "_get_iterator", epoch_skip.sliced_from, 2)
+        if not skip:
+            assert undo() is True  # never called: nothing skipped
+        np.random.seed(5)
+        batches = [[a.tobytes() for a in batch] for batch in adapter.get_numpy_iterator()]
+        return batches, rng_states(), undo()
+
+    keras_own, keras_rng, _ = epoch(False)
+    ours, our_rng, unskipped = epoch(True)
+    assert len(keras_own) == 6 and ours == keras_own[2:] and our_rng == keras_rng
+    assert unskipped is False
+
+
+@pytest.mark.backends
+@pytest.mark.skipif(keras.backend.backend() == "tensorflow", reason="Keras's array iterators")
+@pytest.mark.parametrize("shuffle,batch_size,at,spe,weights", [
+    (True, 5, 2, 1, None), ("batch", 5, 3, 1, None), (False, 4, 2, 1, None),
+    (True, 3, 4, 1, "sample"), ("batch", 5, 2, 1, "class"),
+    pytest.param(False, 4, 2, 2, None, marks=needs_steps_per_execution),
+    pytest.param("batch", 3, 4, 2, "sample", marks=needs_steps_per_execution)])
+def test_an_array_epoch_started_at_its_batch_trains_on_keras_s_batches_and_rng_states(
+        shuffle, batch_size, at, spe, weights):
+    """JAX's `ArrayDataAdapter._get_iterator`, torch's `get_torch_dataloader`: shadowed for the
+    epoch, Keras's batches bitwise, every step seeing the global RNG states Keras's sees."""
+    x, y = make_data(16, classes=2 if weights == "class" else 0)
+    kwargs = dict(batch_size=batch_size, shuffle=shuffle)
+    if weights == "sample":
+        kwargs["sample_weight"] = np.linspace(0.5, 2.0, 16).astype("float32")
+    elif weights == "class":
+        kwargs["class_weight"] = {0: 1.0, 1: 3.0}
+    keras_rngs, our_rngs = [], []
+    keras_own, _ = fit_recording(x, y, spe=spe, rngs=keras_rngs, **kwargs)
+    ours, start = fit_recording(x, y, at=at, spe=spe, rngs=our_rngs, **kwargs)
+    assert len(ours) == len(keras_own) - at > 0
+    handed = [keras.ops.convert_to_numpy(t) for t in keras.tree.flatten(start.handed[0])]
+    for mine, theirs in zip([handed] + ours, keras_own[at - 1:], strict=True):
+        assert [(a.dtype, a.shape, a.tobytes()) for a in mine] == [
+            (a.dtype, a.shape, a.tobytes()) for a in theirs]
+    assert our_rngs == keras_rngs[at:]
+    assert start.how == "index"
+    assert not {"_get_iterator", "get_torch_dataloader"} & set(vars(data_adapter_of(start)))
+
+
+@pytest.mark.backends
+@pytest.mark.skipif(keras.backend.backend() == "tensorflow", reason="Keras's array iterators")
+@pytest.mark.parametrize("shuffle", [True, "batch", False])
+def test_an_array_epoch_started_at_its_batch_slices_no_skipped_batch(monkeypatch, shuffle):
+    """Every slice of an array Keras makes is counted: only the handed and the new batches'."""
+    from keras.src.trainers.data_adapters import array_slicing
+
+    start, sliced, getitem = StartAt(6), [], array_slicing.Sliceable.__getitem__
+
+    def counting(self, indices):
+        if start.how is not None:  # (not the symbolic build's batch before the fit)
+            sliced.append(len(self.array[indices]))
+        return getitem(self, indices)
+
+    monkeypatch.setattr(array_slicing.Sliceable, "__getitem__", counting)
+    make_model().fit(X, Y, batch_size=2, epochs=1, shuffle=shuffle, verbose=0, callbacks=[start])
+    assert start.batches == [6, 7]
+    assert sliced == [2] * 6  # batch 5 (handed over), 6 and 7: x and y each; none before
+    assert start.how == "index"
+
+
+@pytest.mark.backends
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="torch's DataLoader")
+def test_a_data_loader_unlike_keras_s_is_left_unskipped():
+    """Workers, a generator of its own...: `loader_from` declines, the undo says so."""
+    import torch
+
+    from keras_ckpt import epoch_skip
+
+    class Owner:
+        def loader(self):
+            return torch.utils.data.DataLoader(range(8), batch_size=2,
+                                               generator=torch.Generator().manual_seed(1))
+
+    owner = Owner()
+    undo = epoch_skip.shadowed_once(owner, "loader", epoch_skip.loader_from, 2)
+    assert len(owner.loader()) == 4 and "loader" not in vars(owner) and undo() is True
+    undo = epoch_skip.shadowed_once(owner, "loader", lambda make, count: (
+        epoch_skip.loader_from(lambda: torch.utils.data.DataLoader(range(8), batch_size=2),
+                               count)), 2)
+    assert [b.tolist() for b in owner.loader()] == [[4, 5], [6, 7]] and undo() is False
+
+
+@pytest.mark.backends
+@pytest.mark.skipif(keras.backend.backend() == "tensorflow", reason="Keras's array iterators")
+def test_an_array_epoch_whose_iterator_keras_made_before_is_consumed():
+    """With `steps_per_epoch`, Keras's first epoch reads the iterator its symbolic build made
+    (not shadowed, its first batch read by then): the batches are read and dropped instead."""
+    keras_own, _ = fit_recording(X, Y, batch_size=2, steps_per_epoch=7)
+    ours, start = fit_recording(X, Y, at=3, batch_size=2, steps_per_epoch=7)
+    assert start.how == "index" and len(ours) == 4
+    for mine, theirs in zip(ours, keras_own[3:], strict=True):
+        assert [a.tobytes() for a in mine] == [a.tobytes() for a in theirs]
 
 
 def test_a_generator_epoch_starts_at_a_batch_by_advancing_its_stream():
