@@ -74,8 +74,10 @@ def assert_same(a: dict, b: dict) -> None:
 
 def run_both(procs, out, statuses=(0, 0)) -> tuple[dict, dict, dict, dict]:
     """Both processes to their end; their reports. Process 0 (the chief) wrote into the
-    directory, process 1 did not: (arrays 0, outcome 0, arrays 1, outcome 1)."""
-    finish(procs, statuses)
+    directory, process 1 did not: (arrays 0, outcome 0, arrays 1, outcome 1). Both seeded
+    alike, so neither was told that their RNG states differ."""
+    logs = finish(procs, statuses)
+    assert not any("RNG states differ" in log for log in logs), logs[0][-2000:]
     (first, first_outcome), (second, second_outcome) = read(out, 0), read(out, 1)
     assert first_outcome.pop("changes"), "process 0 wrote nothing"
     assert second_outcome.pop("changes") == []  # process 1 wrote nothing there
