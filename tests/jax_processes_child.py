@@ -3,7 +3,7 @@
 Usage: python jax_processes_child.py INDEX PORT DIRECTORY OUT [--epochs N]
     [--kill-step S] [--budget-steps B] [--poison-step P] [--signal-step S]
     [--split-kernel] [--restore-best] [--keep-last N] [--rollback] [--only-step K]
-    [--seed-per-process] [--split-within]
+    [--seed-per-process] [--split-within] [--url]
 
 INDEX is this process's index (0 writes), PORT the coordinator's port on
 127.0.0.1. Each process has one CPU device; Keras's `DataParallel` spans
@@ -25,6 +25,7 @@ newest checkpoints. `--rollback`: TerminateOnNaN rolls back (from memory).
 `--seed-per-process`: NumPy's global RNG seeded differently in each process.
 `--split-within`: two devices a process, the first Dense kernel split over each process's
 two and the same on both processes (each feeds its own rows, as with `DataParallel`).
+`--url`: the checkpoints go to a `memory://` URL directory (its name from DIRECTORY).
 
 Every change this process makes under DIRECTORY is recorded, to show that
 only process 0 writes there. Writes the variables, the history and what the
@@ -33,6 +34,7 @@ callbacks report to OUT (an .npz).
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 
@@ -90,6 +92,7 @@ def main() -> None:
     p.add_argument("--only-step", type=int)
     p.add_argument("--seed-per-process", action="store_true")
     p.add_argument("--split-within", action="store_true")
+    p.add_argument("--url", action="store_true")
     a = p.parse_args()
     changes = child_setup.record_writes(a.directory)
     keras.distribution.set_distribution(distribution(a.split_kernel))
@@ -105,8 +108,10 @@ def main() -> None:
     if a.seed_per_process:
         np.random.seed(100 + INDEX)
     model = child_setup.small_model()
+    where = a.directory if not a.url else \
+        "memory://" + hashlib.sha256(a.directory.encode()).hexdigest()[:16]
     checkpoint = keras_ckpt.ModelCheckpoint(
-        os.path.join(a.directory, "c-{epoch:02d}-{batch}.weights.h5"), save_freq=3,
+        os.path.join(where, "c-{epoch:02d}-{batch}.weights.h5"), save_freq=3,
         save_weights_only=True, resume=True, verbose=0,
         retention=[keras_ckpt.KeepLast(a.keep_last)] if a.keep_last else None)
     own = [checkpoint]

@@ -196,6 +196,15 @@ def test_one_process_restores_the_whole_model_from_the_pieces(tmp_path):
         np.testing.assert_array_equal(values[i], part_0[f"model/{i}"])
 
 
+def test_a_url_directory_refuses_a_split_variable_at_train_begin(tmp_path):
+    """Shard files need a directory every process writes into: not a URL's local mirror."""
+    logs = finish(launch(tmp_path / "u", tmp_path / "u", "--url"), statuses=(1, 1))
+    refused = ("NotImplementedError: ModelCheckpoint: the variable 'sequential/dense/kernel' is "
+               "split across the 2 JAX processes")
+    for log in logs:
+        assert refused in log and "it writes to a URL directory" in log, log[-2000:]
+
+
 def test_early_stopping_restore_best_refuses_a_split_variable_at_train_begin(tmp_path):
     logs = finish(launch(tmp_path / "m", tmp_path / "m", "--restore-best"), statuses=(1, 1))
     refused = ("NotImplementedError: EarlyStopping(restore_best_weights=True): the variable "
