@@ -3,7 +3,7 @@
 Usage: python jax_processes_child.py INDEX PORT DIRECTORY OUT [--epochs N]
     [--kill-step S] [--budget-steps B] [--poison-step P] [--signal-step S]
     [--split-kernel] [--restore-best] [--keep-last N] [--rollback] [--only-step K]
-    [--seed-per-process] [--split-within] [--url]
+    [--seed-per-process] [--split-within] [--url] [--keras-last]
 
 INDEX is this process's index (0 writes), PORT the coordinator's port on
 127.0.0.1. Each process has one CPU device; Keras's `DataParallel` spans
@@ -26,6 +26,7 @@ newest checkpoints. `--rollback`: TerminateOnNaN rolls back (from memory).
 `--split-within`: two devices a process, the first Dense kernel split over each process's
 two and the same on both processes (each feeds its own rows, as with `DataParallel`).
 `--url`: the checkpoints go to a `memory://` URL directory (its name from DIRECTORY).
+`--keras-last`: `.keras` files (the whole model), and a `last` file beside them.
 
 Every change this process makes under DIRECTORY is recorded, to show that
 only process 0 writes there. Writes the variables, the history and what the
@@ -93,6 +94,7 @@ def main() -> None:
     p.add_argument("--seed-per-process", action="store_true")
     p.add_argument("--split-within", action="store_true")
     p.add_argument("--url", action="store_true")
+    p.add_argument("--keras-last", action="store_true")
     a = p.parse_args()
     changes = child_setup.record_writes(a.directory)
     keras.distribution.set_distribution(distribution(a.split_kernel))
@@ -110,9 +112,10 @@ def main() -> None:
     model = child_setup.small_model()
     where = a.directory if not a.url else \
         "memory://" + hashlib.sha256(a.directory.encode()).hexdigest()[:16]
+    name = "c-{epoch:02d}-{batch}" + (".keras" if a.keras_last else ".weights.h5")
     checkpoint = keras_ckpt.ModelCheckpoint(
-        os.path.join(where, "c-{epoch:02d}-{batch}.weights.h5"), save_freq=3,
-        save_weights_only=True, resume=True, verbose=0,
+        os.path.join(where, name), save_freq=3, save_last=a.keras_last,
+        save_weights_only=not a.keras_last, resume=True, verbose=0,
         retention=[keras_ckpt.KeepLast(a.keep_last)] if a.keep_last else None)
     own = [checkpoint]
     if a.restore_best:

@@ -90,6 +90,29 @@ def test_split_kernel_killed_and_resumed_ends_like_an_uninterrupted_run(tmp_path
 
 
 @pytest.mark.slow
+def test_keras_files_and_a_last_file_with_a_split_kernel(tmp_path):
+    """`.keras` checkpoints (the whole model) and `save_last`: the `last` file is written as
+    a checkpoint of its own (its own shard files, not a link), replaced save after save;
+    killed and resumed, each process's part ends bitwise like an uninterrupted run's."""
+    straight_0, outcome, straight_1, outcome_1, _ = run(tmp_path / "a", tmp_path / "a",
+                                                        "--keras-last")
+    check_written(tmp_path / "a", outcome, outcome_1)
+    last = storage.read_meta(str(tmp_path / "a" / "last.keras"))
+    assert last["kind"] == "last" and last["progress"]["global_step"] == 18
+    assert {f["name"] for f in last["shards"]["files"]} <= set(shard_files(tmp_path / "a"))
+    assert len([n for n in shard_files(tmp_path / "a") if n.startswith("last.keras.")]) == 2
+    kill_both(launch(tmp_path / "b", tmp_path / "b", "--kill-step", "10", "--keras-last"))
+    resumed_0, resumed, resumed_1, resumed_1_outcome, _ = run(tmp_path / "b", tmp_path / "b",
+                                                              "--keras-last")
+    check_written(tmp_path / "b", resumed, resumed_1_outcome)
+    assert resumed.pop("resumed_from") == [1, 3]
+    outcome.pop("resumed_from")
+    assert resumed == outcome
+    assert_same(straight_0, resumed_0)
+    assert_same(straight_1, resumed_1)
+
+
+@pytest.mark.slow
 def test_a_kernel_split_within_each_process_is_saved_whole_by_process_0(tmp_path):
     """Two devices a process, the kernel split over each process's two and the same on both
     processes: every process holds all of it, so process 0 writes it whole (a file Keras
