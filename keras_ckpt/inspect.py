@@ -12,6 +12,7 @@ from keras_ckpt.jsonsafe import encode_float
 from keras_ckpt.manager import CheckpointInfo, list_checkpoints, read_verified_lazily
 from keras_ckpt.monitor import infer_mode
 from keras_ckpt.plots import draw, plot_checkpoints
+from keras_ckpt.shards import ShardFiles
 from keras_ckpt.storage import read_meta
 from keras_ckpt.storage_format import CorruptCheckpointError
 
@@ -100,8 +101,11 @@ def _verified(info: CheckpointInfo) -> CheckpointInfo:
     if info.error is not None:
         return info
     try:
-        with read_verified_lazily(info.path):  # every checksum; two arrays in memory at most
-            pass
+        with read_verified_lazily(info.path) as snapshot:  # every checksum; two arrays at most
+            if "shards" in snapshot.meta:  # and every shard file's (split variables)
+                files = ShardFiles(info.path, snapshot.meta["shards"])
+                files.open(None)
+                files.close()
     except CorruptCheckpointError as e:
         return dataclasses.replace(info, error=str(e))
     return info

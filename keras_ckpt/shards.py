@@ -209,7 +209,8 @@ class ShardFiles:
         self._open: dict[int, Snapshot] = {}
 
     def open(self, model: Any, state_bytes: int | None = None) -> None:
-        """Opens and verifies whole every shard file this process needs (once).
+        """Opens and verifies whole every shard file this process needs (once); every one
+        with `model` None (`inspect`).
 
         Raises:
             CorruptCheckpointError: one is missing, damaged or not the one the
@@ -218,8 +219,8 @@ class ShardFiles:
         if self._stack is not None:
             return
         self._stack = contextlib.ExitStack()
-        needed = set()
-        for key, entry in self.table["variables"].items():
+        needed = set(range(len(self.table["files"]))) if model is None else set()
+        for key, entry in self.table["variables"].items() if model is not None else ():
             shape = tuple(entry["shape"])
             for index in _local_indices(_variable(model, key), shape):
                 want = _bounds(index, shape)

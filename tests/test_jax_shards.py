@@ -150,6 +150,10 @@ def test_a_signal_to_one_process_saves_both_parts_of_the_same_step(tmp_path):
     # both resume from step 3, bitwise like the uninterrupted run.
     newest = manager.list_checkpoints(tmp_path / "s")[-1].path
     flip_a_data_byte(tmp_path / "s" / storage.read_meta(newest)["shards"]["files"][1]["name"])
+    from keras_ckpt import inspect  # `inspect` verifies every shard file, as resume would
+
+    (row,) = [r for r in inspect.describe(str(tmp_path / "s")) if r["path"] == newest]
+    assert not row["valid"] and "fails its checksum" in row["error"]
     resumed_0, resumed, resumed_1, _, logs = run(tmp_path / "s", tmp_path / "s2")
     assert resumed["resumed_from"] == [0, 3]
     assert "'model/00000/1' fails its checksum" in logs[1]
