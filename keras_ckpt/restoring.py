@@ -19,7 +19,9 @@ def restore(model: Any, path: str | os.PathLike, *, weights_only: bool = False,
 
     Use it to start a new run from any earlier checkpoint, e.g. to fine-tune on
     fresh data from epoch 5 of an old run, writing into a new directory; the
-    old run's files are only read.
+    old run's files are only read. A checkpoint of variables split across JAX
+    processes reads their pieces from its shard files: each process the pieces
+    its devices hold, or, in one process, every piece joined into whole arrays.
 
     Args:
         model: a built model with the same variables as the checkpoint's (the

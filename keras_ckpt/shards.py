@@ -189,9 +189,12 @@ def check_table(meta: Mapping[str, Any]) -> set[str]:
                     and isinstance(piece.get("process"), int) and piece["process"] >= 0):
                 raise bad
             covered += int(np.prod([b[1] - b[0] for b in index]))
-        if covered != int(np.prod(declared["shape"])):  # (pieces are distinct slices)
+        indices = [p["index"] for p in entry["pieces"]]
+        if covered != int(np.prod(declared["shape"])) or any(
+                _overlap(a, b) for i, a in enumerate(indices) for b in indices[i + 1:]):
+            # (disjoint pieces whose sizes add up to the whole cover each element once)
             raise StateMismatchError(f"The checkpoint's pieces of {declared['path']} do not "
-                                     "cover it.")
+                                     "tile it.")
     return set(table["variables"])
 
 
@@ -226,10 +229,11 @@ class ShardFiles:
                 want = _bounds(index, shape)
                 needed |= {p["process"] for p in entry["pieces"] if _overlap(want, p["index"])}
         directory = os.path.dirname(self.path)
-        if not needed <= set(range(len(self.table["files"]))):
-            raise storage.CorruptCheckpointError(
-                f"{self.path}: its table of split variables names a process with no shard file.")
         try:
+            if not needed <= set(range(len(self.table["files"]))):
+                raise storage.CorruptCheckpointError(
+                    f"{self.path}: its table of split variables names a process with no "
+                    "shard file.")
             for process, record in enumerate(self.table["files"]):
                 name = os.path.join(directory, record["name"])
                 if not os.path.isfile(name):
@@ -284,16 +288,20 @@ class ShardFiles:
             want = _bounds(index, shape)
             key_ = tuple(map(tuple, want))
             if key_ not in made:
-                out = np.empty([b - a for a, b in want], np.dtype(entry["dtype"]))
+                out = None
                 for k, piece in enumerate(entry["pieces"]):
                     part = _overlap(want, piece["index"])
                     if part is None:
                         continue
                     source = self._open[piece["process"]].arrays[f"{key}/{k}"]
+                    if out is None:  # (the dtype checked against the entry when opened)
+                        out = np.empty([b - a for a, b in want], source.dtype)
                     out[tuple(slice(a - w[0], b - w[0]) for (a, b), w in zip(part, want,
                                                                               strict=True))] = \
                         source[tuple(slice(a - p[0], b - p[0]) for (a, b), p in
                                      zip(part, piece["index"], strict=True))]
+                if out is None:  # (check_table: the pieces tile the variable)
+                    raise storage.CorruptCheckpointError(f"{self.path}: no piece of {key}.")
                 made[key_] = out
             return made[key_]
 

@@ -254,6 +254,7 @@ def test_terminate_on_nan_rolls_a_split_variable_back_from_memory(tmp_path):
 
 
 def _table(names, pieces=((0, 2),)) -> dict:
+    """A main file's metadata: a 2x2 variable in pieces of columns `pieces`."""
     entry = {"shape": [2, 2], "dtype": "float32",
              "pieces": [{"index": [[0, 2], list(p)], "process": 0} for p in pieces]}
     return {"variables": {"model": [{"path": "d/k", "shape": [2, 2], "dtype": "float32"}],
@@ -264,13 +265,15 @@ def _table(names, pieces=((0, 2),)) -> dict:
 
 def test_a_checkpoint_names_shard_files_beside_itself_only(tmp_path):
     """A checkpoint is data from a stranger: its table names base names only, its pieces
-    cover each variable, and retention deletes only shard files named after the checkpoint."""
+    tile each variable (disjoint, nothing left out), and retention deletes only shard files
+    named after the checkpoint."""
     from keras_ckpt import shards
     from keras_ckpt.snapshot import Snapshot, StateMismatchError
 
     assert shards.check_table(_table(["c.h5.0000abcd-p0.shard"])) == {"model/00000"}
     for bad in (_table(["../c.h5.0000abcd-p0.shard"]), _table(["/tmp/c.h5.0000abcd-p0.shard"]),
-                _table(["c.h5.0000abcd-p0.shard"], pieces=((0, 1),))):
+                _table(["c.h5.0000abcd-p0.shard"], pieces=((0, 1),)),
+                _table(["c.h5.0000abcd-p0.shard"], pieces=((0, 1), (0, 1)))):  # twice, a gap
         with pytest.raises(StateMismatchError):
             shards.check_table(bad)
     # A main file whose table names another checkpoint's shard files: not deleted with it.
