@@ -351,6 +351,17 @@ def fit_recording(x, y, at=None, spe=1, rngs=None, **kwargs):
     return seen, start
 
 
+def array_fit(shuffle, batch_size, weights):
+    """16 samples and `fit`'s arguments: shuffled so, in batches of so many, weighted so."""
+    x, y = make_data(16, classes=2 if weights == "class" else 0)
+    kwargs = dict(batch_size=batch_size, shuffle=shuffle)
+    if weights == "sample":
+        kwargs["sample_weight"] = np.linspace(0.5, 2.0, 16).astype("float32")
+    elif weights == "class":
+        kwargs["class_weight"] = {0: 1.0, 1: 3.0}
+    return x, y, kwargs
+
+
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="Keras's array tf.data")
 @pytest.mark.parametrize("shuffle,batch_size,at,spe,weights", [
     (True, 5, 2, 1, None), ("batch", 5, 3, 1, None), (False, 4, 2, 2, None),
@@ -358,12 +369,7 @@ def fit_recording(x, y, at=None, spe=1, rngs=None, **kwargs):
 def test_an_array_epoch_started_at_its_indices_trains_on_keras_s_batches(
         shuffle, batch_size, at, spe, weights):
     """`ArrayDataAdapter.get_tf_dataset`: the rebuilt pipeline yields Keras's batches bitwise."""
-    x, y = make_data(16, classes=2 if weights == "class" else 0)
-    kwargs = dict(batch_size=batch_size, shuffle=shuffle)
-    if weights == "sample":
-        kwargs["sample_weight"] = np.linspace(0.5, 2.0, 16).astype("float32")
-    elif weights == "class":
-        kwargs["class_weight"] = {0: 1.0, 1: 3.0}
+    x, y, kwargs = array_fit(shuffle, batch_size, weights)
     keras_own, _ = fit_recording(x, y, spe=spe, **kwargs)
     ours, start = fit_recording(x, y, at=at, spe=spe, **kwargs)
     assert start.how == "index" and len(ours) == len(keras_own) - at > 0
@@ -432,12 +438,7 @@ def test_an_array_epoch_started_at_its_batch_trains_on_keras_s_batches_and_rng_s
         shuffle, batch_size, at, spe, weights):
     """JAX's `ArrayDataAdapter._get_iterator`, torch's `get_torch_dataloader`: shadowed for the
     epoch, Keras's batches bitwise, every step seeing the global RNG states Keras's sees."""
-    x, y = make_data(16, classes=2 if weights == "class" else 0)
-    kwargs = dict(batch_size=batch_size, shuffle=shuffle)
-    if weights == "sample":
-        kwargs["sample_weight"] = np.linspace(0.5, 2.0, 16).astype("float32")
-    elif weights == "class":
-        kwargs["class_weight"] = {0: 1.0, 1: 3.0}
+    x, y, kwargs = array_fit(shuffle, batch_size, weights)
     keras_rngs, our_rngs = [], []
     keras_own, _ = fit_recording(x, y, spe=spe, rngs=keras_rngs, **kwargs)
     ours, start = fit_recording(x, y, at=at, spe=spe, rngs=our_rngs, **kwargs)
