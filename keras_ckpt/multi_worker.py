@@ -122,7 +122,7 @@ class Workers:
         return [int(tf.get_static_value(i)) if tf.get_static_value(i) is not None
                 else int(i.numpy()) for i in self.strategy.experimental_local_results(ids)]
 
-    def check_model(self, model: Any, who: str, split_ok: bool = False) -> list[str]:
+    def check_model(self, model: Any, who: str, refuse: str | None = None) -> list[str]:
         """Raises where `model` cannot be checkpointed across these workers (nothing here)."""
         return []
 
@@ -182,7 +182,11 @@ class JaxProcesses(Workers):
         super().__init__(None, "process", index, count, index == 0)
 
     def values(self, value: float) -> list[float]:
-        """Every process's `value`, by process index (a collective, as `sum`)."""
+        """Every process's `value`, by process index (every process calls it, in the same order).
+
+        The float64 travels as two uint32 words (JAX computes in 32 bits by
+        default), so it arrives exactly without `jax_enable_x64`.
+        """
         from jax.experimental import multihost_utils
 
         words = np.array([value], np.float64).view(np.uint32)
@@ -193,33 +197,31 @@ class JaxProcesses(Workers):
     def sum(self, value: float) -> float:
         return float(sum(self.values(value)))
 
-    def check_model(self, model: Any, who: str, split_ok: bool = False) -> list[str]:
-        """The paths of the variables split across processes (no process holds all of it).
+    def check_model(self, model: Any, who: str, refuse: str | None = None) -> list[str]:
+        """The paths of the variables split across processes (some process holds only part).
 
         Args:
             model: the model about to train.
             who: the callback asking, for the message.
-            split_ok: the caller writes such variables as per-process pieces
-                (`shards`); otherwise they are refused.
+            refuse: why the caller cannot keep such a variable; None: it writes
+                them as per-process pieces (`shards`).
 
         Raises:
-            NotImplementedError: a variable is split and `split_ok` is False.
+            NotImplementedError: a variable is split and `refuse` says why not.
         """
         from keras_ckpt import shards
         from keras_ckpt.snapshot import model_variables
 
         groups = model_variables(model)
-        split = [v.path for v in shards.split_keys({g: groups[g] for g in ("model", "optimizer")})
-                 .values()]
-        if split and not split_ok:
-            why = "it writes to a URL directory (shard files: local or shared directories " \
-                "only)" if who == "ModelCheckpoint" else "it keeps whole arrays"
+        split = [v.path for v in shards.split_keys(
+            {g: groups[g] for g in ("model", "optimizer")}).values()]
+        if split and refuse is not None:
             raise NotImplementedError(
-                f"{who}: the variable {split[0]!r} is split across the "
-                f"{self.count} JAX processes (process {self.task_id} holds only part of "
-                f"it), which this callback cannot keep: {why}. Keep each variable's shards "
-                "within one process's devices (a ModelParallel layout whose model axis "
-                "spans one process), or train in one process.")
+                f"{who}: the variable {split[0]!r} is split across the {self.count} JAX "
+                f"processes (some process holds only part of it), which this callback cannot "
+                f"keep: {refuse}. Keep each variable's shards within one process's devices (a "
+                "ModelParallel layout whose model axis spans one process), or train in one "
+                "process.")
         return split
 
     def gather(self, variables: list) -> list[np.ndarray]:

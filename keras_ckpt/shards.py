@@ -1,15 +1,11 @@
 """Variables split across JAX processes: each process writes the pieces it holds.
 
 With several `jax.distributed` processes, a `ModelParallel` layout can split a
-variable over devices of different processes: no process holds all of it,
-and gathering it onto one host is what large models cannot afford. Such a
-checkpoint is a main file (written by process 0 last: the commit) plus one
-shard file per process written before it, beside it:
-
-    ckpt-03.weights.h5                   our state without the split variables,
-                                         and the table of their pieces
-    ckpt-03.weights.h5.<uid>-p0.shard    process 0's pieces (a keras-ckpt file:
-    ckpt-03.weights.h5.<uid>-p1.shard    CRC per piece), process 1's, ...
+variable over devices of different processes: some process holds only part of
+it, and gathering it onto one host is what large models cannot afford. Such a
+checkpoint is a main file (our state without the split variables, and the table
+of their pieces; written by process 0 last: the commit) plus one shard file per
+process beside it, `<main>.<uid>-p<i>.shard` (a keras-ckpt file: a CRC per piece).
 
 `uid` is drawn by process 0 for each save, so a save never replaces the shard
 files of a checkpoint still listed: until the main file is renamed into place
@@ -37,11 +33,10 @@ from typing import Any
 import numpy as np
 
 from keras_ckpt import storage
-from keras_ckpt.snapshot import Snapshot, StateMismatchError
+from keras_ckpt.snapshot import Snapshot, StateMismatchError, model_variables
 
 __all__ = ["split_keys", "capture", "write_own", "shard_name", "ShardFiles", "open_for",
-           "check_table",
-           "check_present", "files_of", "remove_files", "orphans"]
+           "check_table", "check_present", "files_of", "remove_files", "orphans"]
 
 # A shard file's name: a base name (never a path: a checkpoint names files beside itself only).
 _SHARD = re.compile(r"(?P<main>[^/\\]+)\.(?P<uid>[0-9a-f]{8})-p(?P<process>\d+)\.shard")
@@ -56,23 +51,29 @@ def _bounds(index: tuple, shape: tuple) -> list[list[int]]:
     return out
 
 
-def _is_split(value: Any) -> bool:
-    """Whether some process lacks part of the global array `value` (the same answer on every
-    process: decided from the global sharding, not from what this process holds)."""
-    sharding = getattr(value, "sharding", None)
-    if sharding is None or value.is_fully_replicated or value.is_fully_addressable:
-        return False
+def _holders(value: Any) -> dict[tuple, set[int]]:
+    """Every distinct piece of a global array (`((start, stop), ...)`) and the processes whose
+    devices hold it: from the global sharding, the same on every process."""
     shape = tuple(value.shape)
-    held: dict[int, set] = {}
-    for device, index in sharding.devices_indices_map(shape).items():
-        held.setdefault(device.process_index, set()).add(
-            tuple(map(tuple, _bounds(index, shape))))
-    every = set().union(*held.values())
-    return any(h != every for h in held.values())
+    holders: dict[tuple, set[int]] = {}
+    for device, index in value.sharding.devices_indices_map(shape).items():
+        holders.setdefault(tuple(map(tuple, _bounds(index, shape))), set()).add(
+            device.process_index)
+    return holders
+
+
+def _is_split(value: Any) -> bool:
+    """Whether some process lacks part of the global array `value`."""
+    if getattr(value, "sharding", None) is None or value.is_fully_replicated \
+            or value.is_fully_addressable:
+        return False
+    holders = _holders(value)
+    processes = set().union(*holders.values())
+    return any(held != processes for held in holders.values())
 
 
 def split_keys(groups: Mapping[str, list]) -> dict[str, Any]:
-    """`{"model/00003": variable, ...}`: the variables no process holds whole."""
+    """`{"model/00003": variable, ...}`: the variables some process holds only part of."""
     return {f"{group}/{i:05d}": v for group, variables in groups.items()
             for i, v in enumerate(variables) if _is_split(getattr(v, "value", None))}
 
@@ -80,11 +81,8 @@ def split_keys(groups: Mapping[str, list]) -> dict[str, Any]:
 def _pieces(value: Any) -> list[dict]:
     """Every distinct piece of a global array and the lowest process holding it (the same
     list on every process)."""
-    owners: dict[tuple, int] = {}
-    for device, index in value.sharding.devices_indices_map(tuple(value.shape)).items():
-        key = tuple(map(tuple, _bounds(index, tuple(value.shape))))
-        owners[key] = min(owners.get(key, device.process_index), device.process_index)
-    return [{"index": [list(b) for b in key], "process": p} for key, p in sorted(owners.items())]
+    return [{"index": [list(b) for b in key], "process": min(held)}
+            for key, held in sorted(_holders(value).items())]
 
 
 def capture(split: Mapping[str, Any], copy: bool = False) -> tuple[dict, dict[str, Any]]:
@@ -147,9 +145,8 @@ def write_own(main: str, uid: int, process: int, snapshot: Snapshot, *, fsync: b
             raise storage.NonFiniteStateError(
                 f"the variable {what} holds NaN or infinite values", what)
     meta = {"shard_of": os.path.basename(main), "process": process}
-    storage.write(path, Snapshot(arrays=own, meta=meta),
-                  layout=storage.KerasPartFirst(None), meta={}, fsync=fsync,
-                  compression=compression)
+    storage.write(path, Snapshot(arrays=own, meta=meta), layout=storage.KerasPartFirst(None),
+                  fsync=fsync, compression=compression)
     return _digest(storage.read_meta(path)["arrays"])
 
 
@@ -342,8 +339,6 @@ def _overlap(a: list, b: list) -> list | None:
 
 
 def _variable(model: Any, key: str) -> Any:
-    from keras_ckpt.snapshot import model_variables
-
     group, index = key.split("/")
     return model_variables(model)[group][int(index)]
 
@@ -360,18 +355,24 @@ def check_present(path: str, meta: Mapping[str, Any]) -> None:
             raise storage.CorruptCheckpointError(f"{path}: its shard file {name} is missing.")
 
 
-def files_of(path: str) -> list[str]:
-    """The shard files a checkpoint records (paths), [] if none or unreadable."""
+def _recorded(path: str) -> list[str] | None:
+    """The shard files the checkpoint `path` records (paths); None if it cannot be read."""
     try:
         table = storage.read_meta(path).get("shards") or {}
         names = [str(f.get("name")) for f in table.get("files", []) if isinstance(f, dict)]
-        return [os.path.join(os.path.dirname(path), n) for n in names
-                if (m := _SHARD.fullmatch(n)) and m.group("main") == os.path.basename(path)]
     except (storage.CorruptCheckpointError, OSError, AttributeError, TypeError):
-        return []
+        return None
+    return [os.path.join(os.path.dirname(path), n) for n in names
+            if (m := _SHARD.fullmatch(n)) and m.group("main") == os.path.basename(path)]
+
+
+def files_of(path: str) -> list[str]:
+    """The shard files a checkpoint records (paths), [] if none or unreadable."""
+    return _recorded(path) or []
 
 
 def remove_files(paths: list[str]) -> None:
+    """Removes each file (one already gone is fine)."""
     for path in paths:
         with contextlib.suppress(FileNotFoundError):
             os.remove(path)
@@ -379,20 +380,21 @@ def remove_files(paths: list[str]) -> None:
 
 def orphans(directory: str) -> list[str]:
     """Shard files in `directory` that no checkpoint there records (a save that never
-    committed, or a checkpoint replaced or deleted by a process that then died)."""
+    committed, or a checkpoint replaced or deleted by a process that then died). Those of a
+    checkpoint that cannot be read are kept, as the damaged checkpoint itself is."""
     try:
         names = [n for n in os.listdir(directory) if _SHARD.fullmatch(n)]
     except OSError:
         return []
-    recorded: dict[str, set[str]] = {}
+    recorded: dict[str, set[str] | None] = {}
     found = []
     for name in sorted(names):
         main = _SHARD.fullmatch(name).group("main")
         if main not in recorded:
             main_path = os.path.join(directory, main)
-            recorded[main] = {os.path.basename(p) for p in files_of(main_path)} \
-                if os.path.exists(main_path) else set()
-        if name not in recorded[main]:
+            files = _recorded(main_path) if os.path.exists(main_path) else []
+            recorded[main] = None if files is None else {os.path.basename(p) for p in files}
+        if recorded[main] is not None and name not in recorded[main]:
             found.append(os.path.join(directory, name))
     return found
 

@@ -74,9 +74,10 @@ class Snapshot:
     `arrays` is a dict, except in a checkpoint read lazily
     (`storage.read_lazily`): a mapping that reads each array when asked for.
     Variables split across JAX processes (`shards`) have no entry in `arrays`:
-    a captured snapshot holds their global arrays in `split` (immutable: no
-    copy); one read from a file knows its `source` path, and `shard_files` (a
-    `shards.ShardFiles`, once opened) reads their pieces.
+    a captured snapshot holds their global arrays in `split` (copied on their
+    devices where the snapshot outlives the next step: Keras's step donates the
+    variables' buffers); one read from a file knows its `source` path, and
+    `shard_files` (a `shards.ShardFiles`, once opened) reads their pieces.
     """
 
     arrays: Mapping[str, np.ndarray]

@@ -287,3 +287,6 @@ def test_a_checkpoint_names_shard_files_beside_itself_only(tmp_path):
                   meta={"shards": _table(["a.h5.0000abcd-p0.shard"])["shards"]})
     assert shards.files_of(main) == [str(tmp_path / "a.h5.0000abcd-p0.shard")]
     assert shards.orphans(str(tmp_path)) == [str(other)]  # (b.h5 does not exist)
+    # A damaged checkpoint is left on disk, and so are its shard files.
+    (tmp_path / "b.h5").write_bytes(b"not a checkpoint any more")
+    assert shards.orphans(str(tmp_path)) == []

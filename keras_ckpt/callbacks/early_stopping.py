@@ -227,7 +227,8 @@ class EarlyStopping(MonitorAttributes, StatefulCallback):
         # Several workers: the chief writes `best_weights_path`, all read it.
         self._workers = multi_worker.workers_of(self.model)
         if self._workers is not None and self.restore_best_weights:
-            self._workers.check_model(self.model, "EarlyStopping(restore_best_weights=True)")
+            self._workers.check_model(self.model, "EarlyStopping(restore_best_weights=True)",
+                                      refuse="it keeps whole arrays")
         if self.restore_on_interrupt:
             self._install_interrupt_guards()
 

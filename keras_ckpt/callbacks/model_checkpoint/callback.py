@@ -227,7 +227,8 @@ class ModelCheckpoint(MonitorAttributes, StatefulCallback):
         # metrics is a collective), only the chief writes.
         self.workers = multi_worker.workers_of(model)
         split = [] if self.workers is None else self.workers.check_model(
-            model, "ModelCheckpoint", split_ok=self.files.mirror is None)
+            model, "ModelCheckpoint", refuse=None if self.files.mirror is None else
+            "it writes to a URL directory (shard files: local or shared directories only)")
         sharded.announce(split, self.workers)
         self.files.sharded = bool(split)
         self.writes = self.workers is None or self.workers.is_chief

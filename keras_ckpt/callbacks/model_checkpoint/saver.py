@@ -143,11 +143,6 @@ class Saver:
             if o.save_best_only:
                 self.best_path = filepath
         fit.saved_at = SavedAt(session, step_now, written, steps_in_epoch is None)
-        # Everything that reads the model is done here, on the training
-        # thread: on JAX the model's variables are detached while it trains.
-        # Every worker reads it alike (Keras may make variables on the way: on
-        # several JAX processes, a collective each).
-        plan = self._write_plan()
         if "shards" in snapshot.meta:  # variables split across processes: every one writes
             try:
                 sharded.commit(self, filepath if save_regular else None, write_last, snapshot,
@@ -157,6 +152,11 @@ class Saver:
                 self._failed(where, filepath, e, (epoch, steps_in_epoch))
                 return None
             return written
+        # Everything that reads the model is done here, on the training
+        # thread: on JAX the model's variables are detached while it trains.
+        # Every worker reads it alike (Keras may make variables on the way: on
+        # several JAX processes, a collective each).
+        plan = self._write_plan()
         if not owner.writes:
             return written  # a worker beside the chief: the chief writes this state
 
@@ -229,7 +229,6 @@ class Saver:
     # ------------------------------------------------------------ committing
     def _commit(self, regular: str | None, write_last: bool, snapshot: state_lib.Snapshot,
                 meta: dict, plan: storage.Layout, where: str) -> None:
-        directory = self.owner.files
         started = time.monotonic()
         written = []
         if regular is not None:
@@ -240,11 +239,15 @@ class Saver:
                 print_msg(f"\n{where}: finished saving model to {regular}")
         if write_last:
             written.append(self._write_last(regular, snapshot, meta, plan))
-        directory.push(written)
+        self.committed(written, started)
+
+    def committed(self, written: list[str], started: float) -> None:
+        """After a commit (of ours or `sharded.commit`): upload, the time taken, retention."""
+        self.owner.files.push(written)
         self.last_save_seconds = time.monotonic() - started
         if self.options.retention:
-            directory.apply_retention(self.options.retention,
-                                      [self.best_path, self.last_saved_path])
+            self.owner.files.apply_retention(self.options.retention,
+                                             [self.best_path, self.last_saved_path])
 
     def release_buffers(self) -> None:
         """Lets go of the reused copies (the fit is over; its last write is committed)."""

@@ -91,7 +91,4 @@ def commit(saver: Any, regular: str | None, write_last: bool, snapshot: Any, met
         shards.remove_files([p for p in old if p not in new])
         written.append(path)
     if workers.is_chief:
-        directory.push(written)
-        saver.last_save_seconds = time.monotonic() - started
-        if options.retention:
-            directory.apply_retention(options.retention, [saver.best_path, saver.last_saved_path])
+        saver.committed(written, started)
