@@ -71,12 +71,13 @@ def capture(model: Any, states: Mapping[str, Mapping[str, Any]] | None = None,
     variables_meta: dict[str, list] = {}
     groups = model_variables(model)
     workers = multi_worker.workers_of(model)
-    split = shards.split_keys(groups) if isinstance(workers, multi_worker.JaxProcesses) else {}
+    split = shards.split_keys({g: groups[g] for g in ("model", "optimizer")}) \
+        if isinstance(workers, multi_worker.JaxProcesses) else {}
     for group, variables in groups.items():
         described = describe(variables)
         for i, v in enumerate(variables):
             if f"{group}/{i:05d}" in split:
-                continue  # its pieces, below: no process holds all of it
+                continue  # its pieces, below: some process holds only part of it
             if group == "metrics" and metrics is not None and len(metrics) == len(variables):
                 arrays[f"{group}/{i:05d}"] = metrics[i]
             else:
