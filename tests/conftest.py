@@ -73,7 +73,7 @@ def pytest_collection_modifyitems(config, items):
 
     pytest-xdist hands tests out in this order as its workers free up: with the
     nested sessions and the real-process tests first, the short ones fill in at
-    the end and both workers finish together. (The order within each group is
+    the end and the workers finish together. (The order within each group is
     the collected one; every worker collects the same.)
     """
     items.sort(key=lambda item: 0 if item.get_closest_marker("nested") else
