@@ -8,6 +8,7 @@ from typing import Any
 
 from keras_ckpt import state as state_lib
 from keras_ckpt.manager import CheckpointInfo, info_from_meta, read_verified_lazily
+from keras_ckpt.multi_worker import workers_of
 from keras_ckpt.state_checks import state_bytes_bound
 
 __all__ = ["restore"]
@@ -22,6 +23,8 @@ def restore(model: Any, path: str | os.PathLike, *, weights_only: bool = False,
     old run's files are only read. A checkpoint of variables split across JAX
     processes reads their pieces from its shard files: each process the pieces
     its devices hold, or, in one process, every piece joined into whole arrays.
+    With several processes, every process calls it: they agree on the pieces'
+    verification, so a damaged piece raises on each of them before any assigns.
 
     Args:
         model: a built model with the same variables as the checkpoint's (the
@@ -36,7 +39,8 @@ def restore(model: Any, path: str | os.PathLike, *, weights_only: bool = False,
         run stood).
 
     Raises:
-        CorruptCheckpointError: the file is not a valid checkpoint.
+        CorruptCheckpointError: the file is not a valid checkpoint (or, with
+            several processes, a shard file fails on one of them).
         StateMismatchError: it does not fit the model; the message names the
             first differing variable.
         ValueError: the model is not built.
@@ -58,7 +62,8 @@ def restore(model: Any, path: str | os.PathLike, *, weights_only: bool = False,
     with read_verified_lazily(path, state_bytes=state_bytes_bound(model)) as snapshot:
         info = info_from_meta(path, snapshot.meta, os.path.getsize(path))
         try:
-            state_lib.apply(snapshot, model, objects, weights_only=weights_only, rng=rng)
+            state_lib.apply(snapshot, model, objects, weights_only=weights_only, rng=rng,
+                            workers=workers_of(model) if "shards" in snapshot.meta else None)
         finally:
             if snapshot.shard_files is not None:  # variables split across JAX processes
                 snapshot.shard_files.close()

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from keras_ckpt import keras_compat, multi_worker, shards
+from keras_ckpt import keras_compat, multi_worker, shards, storage
 from keras_ckpt.jsonsafe import to_json_value
 from keras_ckpt.replicas import assign_replicas, drifted, replica_arrays
 from keras_ckpt.rng import capture_rng, restore_rng_at_step, rng_state, rng_tuples, torch_if_used
@@ -32,7 +32,8 @@ from keras_ckpt.snapshot import (
 from keras_ckpt.state_checks import check_compatible, check_snapshot
 
 __all__ = ["Stateful", "Snapshot", "HostBuffers", "capture", "host_view", "view_is_stable",
-           "object_states", "capture_rng", "restore_rng_at_step", "apply", "apply_metrics",
+           "object_states", "capture_rng", "restore_rng_at_step", "open_shards", "apply",
+           "apply_metrics",
            "saved_metrics", "first_step_part", "check_compatible", "StateMismatchError"]
 
 
@@ -226,8 +227,37 @@ def _assign(variables: list, group: str, snapshot: Snapshot) -> None:
                      else snapshot.shard_files.array_for(key, v))
 
 
+def open_shards(snapshot: Snapshot, model: Any, state_bytes: int | None = None,
+                workers: multi_worker.Workers | None = None) -> None:
+    """Opens and verifies the shard files of a checkpoint with split variables (if it has
+    any); with several processes, all of them or none do.
+
+    Each process verifies the pieces it reads, so one bad piece fails on one
+    process only: `workers` (every process calls this, in the same order)
+    makes it fail on all, before any of them assigns anything.
+
+    Raises:
+        CorruptCheckpointError: a shard file fails here, or on another process.
+    """
+    if "shards" not in snapshot.meta or snapshot.split is not None:
+        return
+    error = None
+    try:
+        shards.open_for(snapshot, model, state_bytes)
+    except storage.CorruptCheckpointError as e:
+        error = e
+    if workers is not None and workers.any(error is not None) and error is None:
+        snapshot.shard_files.close()
+        error = storage.CorruptCheckpointError(
+            f"{snapshot.source}: a shard file another process reads fails verification "
+            "(that process's message names it).")
+    if error is not None:
+        raise error
+
+
 def apply(snapshot: Snapshot, model: Any, objects: Mapping[str, Stateful] | None = None, *,
-          weights_only: bool = False, metrics: bool = True, rng: bool = True) -> None:
+          weights_only: bool = False, metrics: bool = True, rng: bool = True,
+          workers: multi_worker.Workers | None = None) -> None:
     """Applies a `Snapshot` to `model` (and its optimizer, metrics and `objects`).
 
     Args:
@@ -238,9 +268,11 @@ def apply(snapshot: Snapshot, model: Any, objects: Mapping[str, Stateful] | None
         weights_only: restore `model.variables` only.
         metrics: restore the compiled metrics' running state too.
         rng: restore the global Python and NumPy RNG states.
+        workers: with several processes, each process's (see `open_shards`).
 
     Raises:
         StateMismatchError: the snapshot does not fit the model.
+        CorruptCheckpointError: a shard file fails verification (see `open_shards`).
     """
     meta = snapshot.meta
     check_snapshot(snapshot)
@@ -252,7 +284,7 @@ def apply(snapshot: Snapshot, model: Any, objects: Mapping[str, Stateful] | None
         check_compatible(meta, model, weights_only=True)
         optimizer.build(model.trainable_variables)
     orders = check_compatible(meta, model, weights_only=weights_only)
-    shards.open_for(snapshot, model)  # split variables: their pieces, verified first
+    open_shards(snapshot, model, workers=workers)  # split variables: verified first
     rng_states = rng_tuples(meta.get("rng"), snapshot.arrays) if rng and not weights_only \
         else None
     if weights_only:

@@ -3,7 +3,7 @@
 Usage: python jax_processes_child.py INDEX PORT DIRECTORY OUT [--epochs N]
     [--kill-step S] [--budget-steps B] [--poison-step P] [--signal-step S]
     [--split-kernel] [--restore-best] [--keep-last N] [--rollback] [--only-step K]
-    [--seed-per-process] [--split-within] [--url] [--keras-last]
+    [--seed-per-process] [--split-within] [--url] [--keras-last] [--restore FILE]
 
 INDEX is this process's index (0 writes), PORT the coordinator's port on
 127.0.0.1. Each process has one CPU device; Keras's `DataParallel` spans
@@ -27,6 +27,8 @@ newest checkpoints. `--rollback`: TerminateOnNaN rolls back (from memory).
 two and the same on both processes (each feeds its own rows, as with `DataParallel`).
 `--url`: the checkpoints go to a `memory://` URL directory (its name from DIRECTORY).
 `--keras-last`: `.keras` files (the whole model), and a `last` file beside them.
+`--restore FILE`: no fit; `keras_ckpt.restore(model, FILE)` in each process, which prints
+`restored` or `not restored: ` and the error (and writes no OUT).
 
 Every change this process makes under DIRECTORY is recorded, to show that
 only process 0 writes there. Writes the variables, the history and what the
@@ -95,6 +97,7 @@ def main() -> None:
     p.add_argument("--split-within", action="store_true")
     p.add_argument("--url", action="store_true")
     p.add_argument("--keras-last", action="store_true")
+    p.add_argument("--restore")
     a = p.parse_args()
     changes = child_setup.record_writes(a.directory)
     keras.distribution.set_distribution(distribution(a.split_kernel))
@@ -110,6 +113,14 @@ def main() -> None:
     if a.seed_per_process:
         np.random.seed(100 + INDEX)
     model = child_setup.small_model()
+    if a.restore:
+        try:
+            keras_ckpt.restore(model, a.restore)
+        except keras_ckpt.CorruptCheckpointError as e:
+            print(f"not restored: {e}", flush=True)
+        else:
+            print("restored", flush=True)
+        return
     where = a.directory if not a.url else \
         "memory://" + hashlib.sha256(a.directory.encode()).hexdigest()[:16]
     name = "c-{epoch:02d}-{batch}" + (".keras" if a.keras_last else ".weights.h5")

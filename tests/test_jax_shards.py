@@ -161,6 +161,12 @@ def test_a_signal_to_one_process_saves_both_parts_of_the_same_step(tmp_path):
     assert resumed["history"] == outcome["history"]
     assert_same(straight_0, resumed_0)
     assert_same(straight_1, resumed_1)
+    # `keras_ckpt.restore` of it in both processes: it raises in both (process 0's pieces
+    # are sound, but process 1's are not), before either assigns anything.
+    logs = finish(launch(tmp_path / "s", tmp_path / "r", "--restore", newest))
+    assert "not restored: " in logs[1] and "'model/00000/1' fails its checksum" in logs[1]
+    assert "not restored: " in logs[0], logs[0][-2000:]
+    assert "a shard file another process reads fails verification" in logs[0]
 
     # A missing shard file: the listing marks its checkpoint damaged.
     first = manager.list_checkpoints(tmp_path / "s")[0].path

@@ -19,7 +19,7 @@ from typing import Any
 
 import keras
 
-from keras_ckpt import inputs, keras_compat, manager, registry, shards, storage
+from keras_ckpt import inputs, keras_compat, manager, registry, storage
 from keras_ckpt import rng as rng_lib
 from keras_ckpt import state as state_lib
 from keras_ckpt.callbacks.base import StatefulCallback
@@ -72,24 +72,6 @@ def _agree(owner: Any, info: manager.CheckpointInfo | None) -> None:
             f"found {mine}, the chief {chief}. Every worker must see the chief's "
             f"checkpoint directory {owner.files.path} (a shared file system). Nothing "
             "was changed.")
-
-
-def _open_shards(owner: Any, snapshot: state_lib.Snapshot, bound: int | None) -> None:
-    """Opens a candidate's shard files; with several processes, all of them or none do
-    (each verifies the pieces it reads: one bad file makes the checkpoint invalid on all)."""
-    error = None
-    try:
-        shards.open_for(snapshot, owner.model, bound)
-    except storage.CorruptCheckpointError as e:
-        error = e
-    workers = owner.workers
-    if workers is not None and workers.any(error is not None) and error is None:
-        snapshot.shard_files.close()
-        error = storage.CorruptCheckpointError(
-            f"{snapshot.source}: a shard file another process reads fails verification "
-            "(that process's warning names it).")
-    if error is not None:
-        raise error
 
 
 def _first_rows(x: Any) -> Any:
@@ -165,7 +147,7 @@ def _resume(owner: Any, lazy: contextlib.ExitStack) -> None:
         _build_lazily(model, snapshot)
         state_lib.check_compatible(snapshot.meta, model)
         if "shards" in snapshot.meta:  # verified here, read as assigned
-            _open_shards(owner, snapshot, bound)
+            state_lib.open_shards(snapshot, model, bound, owner.workers)
             lazy.callback(snapshot.shard_files.close)
 
     own = owner.files.latest(bound, fits, lazy) if owner.options.resume is not True else None
