@@ -33,8 +33,8 @@ from keras_ckpt.state_checks import check_compatible, check_snapshot
 
 __all__ = ["Stateful", "Snapshot", "HostBuffers", "capture", "host_view", "view_is_stable",
            "object_states", "capture_rng", "restore_rng_at_step", "open_shards", "apply",
-           "apply_metrics",
-           "saved_metrics", "first_step_part", "check_compatible", "StateMismatchError"]
+           "apply_metrics", "saved_metrics", "first_step_part", "check_compatible",
+           "StateMismatchError"]
 
 
 def object_states(objects: Mapping[str, Stateful]) -> dict[str, dict]:
