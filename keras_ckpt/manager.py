@@ -15,7 +15,7 @@ import string
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
-from keras_ckpt import shards, storage
+from keras_ckpt import shard_listing, storage
 from keras_ckpt import state as state_lib
 from keras_ckpt.jsonsafe import decode_float
 from keras_ckpt.rng import rng_tuples
@@ -207,7 +207,7 @@ def info_of(path: str, size: int, read_meta: Callable[[], Mapping[str, Any]]) ->
     try:
         meta = read_meta()
         info = info_from_meta(path, meta, size)
-        shards.check_present(path, meta)
+        shard_listing.check_present(path, meta)
     except storage.ForeignFileError as e:
         return CheckpointInfo(path=path, size=size, error=str(e), kind="foreign")
     except storage.CorruptCheckpointError as e:

@@ -59,11 +59,13 @@ def restore(model: Any, path: str | os.PathLike, *, weights_only: bool = False,
             "call it on a batch, call model.build(input_shape), or start it with keras.Input."
         )
     # Verified whole first; then each array is read as it is assigned (one at a time).
-    with read_verified_lazily(path, state_bytes=state_bytes_bound(model)) as snapshot:
+    bound = state_bytes_bound(model)
+    with read_verified_lazily(path, state_bytes=bound) as snapshot:
         info = info_from_meta(path, snapshot.meta, os.path.getsize(path))
         try:
             state_lib.apply(snapshot, model, objects, weights_only=weights_only, rng=rng,
-                            workers=workers_of(model) if "shards" in snapshot.meta else None)
+                            workers=workers_of(model) if "shards" in snapshot.meta else None,
+                            state_bytes=bound)
         finally:
             if snapshot.shard_files is not None:  # variables split across JAX processes
                 snapshot.shard_files.close()

@@ -35,11 +35,11 @@ import numpy as np
 from keras_ckpt import storage
 from keras_ckpt.snapshot import Snapshot, StateMismatchError, model_variables
 
-__all__ = ["split_keys", "capture", "write_own", "shard_name", "ShardFiles", "open_for",
-           "check_table", "check_present", "files_of", "remove_files", "orphans"]
+__all__ = ["split_keys", "capture", "write_own", "shard_name", "SHARD_NAME", "ShardFiles",
+           "open_for", "check_table"]
 
 # A shard file's name: a base name (never a path: a checkpoint names files beside itself only).
-_SHARD = re.compile(r"(?P<main>[^/\\]+)\.(?P<uid>[0-9a-f]{8})-p(?P<process>\d+)\.shard")
+SHARD_NAME = re.compile(r"(?P<main>[^/\\]+)\.(?P<uid>[0-9a-f]{8})-p(?P<process>\d+)\.shard")
 
 
 def _bounds(index: tuple, shape: tuple) -> list[list[int]]:
@@ -165,7 +165,7 @@ def check_table(meta: Mapping[str, Any]) -> set[str]:
         raise bad
     for f in table["files"]:
         if not (isinstance(f, dict) and isinstance(f.get("name"), str)
-                and _SHARD.fullmatch(f["name"]) and isinstance(f.get("digest"), int)):
+                and SHARD_NAME.fullmatch(f["name"]) and isinstance(f.get("digest"), int)):
             raise bad
     for key, entry in table["variables"].items():
         match = re.fullmatch(r"(model|optimizer)/(\d{5})", str(key))
@@ -181,9 +181,10 @@ def check_table(meta: Mapping[str, Any]) -> set[str]:
         for piece in entry["pieces"]:
             index = piece.get("index") if isinstance(piece, dict) else None
             if not (isinstance(index, list) and len(index) == len(declared["shape"])
-                    and all(isinstance(b, list) and len(b) == 2 and 0 <= b[0] < b[1] <= n
+                    and all(isinstance(b, list) and len(b) == 2 and _ints(*b)
+                            and 0 <= b[0] < b[1] <= n
                             for b, n in zip(index, declared["shape"], strict=False))
-                    and isinstance(piece.get("process"), int) and piece["process"] >= 0):
+                    and _ints(piece.get("process")) and piece["process"] >= 0):
                 raise bad
             covered += int(np.prod([b[1] - b[0] for b in index]))
         indices = [p["index"] for p in entry["pieces"]]
@@ -218,13 +219,13 @@ class ShardFiles:
         """
         if self._stack is not None:
             return
-        self._stack = contextlib.ExitStack()
         needed = set(range(len(self.table["files"]))) if model is None else set()
         for key, entry in self.table["variables"].items() if model is not None else ():
             shape = tuple(entry["shape"])
             for index in _local_indices(_variable(model, key), shape):
                 want = _bounds(index, shape)
                 needed |= {p["process"] for p in entry["pieces"] if _overlap(want, p["index"])}
+        self._stack = contextlib.ExitStack()  # (only now: a failure above opened nothing)
         directory = os.path.dirname(self.path)
         try:
             if not needed <= set(range(len(self.table["files"]))):
@@ -333,6 +334,10 @@ def _local_indices(variable: Any, shape: tuple) -> list:
     return list(sharding.addressable_devices_indices_map(shape).values())
 
 
+def _ints(*values: Any) -> bool:
+    return all(type(v) is int for v in values)  # (not a bool, a float or a string)
+
+
 def _overlap(a: list, b: list) -> list | None:
     part = [[max(x0, y0), min(x1, y1)] for (x0, x1), (y0, y1) in zip(a, b, strict=True)]
     return part if all(lo < hi for lo, hi in part) else None
@@ -341,60 +346,3 @@ def _overlap(a: list, b: list) -> list | None:
 def _variable(model: Any, key: str) -> Any:
     group, index = key.split("/")
     return model_variables(model)[group][int(index)]
-
-
-def check_present(path: str, meta: Mapping[str, Any]) -> None:
-    """Raises `CorruptCheckpointError` if a shard file the checkpoint `path` records is
-    missing (a listing's check: the files' contents are verified when read)."""
-    table = meta.get("shards")
-    if not isinstance(table, dict):
-        return
-    for record in table.get("files") or []:
-        name = os.path.join(os.path.dirname(path), str(record.get("name")))
-        if not os.path.isfile(name):
-            raise storage.CorruptCheckpointError(f"{path}: its shard file {name} is missing.")
-
-
-def _recorded(path: str) -> list[str] | None:
-    """The shard files the checkpoint `path` records (paths); None if it cannot be read."""
-    try:
-        table = storage.read_meta(path).get("shards") or {}
-        names = [str(f.get("name")) for f in table.get("files", []) if isinstance(f, dict)]
-    except (storage.CorruptCheckpointError, OSError, AttributeError, TypeError):
-        return None
-    return [os.path.join(os.path.dirname(path), n) for n in names
-            if (m := _SHARD.fullmatch(n)) and m.group("main") == os.path.basename(path)]
-
-
-def files_of(path: str) -> list[str]:
-    """The shard files a checkpoint records (paths), [] if none or unreadable."""
-    return _recorded(path) or []
-
-
-def remove_files(paths: list[str]) -> None:
-    """Removes each file (one already gone is fine)."""
-    for path in paths:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(path)
-
-
-def orphans(directory: str) -> list[str]:
-    """Shard files in `directory` that no checkpoint there records (a save that never
-    committed, or a checkpoint replaced or deleted by a process that then died). Those of a
-    checkpoint that cannot be read are kept, as the damaged checkpoint itself is."""
-    try:
-        names = [n for n in os.listdir(directory) if _SHARD.fullmatch(n)]
-    except OSError:
-        return []
-    recorded: dict[str, set[str] | None] = {}
-    found = []
-    for name in sorted(names):
-        main = _SHARD.fullmatch(name).group("main")
-        if main not in recorded:
-            main_path = os.path.join(directory, main)
-            files = _recorded(main_path) if os.path.exists(main_path) else []
-            recorded[main] = None if files is None else {os.path.basename(p) for p in files}
-        if recorded[main] is not None and name not in recorded[main]:
-            found.append(os.path.join(directory, name))
-    return found
-

@@ -244,7 +244,7 @@ def open_shards(snapshot: Snapshot, model: Any, state_bytes: int | None = None,
     error = None
     try:
         shards.open_for(snapshot, model, state_bytes)
-    except storage.CorruptCheckpointError as e:
+    except Exception as e:  # (any: the others must not wait for this process in the collective)
         error = e
     if workers is not None and workers.any(error is not None) and error is None:
         snapshot.shard_files.close()
@@ -257,7 +257,7 @@ def open_shards(snapshot: Snapshot, model: Any, state_bytes: int | None = None,
 
 def apply(snapshot: Snapshot, model: Any, objects: Mapping[str, Stateful] | None = None, *,
           weights_only: bool = False, metrics: bool = True, rng: bool = True,
-          workers: multi_worker.Workers | None = None) -> None:
+          workers: multi_worker.Workers | None = None, state_bytes: int | None = None) -> None:
     """Applies a `Snapshot` to `model` (and its optimizer, metrics and `objects`).
 
     Args:
@@ -269,6 +269,7 @@ def apply(snapshot: Snapshot, model: Any, objects: Mapping[str, Stateful] | None
         metrics: restore the compiled metrics' running state too.
         rng: restore the global Python and NumPy RNG states.
         workers: with several processes, each process's (see `open_shards`).
+        state_bytes: the most a shard file may hold (the model's state bound).
 
     Raises:
         StateMismatchError: the snapshot does not fit the model.
@@ -284,7 +285,7 @@ def apply(snapshot: Snapshot, model: Any, objects: Mapping[str, Stateful] | None
         check_compatible(meta, model, weights_only=True)
         optimizer.build(model.trainable_variables)
     orders = check_compatible(meta, model, weights_only=weights_only)
-    open_shards(snapshot, model, workers=workers)  # split variables: verified first
+    open_shards(snapshot, model, state_bytes, workers)  # split variables: verified first
     rng_states = rng_tuples(meta.get("rng"), snapshot.arrays) if rng and not weights_only \
         else None
     if weights_only:

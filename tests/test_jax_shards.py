@@ -273,26 +273,41 @@ def test_a_checkpoint_names_shard_files_beside_itself_only(tmp_path):
     """A checkpoint is data from a stranger: its table names base names only, its pieces
     tile each variable (disjoint, nothing left out), and retention deletes only shard files
     named after the checkpoint."""
-    from keras_ckpt import shards
+    from keras_ckpt import shard_listing, shards
     from keras_ckpt.snapshot import Snapshot, StateMismatchError
 
     assert shards.check_table(_table(["c.h5.0000abcd-p0.shard"])) == {"model/00000"}
     for bad in (_table(["../c.h5.0000abcd-p0.shard"]), _table(["/tmp/c.h5.0000abcd-p0.shard"]),
                 _table(["c.h5.0000abcd-p0.shard"], pieces=((0, 1),)),
-                _table(["c.h5.0000abcd-p0.shard"], pieces=((0, 1), (0, 1)))):  # twice, a gap
+                _table(["c.h5.0000abcd-p0.shard"], pieces=((0, 1), (0, 1))),  # twice, a gap
+                _table(["c.h5.0000abcd-p0.shard"], pieces=(("0", "2"),)),  # not numbers
+                _table(["c.h5.0000abcd-p0.shard"], pieces=((0.0, 2.0),))):  # not integers
         with pytest.raises(StateMismatchError):
             shards.check_table(bad)
+    # The listing: a malformed list of files is a damaged checkpoint, not a crash.
+    for files in ("c.h5.0000abcd-p0.shard", [1], [{"name": 7}]):
+        with pytest.raises(storage.CorruptCheckpointError, match="c.h5: its table"):
+            shard_listing.check_present(str(tmp_path / "c.h5"), {"shards": {"files": files}})
     # A main file whose table names another checkpoint's shard files: not deleted with it.
     other = tmp_path / "b.h5.0000abcd-p0.shard"
     other.write_bytes(b"b's")
     main = str(tmp_path / "a.h5")
     storage.write(main, Snapshot(arrays={}, meta={}), layout=storage.KerasPartFirst(None),
                   meta={"shards": _table([other.name])["shards"]})
-    assert shards.files_of(main) == []
+    assert shard_listing.files_of(main) == []
     storage.write(main, Snapshot(arrays={}, meta={}), layout=storage.KerasPartFirst(None),
                   meta={"shards": _table(["a.h5.0000abcd-p0.shard"])["shards"]})
-    assert shards.files_of(main) == [str(tmp_path / "a.h5.0000abcd-p0.shard")]
-    assert shards.orphans(str(tmp_path)) == [str(other)]  # (b.h5 does not exist)
+    assert shard_listing.files_of(main) == [str(tmp_path / "a.h5.0000abcd-p0.shard")]
+    assert shard_listing.orphans(str(tmp_path)) == [str(other)]  # (b.h5 does not exist)
     # A damaged checkpoint is left on disk, and so are its shard files.
     (tmp_path / "b.h5").write_bytes(b"not a checkpoint any more")
-    assert shards.orphans(str(tmp_path)) == []
+    assert shard_listing.orphans(str(tmp_path)) == []
+    # A checkpoint renamed (`mv old.h5 kept.h5`) still reads its shard files: not orphans.
+    renamed = tmp_path / "old.h5.0000beef-p0.shard"
+    renamed.write_bytes(b"old's")
+    storage.write(str(tmp_path / "kept.h5"), Snapshot(arrays={}, meta={}),
+                  layout=storage.KerasPartFirst(None),
+                  meta={"shards": _table([renamed.name])["shards"]})
+    assert shard_listing.orphans(str(tmp_path)) == []
+    os.remove(tmp_path / "kept.h5")
+    assert shard_listing.orphans(str(tmp_path)) == [str(renamed)]

@@ -230,7 +230,6 @@ class ModelCheckpoint(MonitorAttributes, StatefulCallback):
             model, "ModelCheckpoint", refuse=None if self.files.mirror is None else
             "it writes to a URL directory (shard files: local or shared directories only)")
         sharded.announce(split, self.workers)
-        self.files.sharded = bool(split)
         self.writes = self.workers is None or self.workers.is_chief
         timed = "save_freq='auto'" if self.auto_freq else "`save_interval`"
         if self.workers is not None and (self.options.save_interval or self.auto_freq):

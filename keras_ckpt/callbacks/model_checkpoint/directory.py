@@ -19,7 +19,7 @@ import string
 from collections.abc import Sequence
 from typing import Any
 
-from keras_ckpt import atomic, dirlock, manager, remote, shards, storage
+from keras_ckpt import atomic, dirlock, manager, remote, shard_listing, storage
 from keras_ckpt.keras_compat import print_msg
 from keras_ckpt.warn import warn
 
@@ -72,7 +72,6 @@ class CheckpointDirectory:
         self.last_path = os.path.join(self.path, "last" + storage.extension(filepath))
         self._owner: Any = None
         self.remote_only: dict[str, manager.CheckpointInfo] = {}  # local path -> remote info
-        self.sharded = False  # this fit's checkpoints have shard files (`keras_ckpt.shards`)
 
     # ------------------------------------------------------------ names
     def own_name(self, relative: str) -> bool:
@@ -204,8 +203,8 @@ class CheckpointDirectory:
                     continue
                 warn(f"ModelCheckpoint: removed {name} from {top}: an unfinished "
                      "write of a process that ended mid-save (never a checkpoint).")
-            for path in shards.orphans(top):
-                shards.remove_files([path])
+            for path in shard_listing.orphans(top):
+                shard_listing.remove_files([path])
                 warn(f"ModelCheckpoint: removed {os.path.basename(path)} from {top}: the "
                      "shard file of a save that never committed (or of a checkpoint since "
                      "replaced).")
@@ -267,6 +266,6 @@ class CheckpointDirectory:
         """Deletes a checkpoint here (a remote-only one: only from `remote_only`), with its
         shard files (variables split across processes)."""
         if self.remote_only.pop(path, None) is None:
-            pieces = shards.files_of(path) if self.sharded else []
+            pieces = shard_listing.files_of(path)  # (any fit's: one process may resume them)
             os.remove(path)
-            shards.remove_files(pieces)
+            shard_listing.remove_files(pieces)

@@ -14,7 +14,7 @@ import secrets
 import time
 from typing import Any
 
-from keras_ckpt import shards, storage
+from keras_ckpt import shard_listing, shards, storage
 from keras_ckpt.warn import warn
 
 __all__ = ["announce", "commit"]
@@ -73,7 +73,7 @@ def commit(saver: Any, regular: str | None, write_last: bool, snapshot: Any, met
         digests = workers.values(digest)
         if any(d < 0 for d in digests):
             if error is None:
-                shards.remove_files([mine])
+                shard_listing.remove_files([mine])
             raise error or _elsewhere(digests)
         if not workers.is_chief:
             continue
@@ -81,14 +81,14 @@ def commit(saver: Any, regular: str | None, write_last: bool, snapshot: Any, met
         table = {**snapshot.meta["shards"],
                  "files": [{"name": os.path.basename(name), "digest": int(d)}
                            for name, d in zip(new, digests, strict=True)]}
-        old = shards.files_of(path) if os.path.exists(path) else []
+        old = shard_listing.files_of(path) if os.path.exists(path) else []
         try:
             saver._write(path, snapshot, {**meta, "kind": kind, "shards": table},
                          storage.KerasPartFirst(None))
-        except BaseException:
-            shards.remove_files(new)
+        except BaseException:  # (not those of a main file in place: its directory's fsync)
+            shard_listing.remove_files([p for p in new if p not in shard_listing.files_of(path)])
             raise
-        shards.remove_files([p for p in old if p not in new])
+        shard_listing.remove_files([p for p in old if p not in new])
         written.append(path)
     if workers.is_chief:
         saver.committed(written, started)
