@@ -141,6 +141,13 @@ def input_problems(x: Any, steps_per_epoch: Any, model: Any = None) -> list[str]
                 "and a resume starts the dataset again"
                 + (" (and its reshuffling seeds)" if shuffle else "") + ". Let one epoch read "
                 "the whole dataset (`.take(steps_per_epoch)`, no steps_per_epoch).")
+    elif steps_per_epoch and model is not None and (
+            batches := keras_compat.fit_batches(model) or 0) > int(steps_per_epoch):
+        problems.append(
+            f"the input has {batches} batches and steps_per_epoch={steps_per_epoch}: Keras "
+            "then reads on from where the last epoch stopped, and a resume starts the input "
+            "again. Let one epoch read the whole input (give fit only steps_per_epoch "
+            "batches of it, or no steps_per_epoch).")
     elif isinstance(x, (types.GeneratorType, types.AsyncGeneratorType)) or (
             hasattr(x, "__next__") and not hasattr(x, "__getitem__")):
         problems.append(

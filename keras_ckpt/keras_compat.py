@@ -55,8 +55,7 @@ def calling_callback_list(max_depth: int = 12) -> Any:
     for _ in range(max_depth):
         if frame is None:
             return None
-        owner = frame.f_locals.get("self")
-        if isinstance(owner, keras.callbacks.CallbackList):
+        if isinstance(owner := frame.f_locals.get("self"), keras.callbacks.CallbackList):
             return owner
         frame = frame.f_back
     return None
@@ -80,14 +79,12 @@ def set_private(model: Any, name: str, value: Any) -> None:
 # ------------------------------------------------------------ step functions
 def make_test_function(model: Any) -> None:
     """`model.make_test_function()`: built now so that it can be wrapped for the fit."""
-    make = getattr(model, "make_test_function", None)
-    if callable(make):
+    if callable(make := getattr(model, "make_test_function", None)):
         make()
 
 
 def is_end_of_data(error: BaseException) -> bool:
-    """Whether `error` is how a step says the data ran out (not a failure; on TensorFlow
-    `tf.errors.OutOfRangeError`)."""
+    """Whether `error` says the data ran out (not a failure; TF: `OutOfRangeError`)."""
     return isinstance(error, StopIteration) or type(error).__name__ == "OutOfRangeError"
 
 
@@ -114,6 +111,12 @@ def fit_epoch_iterator(model: Any) -> Any:
     """The running fit's `EpochIterator` (every trainer's `fit` names it `epoch_iterator`)."""
     frame = _fit_frame(model)
     return None if frame is None else frame.f_locals.get("epoch_iterator")
+
+
+def fit_batches(model: Any) -> int | None:
+    """The batches in one pass over the running fit's input (its data adapter's), or None."""
+    adapter = getattr(fit_epoch_iterator(model), "data_adapter", None)
+    return n if isinstance(n := getattr(adapter, "num_batches", None), int) else None
 
 
 def start_epoch_at(model: Any, batches: int, skipped: Callable[[Any], None],
@@ -254,8 +257,7 @@ def guard_torch_fetch(model: Any, on_error: Callable[[str, BaseException], None]
 
     if keras.backend.backend() != "torch":
         return None
-    iterator = fit_epoch_iterator(model)
-    if iterator is None:
+    if (iterator := fit_epoch_iterator(model)) is None:
         return None
     if type(iterator) not in _GUARDED_CLASSES.values():
         base = type(iterator)
@@ -326,8 +328,7 @@ def step_counter(optimizer: Any) -> Any:
     `optimizer.iterations` counts updates: with `gradient_accumulation_steps=N` it is a computed
     `_iterations // N`, so the batch count is `optimizer._iterations`; wrappers such as
     `LossScaleOptimizer` count in their inner optimizer."""
-    inner = getattr(optimizer, "inner_optimizer", None)
-    if inner is not None:
+    if (inner := getattr(optimizer, "inner_optimizer", None)) is not None:
         return step_counter(inner)
     if getattr(optimizer, "gradient_accumulation_steps", None):
         return optimizer._iterations
@@ -378,8 +379,7 @@ def store_optimizer_uncopied(optimizer: Any) -> Callable[[], None]:
 
 def flatten_layers(model: Any) -> list:
     """`model._flatten_layers()`: every layer, nested ones included."""
-    flatten = getattr(model, "_flatten_layers", None)
-    return list(flatten()) if callable(flatten) else [model]
+    return list(f()) if callable(f := getattr(model, "_flatten_layers", None)) else [model]
 
 
 def tf_tensor_view(tensor: Any) -> Any:

@@ -132,3 +132,14 @@ def test_a_reshuffling_validation_tf_data_input_is_named(tmp_path):
                             validation_data=data.shuffle(32, seed=2).batch(16))
     assert len(messages) == 1 and "validation tf.data input reshuffles" in messages[0]
     assert fit_warnings(tmp_path / "w", data.batch(16), validation_data=data.batch(16)) == []
+
+
+@pytest.mark.backends
+def test_arrays_and_a_pydataset_read_on_across_epochs_are_named(tmp_path):
+    """Fewer steps an epoch than batches: Keras reads on from one iterator across epochs, and
+    a resume would start the input again (epoch 1 trained on epoch 0's batches, silently)."""
+    messages = fit_warnings(tmp_path / "a", X, y=Y, batch_size=8, steps_per_epoch=2)
+    assert len(messages) == 1 and "4 batches and steps_per_epoch=2" in messages[0]
+    messages = fit_warnings(tmp_path / "p", Plain(), steps_per_epoch=1)
+    assert len(messages) == 1 and "2 batches and steps_per_epoch=1" in messages[0]
+    assert fit_warnings(tmp_path / "w", X, y=Y, batch_size=8, steps_per_epoch=4) == []
