@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from keras_ckpt import storage
-from keras_ckpt.snapshot import Snapshot, StateMismatchError, model_variables
+from keras_ckpt.snapshot import Snapshot, StateMismatchError
 
 __all__ = ["split_keys", "capture", "write_own", "shard_name", "SHARD_NAME", "ShardFiles",
            "open_for", "check_table"]
@@ -209,9 +209,16 @@ class ShardFiles:
         self._stack: contextlib.ExitStack | None = None
         self._open: dict[int, Snapshot] = {}
 
-    def open(self, model: Any, state_bytes: int | None = None) -> None:
-        """Opens and verifies whole every shard file this process needs (once); every one
-        with `model` None (`inspect`).
+    def open(self, variables: Mapping[str, Any] | None, state_bytes: int | None = None
+             ) -> None:
+        """Opens and verifies whole every shard file this process needs (once).
+
+        Args:
+            variables: the variables the pieces go into, by their key in the
+                checkpoint (`group/index` in the saved order: a model may list
+                them in another order). A split variable not among them needs
+                every piece; None (`inspect`): every file.
+            state_bytes: the most a shard file may hold.
 
         Raises:
             CorruptCheckpointError: one is missing, damaged or not the one the
@@ -219,10 +226,10 @@ class ShardFiles:
         """
         if self._stack is not None:
             return
-        needed = set(range(len(self.table["files"]))) if model is None else set()
-        for key, entry in self.table["variables"].items() if model is not None else ():
+        needed = set(range(len(self.table["files"]))) if variables is None else set()
+        for key, entry in self.table["variables"].items() if variables is not None else ():
             shape = tuple(entry["shape"])
-            for index in _local_indices(_variable(model, key), shape):
+            for index in _local_indices(variables.get(key), shape):
                 want = _bounds(index, shape)
                 needed |= {p["process"] for p in entry["pieces"] if _overlap(want, p["index"])}
         self._stack = contextlib.ExitStack()  # (only now: a failure above opened nothing)
@@ -309,11 +316,12 @@ class ShardFiles:
         return jax.make_array_from_callback(shape, sharding, local)
 
 
-def open_for(snapshot: Snapshot, model: Any, state_bytes: int | None = None
+def open_for(snapshot: Snapshot, variables: Mapping[str, Any], state_bytes: int | None = None
              ) -> ShardFiles | None:
     """The opened, verified shard files of a checkpoint read from a file (None: it has none).
 
-    The caller closes them (`snapshot.shard_files.close()`) when the state is applied.
+    `variables`: see `ShardFiles.open`. The caller closes them
+    (`snapshot.shard_files.close()`) when the state is applied.
     """
     if "shards" not in snapshot.meta or snapshot.split is not None:
         return None  # (none, or a snapshot in memory: it holds the arrays)
@@ -322,12 +330,12 @@ def open_for(snapshot: Snapshot, model: Any, state_bytes: int | None = None
             raise StateMismatchError("The state has variables split across processes but "
                                      "no file to read their pieces from.")
         snapshot.shard_files = ShardFiles(snapshot.source, snapshot.meta["shards"])
-    snapshot.shard_files.open(model, state_bytes)
+    snapshot.shard_files.open(variables, state_bytes)
     return snapshot.shard_files
 
 
 def _local_indices(variable: Any, shape: tuple) -> list:
-    """The indices this process's devices hold of `variable` (all of it off JAX)."""
+    """The indices this process's devices hold of `variable` (all of it off JAX or None)."""
     sharding = getattr(getattr(variable, "value", None), "sharding", None)
     if sharding is None:
         return [tuple(slice(0, n) for n in shape)]
@@ -341,8 +349,3 @@ def _ints(*values: Any) -> bool:
 def _overlap(a: list, b: list) -> list | None:
     part = [[max(x0, y0), min(x1, y1)] for (x0, x1), (y0, y1) in zip(a, b, strict=True)]
     return part if all(lo < hi for lo, hi in part) else None
-
-
-def _variable(model: Any, key: str) -> Any:
-    group, index = key.split("/")
-    return model_variables(model)[group][int(index)]

@@ -227,14 +227,17 @@ def _assign(variables: list, group: str, snapshot: Snapshot) -> None:
                      else snapshot.shard_files.array_for(key, v))
 
 
-def open_shards(snapshot: Snapshot, model: Any, state_bytes: int | None = None,
+def open_shards(snapshot: Snapshot, model: Any, orders: Mapping[str, list[int] | None],
+                state_bytes: int | None = None,
                 workers: multi_worker.Workers | None = None) -> None:
     """Opens and verifies the shard files of a checkpoint with split variables (if it has
     any); with several processes, all of them or none do.
 
-    Each process verifies the pieces it reads, so one bad piece fails on one
-    process only: `workers` (every process calls this, in the same order)
-    makes it fail on all, before any of them assigns anything.
+    Each process verifies the pieces it reads (those its devices hold of the
+    variables, matched to the saved ones by `orders`, `check_compatible`'s
+    result), so one bad piece fails on one process only: `workers` (every
+    process calls this, in the same order) makes it fail on all, before any of
+    them assigns anything.
 
     Raises:
         CorruptCheckpointError: a shard file fails here, or on another process.
@@ -243,7 +246,13 @@ def open_shards(snapshot: Snapshot, model: Any, state_bytes: int | None = None,
         return
     error = None
     try:
-        shards.open_for(snapshot, model, state_bytes)
+        # Groups `check_compatible` did not match (an unbuilt optimizer, weights only)
+        # are left out: their split variables are read whole.
+        groups = {g: v for g, v in model_variables(model).items() if g in orders or
+                  g == "metrics"}
+        shards.open_for(snapshot, {f"{g}/{i:05d}": v for g, vs in groups.items()
+                                   for i, v in enumerate(_saved_order(vs, orders.get(g)))},
+                        state_bytes)
     except Exception as e:  # (any: the others must not wait for this process in the collective)
         error = e
     if workers is not None and workers.any(error is not None) and error is None:
@@ -285,7 +294,7 @@ def apply(snapshot: Snapshot, model: Any, objects: Mapping[str, Stateful] | None
         check_compatible(meta, model, weights_only=True)
         optimizer.build(model.trainable_variables)
     orders = check_compatible(meta, model, weights_only=weights_only)
-    open_shards(snapshot, model, state_bytes, workers)  # split variables: verified first
+    open_shards(snapshot, model, orders, state_bytes, workers)  # split: verified first
     rng_states = rng_tuples(meta.get("rng"), snapshot.arrays) if rng and not weights_only \
         else None
     if weights_only:

@@ -57,6 +57,31 @@ def small_model() -> keras.Model:
     return model
 
 
+class Reordered(keras.Model):
+    """`small_model`'s layers and variable paths, listed head first: the same variables in
+    another order (a checkpoint of one restores into the other, matched by path)."""
+
+    def __init__(self):
+        super().__init__(name="sequential")
+        self.head = keras.layers.Dense(1, name="head")
+        self.dropout = keras.layers.Dropout(0.3)
+        self.norm = keras.layers.BatchNormalization()
+        self.dense = keras.layers.Dense(16, activation="relu", name="dense")
+
+    def call(self, x, training=False):
+        hidden = self.norm(self.dense(x), training=training)
+        return self.head(self.dropout(hidden, training=training))
+
+
+def reordered_model() -> keras.Model:
+    """A built, compiled `Reordered`: its first variable is the head's kernel."""
+    model = Reordered()
+    model(np.zeros((1, 6), "float32"))
+    model.compile(keras.optimizers.Adam(0.02), loss="mse", metrics=["mae"])
+    assert model.variables[0].path == "sequential/head/kernel"
+    return model
+
+
 class Clock(keras.callbacks.Callback):
     """A simulated clock: `rate` seconds per trained step."""
 

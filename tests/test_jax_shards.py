@@ -197,6 +197,11 @@ import numpy as np, keras, child_setup, keras_ckpt
 model = child_setup.small_model()
 keras_ckpt.restore(model, sys.argv[1])
 np.savez(sys.argv[2], *[keras.ops.convert_to_numpy(v) for v in model.variables])
+
+model = child_setup.reordered_model()  # the same variables in another order
+keras_ckpt.restore(model, sys.argv[1])
+np.savez(sys.argv[2] + ".reordered.npz",
+         **{v.path: keras.ops.convert_to_numpy(v) for v in model.variables})
 """
 
 
@@ -227,6 +232,11 @@ def test_one_process_restores_the_whole_model_from_the_pieces(tmp_path):
                                                              part_1["model/0"][0]], axis=1))
     for i in range(1, len(values)):
         np.testing.assert_array_equal(values[i], part_0[f"model/{i}"])
+    # A model listing the same variables in another order: each gets its own pieces.
+    with np.load(tmp_path / "r.npz.reordered.npz") as reordered:
+        assert reordered["sequential/dense/kernel"].shape == (6, 16)
+        np.testing.assert_array_equal(reordered["sequential/dense/kernel"], values[0])
+        np.testing.assert_array_equal(reordered["sequential/head/kernel"], values[-2])
 
 
 def test_a_url_directory_refuses_a_split_variable_at_train_begin(tmp_path):

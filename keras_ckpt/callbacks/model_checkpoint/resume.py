@@ -145,9 +145,9 @@ def _resume(owner: Any, lazy: contextlib.ExitStack) -> None:
 
     def fits(snapshot: state_lib.Snapshot) -> None:
         _build_lazily(model, snapshot)
-        state_lib.check_compatible(snapshot.meta, model)
+        orders = state_lib.check_compatible(snapshot.meta, model)
         if "shards" in snapshot.meta:  # verified here, read as assigned
-            state_lib.open_shards(snapshot, model, bound, owner.workers)
+            state_lib.open_shards(snapshot, model, orders, bound, owner.workers)
             lazy.callback(snapshot.shard_files.close)
 
     own = owner.files.latest(bound, fits, lazy) if owner.options.resume is not True else None
