@@ -4,6 +4,7 @@ Usage: python jax_processes_child.py INDEX PORT DIRECTORY OUT [--epochs N]
     [--kill-step S] [--budget-steps B] [--poison-step P] [--signal-step S]
     [--split-kernel] [--restore-best] [--keep-last N] [--rollback] [--only-step K]
     [--seed-per-process] [--split-within] [--url] [--keras-last] [--restore FILE]
+    [--fail-main-step S]
 
 INDEX is this process's index (0 writes), PORT the coordinator's port on
 127.0.0.1. Each process has one CPU device; Keras's `DataParallel` spans
@@ -29,6 +30,8 @@ two and the same on both processes (each feeds its own rows, as with `DataParall
 `--keras-last`: `.keras` files (the whole model), and a `last` file beside them.
 `--restore FILE`: no fit; `keras_ckpt.restore(model, FILE)` in each process, which prints
 `restored` or `not restored: ` and the error (and writes no OUT).
+`--fail-main-step S`: `on_save_error="raise"`, and process 0's file-size limit (RLIMIT_FSIZE)
+is 16 KiB from global step S - 1 on: its shard files fit, its main files do not.
 
 Every change this process makes under DIRECTORY is recorded, to show that
 only process 0 writes there. Writes the variables, the history and what the
@@ -39,11 +42,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import resource
+import signal
 import sys
 
 INDEX, PORT = int(sys.argv[1]), int(sys.argv[2])
 os.environ["KERAS_BACKEND"] = "jax"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+FSIZE = resource.getrlimit(resource.RLIMIT_FSIZE)
 WITHIN = "--split-within" in sys.argv  # two devices a process (read at JAX's first device query)
 if WITHIN:
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
@@ -98,6 +104,7 @@ def main() -> None:
     p.add_argument("--url", action="store_true")
     p.add_argument("--keras-last", action="store_true")
     p.add_argument("--restore")
+    p.add_argument("--fail-main-step", type=int)
     a = p.parse_args()
     changes = child_setup.record_writes(a.directory)
     keras.distribution.set_distribution(distribution(a.split_kernel))
@@ -127,14 +134,33 @@ def main() -> None:
     checkpoint = keras_ckpt.ModelCheckpoint(
         os.path.join(where, name), save_freq=3, save_last=a.keras_last,
         save_weights_only=not a.keras_last, resume=True, verbose=0,
-        retention=[keras_ckpt.KeepLast(a.keep_last)] if a.keep_last else None)
+        retention=[keras_ckpt.KeepLast(a.keep_last)] if a.keep_last else None,
+        on_save_error="raise" if a.fail_main_step else "warn")
     own = [checkpoint]
+    if a.fail_main_step and INDEX == 0:
+        own.append(FileSizeLimit(a.fail_main_step - 1, 16 << 10))
     if a.restore_best:
         own.append(keras_ckpt.EarlyStopping(monitor="loss", patience=50,
                                             restore_best_weights=True))
     callbacks = child_setup.two_process_callbacks(a, INDEX, model, checkpoint, own, changes)
-    model.fit(x, y, batch_size=16 if a.split_kernel else 8, epochs=a.epochs, shuffle=False,
-              verbose=0, callbacks=callbacks)
+    try:
+        model.fit(x, y, batch_size=16 if a.split_kernel else 8, epochs=a.epochs,
+                  shuffle=False, verbose=0, callbacks=callbacks)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, FSIZE)
+
+
+class FileSizeLimit(keras.callbacks.Callback):
+    """Lowers this process's file-size limit to `size` bytes after global step `step`."""
+
+    def __init__(self, step: int, size: int):
+        super().__init__()
+        self.step, self.size = step, size
+
+    def on_train_batch_end(self, batch, logs=None):
+        if int(keras.ops.convert_to_numpy(self.model.optimizer.iterations)) == self.step:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a kill
+            resource.setrlimit(resource.RLIMIT_FSIZE, (self.size, FSIZE[1]))
 
 
 if __name__ == "__main__":

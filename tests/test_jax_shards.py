@@ -176,6 +176,21 @@ def test_a_signal_to_one_process_saves_both_parts_of_the_same_step(tmp_path):
     assert "its shard file" in damaged[first] and "is missing" in damaged[first]
 
 
+def test_a_main_file_process_0_cannot_write_fails_the_save_on_both(tmp_path):
+    """Process 0 alone writes the main file: when that fails (here its file-size limit lets
+    its shard file through, not the main file), every process fails the save with it, at the
+    same step (`on_save_error="raise"`: both raise; with "warn" both would undo it alike)."""
+    logs = finish(launch(tmp_path / "f", tmp_path / "f", "--fail-main-step", "6"),
+                  statuses=(1, 1))
+    assert "OSError: [Errno 27] File too large" in logs[0], logs[0][-3000:]
+    assert "OSError: process 0 could not write the main file" in logs[1], logs[1][-3000:]
+    assert "c-01-6.weights.h5" in logs[1]
+    (kept,) = manager.list_checkpoints(tmp_path / "f")  # step 3's; nothing of step 6 is left
+    assert kept.global_step == 3
+    assert shard_files(tmp_path / "f") == sorted(
+        f["name"] for f in storage.read_meta(kept.path)["shards"]["files"])
+
+
 def flip_a_data_byte(path) -> None:
     import h5py
 

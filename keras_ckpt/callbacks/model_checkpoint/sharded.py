@@ -14,6 +14,8 @@ import secrets
 import time
 from typing import Any
 
+import numpy as np
+
 from keras_ckpt import shard_listing, shards, storage
 from keras_ckpt.warn import warn
 
@@ -50,6 +52,8 @@ def commit(saver: Any, regular: str | None, write_last: bool, snapshot: Any, met
     Raises:
         OSError: a process could not write (nothing of this save is left).
         NonFiniteStateError: a piece holds NaN or infinity (nothing written).
+        Any error process 0 met writing the main file: there; elsewhere an
+            `OSError` saying so.
     """
     owner, options = saver.owner, saver.options
     workers, directory = owner.workers, owner.files
@@ -75,20 +79,49 @@ def commit(saver: Any, regular: str | None, write_last: bool, snapshot: Any, met
             if error is None:
                 shard_listing.remove_files([mine])
             raise error or _elsewhere(digests)
-        if not workers.is_chief:
-            continue
-        new = [shards.shard_name(path, uid, p) for p in range(workers.count)]
-        table = {**snapshot.meta["shards"],
-                 "files": [{"name": os.path.basename(name), "digest": int(d)}
-                           for name, d in zip(new, digests, strict=True)]}
-        old = shard_listing.files_of(path) if os.path.exists(path) else []
-        try:
-            saver._write(path, snapshot, {**meta, "kind": kind, "shards": table},
-                         storage.KerasPartFirst(None))
-        except BaseException:  # (not those of a main file in place: its directory's fsync)
-            shard_listing.remove_files([p for p in new if p not in shard_listing.files_of(path)])
-            raise
-        shard_listing.remove_files([p for p in old if p not in new])
+        failed = _write_main(saver, path, kind, snapshot, meta, uid, digests) \
+            if workers.is_chief else None
+        # Process 0 alone wrote: every process fails with it, as it did (and undoes alike).
+        code = workers.from_chief(0.0 if failed is None else 2.0 if isinstance(
+            failed, storage.NonFiniteStateError) else 1.0)
+        if code:
+            raise failed or (_non_finite(snapshot) if code == 2 else OSError(
+                f"process 0 could not write the main file {path}"))
         written.append(path)
     if workers.is_chief:
         saver.committed(written, started)
+
+
+def _write_main(saver: Any, path: str, kind: str, snapshot: Any, meta: dict, uid: int,
+                digests: list[float]) -> BaseException | None:
+    """Process 0 writes the main file recording every shard file (its rename is the commit);
+    the error, if it failed (the shard files of this save removed)."""
+    new = [shards.shard_name(path, uid, p) for p in range(len(digests))]
+    table = {**snapshot.meta["shards"],
+             "files": [{"name": os.path.basename(name), "digest": int(d)}
+                       for name, d in zip(new, digests, strict=True)]}
+    old = shard_listing.files_of(path) if os.path.exists(path) else []
+    try:
+        saver._write(path, snapshot, {**meta, "kind": kind, "shards": table},
+                     storage.KerasPartFirst(None))
+    except BaseException as e:  # (any: the others wait for this process's word)
+        # (not the shard files of a main file in place: its directory's fsync failed)
+        shard_listing.remove_files([p for p in new if p not in shard_listing.files_of(path)])
+        return e
+    shard_listing.remove_files([p for p in old if p not in new])
+    return None
+
+
+def _non_finite(snapshot: Any) -> storage.NonFiniteStateError:
+    """What process 0 refused to write: a variable not split, so the same here."""
+    variables = snapshot.meta["variables"]
+    for name in snapshot.arrays:
+        group, _, rest = name.partition("/")
+        if group not in ("model", "optimizer"):
+            continue
+        array = np.asarray(snapshot.arrays[name])
+        if array.dtype.kind in "fc" and array.size and not np.isfinite(array).all():
+            what = variables[group][int(rest.split("/")[0])]["path"]
+            return storage.NonFiniteStateError(
+                f"the variable {what} holds NaN or infinite values", what)
+    return storage.NonFiniteStateError("process 0 found NaN or infinite values in the state")
