@@ -1,7 +1,10 @@
-"""A resumed epoch's trained batches, skipped: what is done, with public APIs only.
+"""A resumed epoch's trained batches, skipped: what is done with what Keras's internals gave.
 
 `keras_compat.start_epoch_at` finds what this works on among Keras's internals (the running
-fit's train-function calls, the parts of Keras's array pipeline); the rest is here.
+fit's train-function calls, the parts of Keras's array pipeline); the rest is here, on
+public APIs and on the calling conventions of the Keras methods it stands in for once
+(`shadow_once`: `_get_iterator(slice_fn, inputs)` and `get_torch_dataloader()`, each pinned by
+a test in tests/test_keras_compat.py).
 """
 
 from __future__ import annotations
@@ -11,7 +14,8 @@ from typing import Any
 
 from keras_ckpt import keras_compat
 
-__all__ = ["calls_from", "gathered_from", "shadowed_once", "sliced_from", "loader_from"]
+__all__ = ["calls_from", "gathered_from", "shadow_once", "shadowed_once", "sliced_from",
+           "loader_from"]
 
 
 def calls_from(calls: Generator, batches: int, spe: int, how: str, undo: Callable[[], Any],
@@ -65,24 +69,43 @@ def gathered_from(dataset: Any, indices: Any, arrays: Any, count: int, tf: Any) 
     return rebuilt if rebuilt.element_spec == dataset.element_spec else None
 
 
+def shadow_once(obj: Any, name: str, call: Callable[..., Any]) -> Callable[[], None]:
+    """`obj.<name>` answered by `call(original, *args)` for its next call only (an instance
+    attribute shadowing a method, or replacing a callable attribute). Returns the undo: it
+    puts the original back unless that call already did (idempotent)."""
+    had, before, original = name in obj.__dict__, obj.__dict__.get(name), getattr(obj, name)
+
+    def undo() -> None:
+        if had:
+            obj.__dict__[name] = before
+        else:
+            obj.__dict__.pop(name, None)
+
+    def once(*args: Any) -> Any:
+        undo()
+        return call(original, *args)
+
+    obj.__dict__[name] = once
+    return undo
+
+
 def shadowed_once(owner: Any, name: str, skip: Callable[..., tuple[Any, bool]],
                   count: int) -> Callable[[], bool]:
     """`owner.<name>` shadowed for its next call by `skip(original, count, *args)`: `(what the
     call gives from batch `count`, or unskipped where declined; whether skipped)` (`sliced_from`,
     `loader_from`). Returns the undo: true where nothing was skipped (no call, or declined),
     and the batches are then to be read."""
-    original, done = getattr(owner, name), []
+    done: list[bool] = []
 
-    def shadow(*args: Any) -> Any:
-        owner.__dict__.pop(name, None)  # this call only
+    def shadow(original: Callable, *args: Any) -> Any:
         made, skipped = skip(original, count, *args)
         done.append(skipped)
         return made
 
-    keras_compat.set_instance_attr(owner, name, shadow)
+    restore = shadow_once(owner, name, shadow)
 
     def undo() -> bool:
-        owner.__dict__.pop(name, None)
+        restore()
         return not any(done)
 
     return undo

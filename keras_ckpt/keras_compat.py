@@ -130,19 +130,14 @@ def start_epoch_at(model: Any, batches: int, skipped: Callable[[Any], None],
     The last skipped batch is always read: `skipped(batch)` gets it before the first new step
     (None: the data ended); `failed(error)` hears a data error while skipping (no guard sees it)."""
     it = fit_epoch_iterator(model)
-    original = getattr(type(it), "_enumerate_iterator", None)
-    if it is None or original is None or batches <= 0:
+    if it is None or getattr(type(it), "_enumerate_iterator", None) is None or batches <= 0:
         return None
     from keras_ckpt import epoch_skip
 
     spe = max(1, int(getattr(it, "steps_per_execution", 1) or 1))
     how, undo = _skip_before(it, batches - 1)
-
-    def enumerate_from() -> Any:
-        del it._enumerate_iterator  # this epoch only
-        return epoch_skip.calls_from(original(it), batches, spe, how, undo, skipped, failed)
-
-    it._enumerate_iterator = enumerate_from
+    epoch_skip.shadow_once(it, "_enumerate_iterator", lambda original: epoch_skip.calls_from(
+        original(), batches, spe, how, undo, skipped, failed))  # this epoch only
     return how
 
 
@@ -152,24 +147,22 @@ def _skip_before(it: Any, count: int) -> tuple[str, Callable[[], Any]]:
     `"index"` (Keras's arrays, skipped before their slicing: `_array_index_skip` on TensorFlow,
     `_array_batch_skip`), `"dataset"` (`_distributed_dataset.skip(n)`, in C++) or `"consume"`
     (read and dropped)."""
+    from keras_ckpt import epoch_skip
+
     adapter = getattr(it, "data_adapter", None)
     py_dataset = getattr(adapter, "py_dataset", None)
     if py_dataset is not None and getattr(adapter, "enqueuer", 1) is None \
             and py_dataset.num_batches is not None and hasattr(adapter, "_finite_generator"):
-        def finite_from() -> Any:  # Keras's `_finite_generator`, from index `count`
-            del adapter._finite_generator
+        def finite_from(_original: Any) -> Any:  # Keras's `_finite_generator`, from `count`
             indices = list(range(py_dataset.num_batches))
             if adapter.shuffle:
                 random.shuffle(indices)
             for i in indices[count:]:
                 yield adapter._standardize_batch(py_dataset[i])
 
-        adapter._finite_generator = finite_from
-        return "source", lambda: adapter.__dict__.pop("_finite_generator", None)
-    generator = getattr(adapter, "generator", None)
-    if callable(generator) and hasattr(adapter, "_first_batches"):
-        def advanced() -> Any:  # a generator's adapter: its stream, `count` batches on
-            adapter.generator = generator
+        return "source", epoch_skip.shadow_once(adapter, "_finite_generator", finite_from)
+    if callable(getattr(adapter, "generator", None)) and hasattr(adapter, "_first_batches"):
+        def advanced(generator: Any) -> Any:  # a generator's adapter: its stream, `count` on
             batches = generator()
             try:
                 for _ in range(count):
@@ -178,8 +171,7 @@ def _skip_before(it: Any, count: int) -> tuple[str, Callable[[], Any]]:
                 return iter(())
             return batches
 
-        adapter.generator = advanced
-        return "source", lambda: setattr(adapter, "generator", generator)
+        return "source", epoch_skip.shadow_once(adapter, "generator", advanced)
     dataset = getattr(it, "_distributed_dataset", None)
     tf = sys.modules.get("tensorflow")
     if tf is not None and isinstance(dataset, tf.data.Dataset):
