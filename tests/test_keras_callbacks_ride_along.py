@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import keras
 import pytest
 from conftest import make_data, make_model
@@ -9,7 +11,7 @@ from test_preemption import same_state
 from test_step_counting import StopAfter
 
 import keras_ckpt
-from keras_ckpt import manager
+from keras_ckpt import keras_compat, manager
 
 X, Y = make_data(64, seed=13)
 
@@ -29,35 +31,56 @@ def scheduler():
     return keras.callbacks.LearningRateScheduler(lambda epoch, lr: lr * 0.7)
 
 
+def swap_ema():
+    # Keras's documented use: EMA weights in the model at every epoch end, for the checkpoint;
+    # its next epoch begin swaps them back (its arithmetic swap is not bitwise neutral).
+    return keras.callbacks.SwapEMAWeights(swap_on_epoch=True)
+
+
+def model_for(make):
+    ema = keras.optimizers.Adam(0.01, use_ema=True, ema_momentum=0.9) if make is swap_ema \
+        else None
+    return make_model(seed=6, optimizer=ema)
+
+
+STATE = ("wait", "cooldown_counter", "best", *keras_compat.SWAP_EMA_STATE)
+
+
+@functools.cache
+def uninterrupted(make):
+    """The run without keras-ckpt (shared by the tests of one Keras callback in a worker)."""
+    callback, model = make(), model_for(make)
+    history = fit(model, [callback])
+    return (model, history.history,
+            {name: getattr(callback, name, None) for name in STATE})
+
+
 @pytest.mark.parametrize("save_freq, crash", [("epoch", 13), (3, 14)],
                          ids=["epoch-end", "mid-epoch"])
 @pytest.mark.parametrize("keras_first", [True, False], ids=["keras-first", "ours-first"])
-@pytest.mark.parametrize("make", [plateau, scheduler], ids=["ReduceLROnPlateau",
-                                                             "LearningRateScheduler"])
+@pytest.mark.parametrize("make", [plateau, scheduler, swap_ema],
+                         ids=["ReduceLROnPlateau", "LearningRateScheduler", "SwapEMAWeights"])
 def test_a_resumed_run_equals_the_uninterrupted_one(tmp_path, save_freq, crash, keras_first,
                                                     make):
     def callbacks(checkpoint, keras_callback):
         return [keras_callback, checkpoint] if keras_first else [checkpoint, keras_callback]
 
-    straight_callback = make()
-    straight = make_model(seed=6)
-    reference = fit(straight, [straight_callback])
+    straight, reference, straight_state = uninterrupted(make)
     name = "c-{epoch}.keras" if save_freq == "epoch" else "c-{epoch}-{batch}.keras"
     template = str(tmp_path / name)
-    crashed = make_model(seed=6)
+    crashed = model_for(make)
     with pytest.raises(RuntimeError, match="crash"):
         fit(crashed, callbacks(keras_ckpt.ModelCheckpoint(template, save_freq=save_freq),
                                make()) + [StopAfter(crash)])
     newest = manager.list_checkpoints(tmp_path)[-1]
     assert newest.epoch_complete == (save_freq == "epoch")
     resumed_callback = make()
-    resumed = make_model(seed=6)
+    resumed = model_for(make)
     history = fit(resumed, callbacks(keras_ckpt.ModelCheckpoint(template, save_freq=save_freq,
                                                                 resume=True), resumed_callback))
     same_state(straight, resumed)
-    assert history.history == reference.history
-    for name in ("wait", "cooldown_counter", "best"):
-        assert getattr(resumed_callback, name, None) == getattr(straight_callback, name, None)
+    assert history.history == reference
+    assert {name: getattr(resumed_callback, name, None) for name in STATE} == straight_state
 
 
 def test_a_csv_logger_that_rewrites_its_file_is_named_at_train_begin(tmp_path):

@@ -557,3 +557,29 @@ def test_the_input_spec_builds_the_compiled_state_before_the_first_trace():
     assert probe.before == (False, False) and probe.after == (True, True)  # Keras: in the trace
     assert keras_compat.has_keras_train_step(model)
     assert not keras_compat.has_keras_train_step(Custom([keras.Input((2,)), keras.layers.Dense(1)]))
+
+
+def test_swap_ema_weights_records_whether_the_model_holds_the_ema_weights():
+    """`SWAP_EMA_STATE`: set by `SwapEMAWeights`'s epoch end (EMA weights swapped in), read by
+    its epoch begin (swapped back where set): what a checkpoint carries for it."""
+    model = make_model(optimizer=keras.optimizers.Adam(0.05, use_ema=True, ema_momentum=0.5))
+    model.fit(X, Y, epochs=2, verbose=0)  # (its end writes the EMA weights into the model)
+    for v in model.trainable_variables:
+        v.assign(v + 1.0)  # the EMA weights now differ from the model's
+    swap = keras.callbacks.SwapEMAWeights(swap_on_epoch=True)
+    swap.set_model(model)
+    swap.set_params({"epochs": 5})
+    (name,) = keras_compat.SWAP_EMA_STATE
+    raw = [v.numpy() for v in model.trainable_variables]
+    assert getattr(swap, name) is False
+    swap.on_epoch_end(0)
+    assert getattr(swap, name) is True
+    for a, v in zip(raw, model.trainable_variables, strict=True):
+        np.testing.assert_allclose(a - 1.0, v.numpy(), rtol=1e-6, atol=1e-6)  # the EMA's
+    restored = keras.callbacks.SwapEMAWeights(swap_on_epoch=True)  # a resumed run's
+    restored.set_model(model)
+    setattr(restored, name, True)
+    restored.on_epoch_begin(1)
+    assert getattr(restored, name) is False
+    for a, v in zip(raw, model.trainable_variables, strict=True):
+        np.testing.assert_allclose(a, v.numpy(), rtol=1e-6, atol=1e-6)

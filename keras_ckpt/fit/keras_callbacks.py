@@ -10,6 +10,7 @@ their state saved and restored with the rest of the training state:
 | `ModelCheckpoint` | `best` |
 | `LearningRateScheduler` | nothing; not applied twice to a resumed epoch (its rate is restored) |
 | `CSVLogger` | nothing: its file is its state; `append=False` is warned (`lost_on_resume`) |
+| `SwapEMAWeights` | whether the model holds the EMA weights (swapped in at an epoch end) |
 
 Each one's epoch end runs once per epoch: a checkpoint written at an epoch
 end runs it first ("settles" it) wherever the callback stands in the list, so
@@ -36,7 +37,8 @@ def _counters() -> dict[type, tuple[str, ...]]:
     return {keras.callbacks.ReduceLROnPlateau: ("wait", "cooldown_counter", "best"),
             keras.callbacks.EarlyStopping: ("wait", "stopped_epoch", "best", "best_epoch"),
             keras.callbacks.ModelCheckpoint: ("best",),
-            keras.callbacks.LearningRateScheduler: ()}  # its epoch end writes the logs
+            keras.callbacks.LearningRateScheduler: (),  # its epoch end writes the logs
+            keras.callbacks.SwapEMAWeights: keras_compat.SWAP_EMA_STATE}
 
 
 def _encode(value: Any) -> Any:
