@@ -20,7 +20,7 @@ __all__ = [
     "callback_model", "compiled_metrics", "symbolic_build", "epoch_element_spec",
     "has_keras_train_step", "step_counter", "learning_rate_variable", "distribute_strategy",
     "metric_direction", "saving_internals", "store_optimizer_uncopied", "flatten_layers",
-    "tf_tensor_view", "SWAP_EMA_STATE",
+    "tf_tensor_view", "SWAP_EMA_STATE", "TENSORBOARD_STEP",
 ]
 
 
@@ -289,6 +289,8 @@ def unguard_torch_fetch(handle: Any) -> None:
 # `SwapEMAWeights` records whether the model holds the EMA weights (its epoch begin swaps
 # them back where set): its state, riding in checkpoints (fit/keras_callbacks.py).
 SWAP_EMA_STATE = ("_ema_weights_in_model",)
+# `TensorBoard` counts a fit's train batch ends from 0 (its batch summaries' step).
+TENSORBOARD_STEP = "_global_train_batch"
 
 
 def callback_model(callback: Any) -> Any:

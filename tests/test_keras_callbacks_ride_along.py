@@ -97,3 +97,49 @@ def test_a_csv_logger_that_rewrites_its_file_is_named_at_train_begin(tmp_path):
         fit(make_model(), [keras_ckpt.ModelCheckpoint(template, resume=True), appends],
             epochs=2)
     assert len((tmp_path / "log.csv").read_text().splitlines()) == 3  # the header, 2 epochs
+
+
+def batch_summaries(logdir) -> dict:
+    """TensorBoard's `batch_loss` by step, the last written for a step (files in order)."""
+    import glob
+    import os
+
+    import tensorflow as tf
+
+    found = {}
+    for path in sorted(glob.glob(os.path.join(logdir, "train", "events.out.tfevents.*")),
+                       key=os.path.getmtime):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for value in event.summary.value:
+                if value.tag == "batch_loss":
+                    found[event.step] = tf.make_ndarray(value.tensor).item()
+    return found
+
+
+@functools.cache
+def uninterrupted_summaries(logdir):
+    fit(make_model(seed=6), [keras.callbacks.TensorBoard(logdir, update_freq=1)], epochs=4)
+    return batch_summaries(logdir)
+
+
+@pytest.mark.parametrize("save_freq, crash, tensorboard_first", [
+    ("epoch", 10, True), (3, 10, False), (4, 8, True)],
+    ids=["epoch-end", "mid-epoch", "last-step-replayed"])
+def test_tensorboard_batch_summaries_go_on_from_the_checkpoint_s_step(
+        tmp_path, tmp_path_factory, save_freq, crash, tensorboard_first):
+    """TensorBoard counts a fit's batch ends from 0 (its batch summaries' step): a resumed
+    run's summaries go on at the checkpoint's step, whatever the order of the callbacks,
+    so the log holds one curve, step for step the uninterrupted run's."""
+    reference = uninterrupted_summaries(str(tmp_path_factory.mktemp("tb") / "logs"))
+    assert sorted(reference) == list(range(1, 17))  # 4 epochs of 4 batches
+    logdir, name = str(tmp_path / "logs"), str(tmp_path / "c-{epoch}-{batch}.keras")
+
+    def callbacks(*extra):
+        ours = keras_ckpt.ModelCheckpoint(name, save_freq=save_freq, resume=True)
+        board = keras.callbacks.TensorBoard(logdir, update_freq=1)
+        return [board, ours, *extra] if tensorboard_first else [ours, board, *extra]
+
+    with pytest.raises(RuntimeError, match="crash"):
+        fit(make_model(seed=6), callbacks(StopAfter(crash)), epochs=4)
+    fit(make_model(seed=6), callbacks(), epochs=4)
+    assert batch_summaries(logdir) == reference

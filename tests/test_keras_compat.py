@@ -583,3 +583,14 @@ def test_swap_ema_weights_records_whether_the_model_holds_the_ema_weights():
     assert getattr(restored, name) is False
     for a, v in zip(raw, model.trainable_variables, strict=True):
         np.testing.assert_allclose(a, v.numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_tensorboard_counts_a_fit_s_train_batch_ends_from_zero(tmp_path):
+    """`TENSORBOARD_STEP`: `TensorBoard`'s step for batch summaries, reset at train begin and
+    one more at each train batch end (what a resumed fit's is set from)."""
+    board = keras.callbacks.TensorBoard(str(tmp_path), update_freq="epoch")
+    model = make_model()
+    model.fit(X, Y, batch_size=4, epochs=2, verbose=0, callbacks=[board])
+    assert getattr(board, keras_compat.TENSORBOARD_STEP) == 8
+    model.fit(X, Y, batch_size=8, epochs=1, verbose=0, callbacks=[board])
+    assert getattr(board, keras_compat.TENSORBOARD_STEP) == 2

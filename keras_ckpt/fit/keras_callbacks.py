@@ -11,6 +11,7 @@ their state saved and restored with the rest of the training state:
 | `LearningRateScheduler` | nothing; not applied twice to a resumed epoch (its rate is restored) |
 | `CSVLogger` | nothing: its file is its state; `append=False` is warned (`lost_on_resume`) |
 | `SwapEMAWeights` | whether the model holds the EMA weights (swapped in at an epoch end) |
+| `TensorBoard` | the step of its batch summaries: the batch ends before the checkpoint |
 
 Each one's epoch end runs once per epoch: a checkpoint written at an epoch
 end runs it first ("settles" it) wherever the callback stands in the list, so
@@ -108,6 +109,34 @@ class KerasCallbackState:
             session.before_epoch.append(apply)
 
 
+class TensorBoardState(KerasCallbackState):
+    """`TensorBoard`'s batch-summary step, which it counts from 0 each fit: the checkpoint
+    holds the batch ends so far (the session's count, whatever the callbacks' order); a
+    resumed fit's count starts there, less the trained calls it replays."""
+
+    def __init__(self, callback: Any, session: Any) -> None:
+        super().__init__(callback, (), session)
+        self.start = 0
+
+    def get_state(self) -> dict:
+        session = self._session()
+        return {"batch_ends": self.start + (session.batch_ends if session is not None else 0)}
+
+    def set_state(self, state: dict) -> None:
+        session = self._session()
+
+        def apply() -> None:
+            replay = getattr(getattr(session, "guards", None), "replay", None)
+            self.start = int(state.get("batch_ends", 0)) - getattr(replay, "remaining", 0)
+            ends = session.batch_ends if session is not None else 0
+            setattr(self.callback, keras_compat.TENSORBOARD_STEP, self.start + ends)
+
+        if session is None or session.closed:
+            apply()
+        else:
+            session.before_epoch.append(apply)
+
+
 def attach(session: Any) -> list[KerasCallbackState]:
     """The state adapters of the Keras callbacks in the session's fit (wrapping their hooks)."""
     import keras
@@ -125,6 +154,8 @@ def attach(session: Any) -> list[KerasCallbackState]:
         names = next((n for cls, n in counters.items() if type(callback) is cls), None)
         if names is not None:
             adapters.append(KerasCallbackState(callback, names, session))
+        elif type(callback) is keras.callbacks.TensorBoard:
+            adapters.append(TensorBoardState(callback, session))
         if type(callback) is keras.callbacks.LearningRateScheduler:
             _apply_schedule_once(callback, session)
     return adapters

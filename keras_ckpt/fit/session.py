@@ -57,6 +57,7 @@ class FitSession:
         self.sealed = False
         self.closed = False
         self.replay_until = -1  # batch ends below this, in the resumed epoch, are replays
+        self.batch_ends = 0  # the fit's train batch ends so far (replays too)
         self.cut_short: int | None = None  # an epoch a stop ended before its last step
         self.initial_epoch: int | None = None
         self.exit_status: int | None = None  # exit after the last on_train_end (preemption)
@@ -175,9 +176,13 @@ class FitSession:
         session = weakref.ref(self)
 
         def wrap(name: str, original: Callable) -> Callable:
-            epoch_begin = name == "on_epoch_begin"
+            epoch_begin, batch_end = name == "on_epoch_begin", name == "on_train_batch_end"
 
             def hook(*args: Any, **kwargs: Any) -> Any:
+                if batch_end:
+                    live = session()
+                    if live is not None:
+                        live.batch_ends += 1
                 if epoch_begin:  # Keras has read the start epoch: put the old one back
                     live = session()
                     if live is not None:
