@@ -282,3 +282,54 @@ def test_a_vector_monitor_is_an_error_at_train_begin(tmp_path, callback):
         f1_model().fit(x, y, batch_size=16, epochs=2, verbose=0, validation_split=0.25,
                        callbacks=[callback(str(tmp_path / "b.keras")), seen])
     assert trained == [] and not os.listdir(tmp_path)  # before the first step, nothing saved
+
+
+def stateful_lstm(seed=21):
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential([keras.Input((3, 4), batch_size=8),
+                              keras.layers.LSTM(4, stateful=True), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+    return model
+
+
+class ResetStates(keras.callbacks.Callback):
+    """What a stateful RNN's user often does: the states from zeros at each epoch begin."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.model.layers[0].reset_states()
+
+
+SEQUENCES = np.random.default_rng(3).random((48, 3, 4)).astype("float32")
+
+
+def fit_sequences(model, callbacks):
+    return model.fit(SEQUENCES, SEQUENCES[:, -1, :1], batch_size=8, epochs=3, shuffle=False,
+                     verbose=0, callbacks=callbacks)
+
+
+@pytest.mark.parametrize("save_freq, crash, reset", [
+    (4, 10, False), (4, 10, True), ("epoch", 10, True)],
+    ids=["mid-epoch", "mid-epoch-reset-each-epoch", "epoch-end-reset-each-epoch"])
+def test_a_stateful_rnn_resumes_with_its_states(tmp_path, save_freq, crash, reset):
+    """A stateful RNN's states are not among the model's variables (Keras makes them
+    untracked): they ride in the checkpoint, and come back before the next epoch's begin
+    hooks (epoch end) or after them (mid-epoch), as the uninterrupted run had them."""
+    from test_step_counting import StopAfter
+
+    extra = [ResetStates()] if reset else []
+    straight = stateful_lstm()
+    reference = fit_sequences(straight, list(extra))
+    template = str(tmp_path / "c{epoch}-{batch}.weights.h5")
+
+    def ours():
+        return keras_ckpt.ModelCheckpoint(template, save_freq=save_freq, resume=True,
+                                          save_weights_only=True)
+
+    with pytest.raises(RuntimeError, match="crash"):
+        fit_sequences(stateful_lstm(), [*extra, ours(), StopAfter(crash)])
+    resumed = stateful_lstm()
+    history = fit_sequences(resumed, [*extra, ours()])
+    same_state(straight, resumed)
+    for a, b in zip(straight.layers[0].states, resumed.layers[0].states, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert history.history == reference.history

@@ -32,7 +32,7 @@ from collections.abc import Callable
 from typing import Any
 
 from keras_ckpt import keras_compat
-from keras_ckpt.fit import keras_callbacks
+from keras_ckpt.fit import hidden_state, keras_callbacks
 from keras_ckpt.fit.first_trace import build_before_first_trace
 from keras_ckpt.fit.step_guards import StepGuards
 from keras_ckpt.warn import warn
@@ -64,6 +64,7 @@ class FitSession:
         self.guards: StepGuards | None = None
         self.adapters: list = []  # Keras's own stateful callbacks (fit/keras_callbacks.py)
         self.before_epoch: list[Callable[[], None]] = []  # run at the next epoch begin
+        self.before_batch: list[Callable[[], None]] = []  # ... at the next train batch begin
         self.resumed_mid_epoch: int | None = None
         self._initial_before: Any = _UNSET
         self._cleanups: list[tuple[str, Callable[[], None]]] = []
@@ -167,7 +168,7 @@ class FitSession:
             except Exception as e:
                 problems.append(f"{name}: {type(e).__name__}: {e}")
         self._unwrap_callback_list()
-        self.adapters, self.before_epoch = [], []  # Keras's callbacks are let go
+        self.adapters, self.before_epoch, self.before_batch = [], [], []  # Keras's let go
         if problems:
             warn("keras-ckpt: closing the fit: " + "; ".join(problems))
 
@@ -177,12 +178,17 @@ class FitSession:
 
         def wrap(name: str, original: Callable) -> Callable:
             epoch_begin, batch_end = name == "on_epoch_begin", name == "on_train_batch_end"
+            batch_begin = name == "on_train_batch_begin"
 
             def hook(*args: Any, **kwargs: Any) -> Any:
-                if batch_end:
+                if batch_end or batch_begin:
                     live = session()
-                    if live is not None:
+                    if live is not None and batch_end:
                         live.batch_ends += 1
+                    if live is not None and batch_begin and live.before_batch:
+                        pending, live.before_batch = live.before_batch, []
+                        for apply in pending:
+                            apply()
                 if epoch_begin:  # Keras has read the start epoch: put the old one back
                     live = session()
                     if live is not None:
@@ -280,7 +286,7 @@ def seal(model: Any) -> FitSession:
         build_before_first_trace(model)  # as a resumed fit must (keras_ckpt/fit/first_trace.py)
         _claim_data(model)
         session.guards = StepGuards(model, session)
-        session.adapters = keras_callbacks.attach(session)
+        session.adapters = keras_callbacks.attach(session) + hidden_state.attach(session)
     return session
 
 
