@@ -20,7 +20,7 @@ __all__ = [
     "callback_model", "compiled_metrics", "symbolic_build", "epoch_element_spec",
     "has_keras_train_step", "step_counter", "learning_rate_variable", "distribute_strategy",
     "metric_direction", "saving_internals", "store_optimizer_uncopied", "flatten_layers",
-    "tf_tensor_view", "SWAP_EMA_STATE", "TENSORBOARD_STEP",
+    "tf_tensor_view", "SWAP_EMA_STATE", "TENSORBOARD_STEP", "global_seed_generator",
 ]
 
 
@@ -223,11 +223,9 @@ def _array_batch_skip(adapter: Any, count: int) -> Any:
 
 
 def release_epoch_iterator(model: Any) -> bool:
-    """Lets the running fit's epoch iterator go of its data iterator; call at train end. Its
-    `_epoch_iterator` generator, suspended by a stop mid-epoch, and the iterator refer to each
-    other: only a later full collection would free them (where destroying a tf.data iterator
-    waits seconds for its autotune thread). Drops both (not `reset()`: it calls the data's
-    `on_epoch_end`). Returns whether found."""
+    """At train end, drops the fit's epoch iterator's `_epoch_iterator` (suspended by a stop
+    mid-epoch: a cycle with the data iterator, whose tf.data teardown then waits seconds in a
+    later collection) and `_current_iterator`; not `reset()` (the data's `on_epoch_end`)."""
     iterator = fit_epoch_iterator(model)
     if iterator is None or not hasattr(iterator, "_epoch_iterator"):
         return False
@@ -240,11 +238,9 @@ _GUARDED_CLASSES: dict[type, type] = {}
 
 
 def guard_torch_fetch(model: Any, on_error: Callable[[str, BaseException], None]) -> Any:
-    """On torch, reports errors of the data fetch, which Keras does outside the step.
-    Keras's torch `fit` takes each batch from its epoch iterator (`fit_epoch_iterator`) before
-    it calls `train_function`. The iterator's class is swapped for a subclass whose `__next__`
-    reports errors. Returns a handle for `unguard_torch_fetch`, or None (not torch, or no
-    iterator found)."""
+    """On torch, reports errors of the data fetch (Keras's torch `fit` takes each batch from its
+    epoch iterator outside `train_function`): the iterator's class swapped for one whose
+    `__next__` reports them. A handle for `unguard_torch_fetch`, or None (not torch, none)."""
     import keras
 
     if keras.backend.backend() != "torch":
@@ -286,11 +282,18 @@ def unguard_torch_fetch(handle: Any) -> None:
 
 
 # ------------------------------------------------------------ model internals
-# `SwapEMAWeights` records whether the model holds the EMA weights (its epoch begin swaps
-# them back where set): its state, riding in checkpoints (fit/keras_callbacks.py).
-SWAP_EMA_STATE = ("_ema_weights_in_model",)
-# `TensorBoard` counts a fit's train batch ends from 0 (its batch summaries' step).
-TENSORBOARD_STEP = "_global_train_batch"
+SWAP_EMA_STATE = ("_ema_weights_in_model",)  # SwapEMAWeights: EMA weights in the model
+TENSORBOARD_STEP = "_global_train_batch"  # TensorBoard: a fit's batch ends, from 0
+
+
+def global_seed_generator(create: bool = False) -> Any:
+    """The `SeedGenerator` unseeded `keras.random` calls draw from (Keras makes it at first use,
+    seeded from Python's `random`), made now with `create`; else None where there is none."""
+    from keras.src.backend.common import global_state
+    from keras.src.random import seed_generator as sg
+
+    return sg.global_seed_generator() if create else \
+        global_state.get_global_attribute(sg.GLOBAL_SEED_GENERATOR)
 
 
 def callback_model(callback: Any) -> Any:
@@ -388,9 +391,7 @@ def tf_tensor_view(tensor: Any) -> Any:
 
 def tf_iterators_before_epoch(epoch: int, steps_per_epoch: Any) -> int:
     """How many iterators of a finite tf.data input Keras's `fit` makes before epoch `epoch`'s:
-    Keras's epoch iterator makes one after an epoch's last batch; without `steps_per_epoch` each
-    epoch then makes its own at its begin (two an epoch); with `steps_per_epoch` equal to the
-    dataset's length the next epoch reads the one made at the last one's end (one an epoch)."""
+    one after an epoch's last batch, and without `steps_per_epoch` one at each epoch begin."""
     return epoch * (2 if steps_per_epoch is None else 1)
 
 

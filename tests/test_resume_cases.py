@@ -333,3 +333,34 @@ def test_a_stateful_rnn_resumes_with_its_states(tmp_path, save_freq, crash, rese
     for a, b in zip(straight.layers[0].states, resumed.layers[0].states, strict=True):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     assert history.history == reference.history
+
+
+class UnseededNoise(keras.layers.Layer):
+    """Noise from unseeded `keras.random` calls: Keras's global SeedGenerator, made at first
+    use from Python's `random` (outside every model's variables)."""
+
+    def call(self, x, training=False):
+        return x + keras.random.normal(keras.ops.shape(x), stddev=0.5) if training else x
+
+
+def test_unseeded_keras_random_in_a_layer_resumes_with_the_global_seed_generator(tmp_path):
+    from test_step_counting import StopAfter
+
+    def noisy():
+        keras.utils.set_random_seed(23)  # (also starts Keras's global SeedGenerator afresh)
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu"),
+                                  UnseededNoise(), keras.layers.Dense(1)])
+        model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+        return model
+
+    straight = noisy()
+    reference = fit(straight, [], epochs=3)
+    template = str(tmp_path / "c{epoch}-{batch}.keras")
+    with pytest.raises(RuntimeError, match="crash"):
+        fit(noisy(), [keras_ckpt.ModelCheckpoint(template, save_freq=3), StopAfter(6)],
+            epochs=3)
+    resumed = noisy()
+    history = fit(resumed, [keras_ckpt.ModelCheckpoint(template, save_freq=3, resume=True)],
+                  epochs=3)
+    same_state(straight, resumed)
+    assert history.history == reference.history

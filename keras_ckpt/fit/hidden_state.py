@@ -1,4 +1,4 @@
-"""State a model keeps outside its variables, carried by keras-ckpt's checkpoints.
+"""State a fit keeps outside the model's variables, carried by keras-ckpt's checkpoints.
 
 A stateful RNN layer (`keras.layers.LSTM(..., stateful=True)`) keeps the states
 it carries from batch to batch in variables Keras makes untracked: they are not
@@ -10,6 +10,11 @@ fit gets them back where the uninterrupted run had them:
   (a user's `reset_states()` there runs after, as it did);
 - from a mid-epoch checkpoint, at the first new batch's begin (the resumed
   epoch's begin hooks ran before the checkpoint in the uninterrupted run).
+
+Unseeded `keras.random` calls (`keras.random.normal(shape)` in a custom layer)
+draw from Keras's global `SeedGenerator`, which Keras makes at first use from
+Python's `random`: its state rides along as `keras.global_seed_generator`, and
+a resume makes it before the Python RNG state is put back, then sets its state.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import numpy as np
 from keras_ckpt import keras_compat
 from keras_ckpt.warn import warn
 
-__all__ = ["attach", "RnnStates"]
+__all__ = ["attach", "RnnStates", "GlobalSeedGenerator"]
 
 
 def _state_variables(model: Any) -> list:
@@ -88,10 +93,29 @@ def _numpy(variable: Any) -> np.ndarray:
     return np.asarray(keras.ops.convert_to_numpy(variable))
 
 
-def attach(session: Any) -> list[RnnStates]:
-    """The adapter for the session's model, where it has stateful RNN layers (built or not)."""
+class GlobalSeedGenerator:
+    """The state of Keras's global `SeedGenerator`, where a fit made it (nothing else)."""
+
+    state_key = "keras.global_seed_generator"
+
+    def get_state(self) -> dict:
+        generator = keras_compat.global_seed_generator()
+        return {} if generator is None else {"state": _numpy(generator.state)}
+
+    def set_state(self, state: dict) -> None:
+        """Now: `state.apply` puts the Python RNG state back after the objects' states, so the
+        draw that makes the generator leaves no trace."""
+        if "state" in state:
+            keras_compat.global_seed_generator(create=True).state.assign(
+                np.asarray(state["state"]))
+
+
+def attach(session: Any) -> list:
+    """The adapters for the session's model: its stateful RNN layers' (built or not), and the
+    global seed generator's."""
     model = session.model
-    if model is None or not any(getattr(layer, "stateful", False) and hasattr(layer, "states")
-                                for layer in keras_compat.flatten_layers(model)):
-        return []
-    return [RnnStates(model, session)]
+    found: list = [GlobalSeedGenerator()]
+    if model is not None and any(getattr(layer, "stateful", False) and hasattr(layer, "states")
+                                 for layer in keras_compat.flatten_layers(model)):
+        found.append(RnnStates(model, session))
+    return found
