@@ -143,3 +143,25 @@ def test_tensorboard_batch_summaries_go_on_from_the_checkpoint_s_step(
         fit(make_model(seed=6), callbacks(StopAfter(crash)), epochs=4)
     fit(make_model(seed=6), callbacks(), epochs=4)
     assert batch_summaries(logdir) == reference
+
+
+@pytest.mark.parametrize("stops", [True, False], ids=["stopped-early", "ran-to-the-end"])
+def test_a_finished_run_started_again_with_keras_early_stopping_ends_as_it_did(tmp_path,
+                                                                               stops):
+    """The same script run again after its fit ended: Keras's `EarlyStopping` had stopped
+    (trains no further, where it used to train one more epoch), or the run had ended with
+    nothing left to train (its best weights still put back at train end: its restored state
+    used to wait for an epoch begin that never came)."""
+    def early():  # loss falls: "max" never improves after epoch 1, and stops after epoch 2
+        return keras.callbacks.EarlyStopping(monitor="loss", mode="max",
+                                             patience=1 if stops else 10,
+                                             restore_best_weights=True)
+
+    template = str(tmp_path / "c-{epoch}.keras")
+    first = make_model(seed=6)
+    done = fit(first, [early(), keras_ckpt.ModelCheckpoint(template, resume=True)], epochs=4)
+    assert len(done.epoch) == (2 if stops else 4)
+    again = make_model(seed=6)
+    history = fit(again, [early(), keras_ckpt.ModelCheckpoint(template, resume=True)], epochs=4)
+    same_state(first, again)  # the best (epoch 1's) weights, no step more
+    assert history.history == done.history

@@ -594,3 +594,16 @@ def test_tensorboard_counts_a_fit_s_train_batch_ends_from_zero(tmp_path):
     assert getattr(board, keras_compat.TENSORBOARD_STEP) == 8
     model.fit(X, Y, batch_size=8, epochs=1, verbose=0, callbacks=[board])
     assert getattr(board, keras_compat.TENSORBOARD_STEP) == 2
+
+
+def test_the_global_seed_generator_is_made_at_the_first_unseeded_draw():
+    """`global_seed_generator`: none after `set_random_seed` (which starts it afresh), Keras's
+    own after an unseeded `keras.random` call; `create=True` makes it."""
+    keras.utils.set_random_seed(3)
+    assert keras_compat.global_seed_generator() is None
+    keras.random.normal((2,))
+    made = keras_compat.global_seed_generator()
+    assert isinstance(made, keras.random.SeedGenerator)
+    assert keras_compat.global_seed_generator(create=True) is made
+    keras.utils.set_random_seed(3)
+    assert keras_compat.global_seed_generator(create=True) is not made

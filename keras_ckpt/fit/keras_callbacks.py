@@ -66,6 +66,7 @@ class KerasCallbackState:
         self.state_key = f"keras.{type(callback).__name__}"
         self._session = weakref.ref(session)
         self._ran: int | None = None
+        self._restored: dict = {}
         original = callback.on_epoch_end
 
         def on_epoch_end(epoch: int, logs: dict | None = None) -> Any:
@@ -91,8 +92,20 @@ class KerasCallbackState:
                 state[f"best_{i:05d}"] = np.asarray(array)
         return state
 
+    def finished(self) -> str | None:
+        """Why a resume must train no further (Keras's `EarlyStopping` had stopped), or None."""
+        import keras
+
+        stopped = int(self._restored.get("stopped_epoch") or 0)
+        if type(self.callback) is not keras.callbacks.EarlyStopping or stopped <= 0:
+            return None
+        return (f"keras.callbacks.EarlyStopping already stopped training after epoch "
+                f"{stopped + 1}; resuming trains no further.")
+
     def set_state(self, state: dict) -> None:
-        """Applied at the first epoch begin (after the callback's `on_train_begin` reset)."""
+        """Applied at the first epoch begin (after the callback's `on_train_begin` reset), or
+        before the fit's `on_train_end` where no epoch begins (nothing left to train)."""
+        self._restored = dict(state)
         session = self._session()
 
         def apply() -> None:

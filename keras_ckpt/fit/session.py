@@ -208,6 +208,12 @@ class FitSession:
         def train_end(*args: Any, _original: Callable = callbacks.on_train_end,
                       **kwargs: Any) -> Any:
             live = session()
+            while live is not None and (live.before_epoch or live.before_batch):
+                # restored states that no epoch or batch began to take (nothing to train)
+                pending = live.before_epoch + live.before_batch
+                live.before_epoch, live.before_batch = [], []
+                for apply in pending:
+                    apply()
             try:
                 result = _original(*args, **kwargs)
             except BaseException as e:

@@ -22,7 +22,6 @@ import keras
 from keras_ckpt import inputs, keras_compat, manager, registry, storage
 from keras_ckpt import rng as rng_lib
 from keras_ckpt import state as state_lib
-from keras_ckpt.callbacks.base import StatefulCallback
 from keras_ckpt.jsonsafe import decode_log
 from keras_ckpt.keras_compat import print_msg
 from keras_ckpt.state_checks import state_bytes_bound
@@ -185,8 +184,8 @@ def _resume(owner: Any, lazy: contextlib.ExitStack) -> None:
     objects = registry.objects_for(model)
     state_lib.apply(snapshot, model, objects, metrics=False)
     owner.resumed_from = info
-    finished = [obj.finished() for obj in objects.values()
-                if isinstance(obj, StatefulCallback) and obj.finished()]
+    finished = [obj.finished() for obj in objects.values()  # ours, and Keras's EarlyStopping
+                if callable(getattr(obj, "finished", None)) and obj.finished()]
     epochs = (owner.params or {}).get("epochs")
     if finished and epochs is not None:
         print_msg(f"ModelCheckpoint: resumed from {info.path}. " + " ".join(finished))
