@@ -189,8 +189,9 @@ def check_input(model: Any, more: list[str] | None = None) -> list[str]:
         # are not fast-forwarded, and the order changes the validation sums.
         problems.append(
             "the validation tf.data input reshuffles every epoch (`.shuffle(...)`): a resumed "
-            "run validates in another order, so its validation logs differ in the last "
-            "bits. Validation needs no shuffle: remove it from `validation_data`.")
+            "run validates in another order, so its validation logs differ (in the last bits; "
+            "on other batches, and by more, where validation_steps reads part of it). "
+            "Validation needs no shuffle: remove it from `validation_data`.")
     return _warn(problems)
 
 

@@ -165,3 +165,44 @@ def test_a_finished_run_started_again_with_keras_early_stopping_ends_as_it_did(t
     history = fit(again, [early(), keras_ckpt.ModelCheckpoint(template, resume=True)], epochs=4)
     same_state(first, again)  # the best (epoch 1's) weights, no step more
     assert history.history == done.history
+
+
+def test_an_appended_csv_log_with_rows_after_the_checkpoint_is_named_at_resume(tmp_path):
+    """A crash after an epoch's row but before its checkpoint (saved every 3 steps here):
+    the rows of the epochs the resumed run trains again are named, with what to do."""
+    import warnings
+
+    template, log = str(tmp_path / "c{epoch}-{batch}.keras"), str(tmp_path / "log.csv")
+    with pytest.raises(RuntimeError, match="crash"):
+        fit(make_model(seed=6), [keras_ckpt.ModelCheckpoint(template, save_freq=3),
+                                 keras.callbacks.CSVLogger(log, append=True), StopAfter(5)])
+    with pytest.warns(UserWarning, match=r"log\.csv ends with 1 row\(s\) of epoch 1 on"):
+        fit(make_model(seed=6), [keras_ckpt.ModelCheckpoint(template, save_freq=3, resume=True),
+                                 keras.callbacks.CSVLogger(log, append=True)], epochs=2)
+    assert [r.split(",")[0] for r in open(log).read().splitlines()] == ["epoch", "0", "0", "1"]
+    ends, log = str(tmp_path / "e" / "c{epoch}.keras"), str(tmp_path / "e.csv")
+    fit(make_model(seed=6), [keras_ckpt.ModelCheckpoint(ends),
+                             keras.callbacks.CSVLogger(log, append=True)], epochs=1)
+    with warnings.catch_warnings():  # rows up to the checkpoint only: nothing to say
+        warnings.simplefilter("error", UserWarning)
+        fit(make_model(seed=6), [keras_ckpt.ModelCheckpoint(ends, resume=True),
+                                 keras.callbacks.CSVLogger(log, append=True)], epochs=2)
+
+
+@pytest.mark.parametrize("every, warned", [(3, True), (2, False)])
+def test_keras_s_model_checkpoint_saving_every_few_steps_is_named_at_resume(tmp_path, every,
+                                                                             warned):
+    """Keras's ModelCheckpoint counts batches from 0 in every fit: a save_freq that does not
+    divide an epoch's 4 steps saves at other steps after a resume, and is named."""
+    import warnings
+
+    theirs = keras.callbacks.ModelCheckpoint(str(tmp_path / "k{epoch}-{batch}.keras"),
+                                             save_freq=every)
+    ours = keras_ckpt.ModelCheckpoint(str(tmp_path / "c{epoch}.keras"), resume=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(make_model(), [theirs, ours], epochs=1)
+    said = [str(w.message) for w in caught if "counts batches from 0" in str(w.message)]
+    assert bool(said) == warned, said
+    if warned:
+        assert "ModelCheckpoint(save_freq=3)" in said[0] and "the 4 steps" in said[0]

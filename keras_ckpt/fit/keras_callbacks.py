@@ -7,9 +7,10 @@ their state saved and restored with the rest of the training state:
 | --- | --- |
 | `ReduceLROnPlateau` | `wait`, `cooldown_counter`, `best` (the learning rate is the optimizer's) |
 | `EarlyStopping` | `wait`, `stopped_epoch`, `best`, `best_epoch`, `best_weights` |
-| `ModelCheckpoint` | `best` |
+| `ModelCheckpoint` | `best`; a `save_freq` in steps not dividing an epoch's is warned |
 | `LearningRateScheduler` | nothing; not applied twice to a resumed epoch (its rate is restored) |
-| `CSVLogger` | nothing: its file is its state; `append=False` is warned (`lost_on_resume`) |
+| `CSVLogger` | nothing: its file is its state; `append=False` is warned (`lost_on_resume`), |
+| | and so are rows written after the checkpoint (`rows_after`) |
 | `SwapEMAWeights` | whether the model holds the EMA weights (swapped in at an epoch end) |
 | `TensorBoard` | the step of its batch summaries: the batch ends before the checkpoint |
 
@@ -29,7 +30,7 @@ import numpy as np
 
 from keras_ckpt import keras_compat
 
-__all__ = ["attach", "KerasCallbackState", "lost_on_resume"]
+__all__ = ["attach", "KerasCallbackState", "lost_on_resume", "rows_after"]
 
 
 def _counters() -> dict[type, tuple[str, ...]]:
@@ -203,4 +204,44 @@ def lost_on_resume(session: Any) -> list[str]:
                 f"keras.callbacks.CSVLogger(append=False) rewrites {callback.filename} at "
                 "train begin: after a resume it holds the resumed epochs' rows only. Pass "
                 "append=True.")
+        every = getattr(callback, "save_freq", None)
+        steps = (getattr(callback, "params", None) or {}).get("steps")
+        if type(callback) is keras.callbacks.ModelCheckpoint and isinstance(every, int) \
+                and not (isinstance(steps, int) and steps % every == 0):
+            problems.append(
+                f"keras.callbacks.ModelCheckpoint(save_freq={every}) counts batches from 0 in "
+                "every fit: after a resume it saves at other steps than the uninterrupted run "
+                f"would ({every} does not divide the {steps or 'unknown'} steps of an epoch). "
+                "Save with keras_ckpt.ModelCheckpoint, or with a save_freq that divides them.")
+    return problems
+
+
+def rows_after(session: Any, epoch: int) -> list[str]:
+    """`CSVLogger(append=True)` files whose last rows are of epoch `epoch` or later (written
+    after the checkpoint a resume starts from: the resumed run writes them again)."""
+    import keras
+
+    callbacks = session.callback_list()
+    problems = []
+    for callback in callbacks.callbacks if callbacks is not None else []:
+        if type(callback) is not keras.callbacks.CSVLogger or not callback.append:
+            continue
+        try:
+            with open(callback.filename, "rb") as f:
+                f.seek(max(0, f.seek(0, 2) - (1 << 16)))  # its tail: the newest rows
+                tail = f.read().decode("utf-8", "replace").splitlines()[1:]  # (a part line)
+        except OSError:
+            continue
+        later = 0
+        for line in reversed(tail):
+            first = line.split(getattr(callback, "sep", ","), 1)[0]
+            if not first.isdigit() or int(first) < epoch:
+                break
+            later += 1
+        if later:
+            problems.append(
+                f"keras.callbacks.CSVLogger(append=True): {callback.filename} ends with "
+                f"{later} row(s) of epoch {epoch + 1} on, written after the checkpoint this run "
+                "resumes from; the resumed run writes those epochs again. Delete them to keep "
+                "one row an epoch.")
     return problems

@@ -22,6 +22,7 @@ import keras
 from keras_ckpt import inputs, keras_compat, manager, registry, storage
 from keras_ckpt import rng as rng_lib
 from keras_ckpt import state as state_lib
+from keras_ckpt.fit import keras_callbacks
 from keras_ckpt.jsonsafe import decode_log
 from keras_ckpt.keras_compat import print_msg
 from keras_ckpt.state_checks import state_bytes_bound
@@ -205,11 +206,15 @@ def _resume(owner: Any, lazy: contextlib.ExitStack) -> None:
         fit.resume_step = step
         _skip_trained(owner, step, spe, snapshot)
     session.start_at_epoch(epoch)
+    for problem in keras_callbacks.rows_after(session, epoch):
+        warn(f"ModelCheckpoint: {problem}")
     if not finished:
         inputs.fast_forward(model, epoch)  # a seeded .shuffle(...) draws epoch `epoch`'s order next
     fit.last_save_step = info.global_step
     if not finished:  # one line, also at verbose=0 (Keras's printing: its logging switch)
-        where = f"epoch {epoch + 1}" + (f", step {step + 1}" if step else "")
+        steps = (owner.params or {}).get("steps")
+        at = f", step {step + 1}" if steps is None or step < steps else " after its last step"
+        where = f"epoch {epoch + 1}" + (at if step else "")
         replayed = f" ({step} trained batches skipped)" if step else ""
         print_msg(f"ModelCheckpoint: resumed from {info.path}; continuing at {where}{replayed}.")
     if epochs is not None and epoch >= epochs and not finished:
