@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
-from keras_ckpt import keras_compat
+from keras_ckpt.fit.step_guards import is_end_of_data
 
 __all__ = ["calls_from", "gathered_from", "shadow_once", "shadowed_once", "sliced_from",
            "loader_from"]
@@ -39,7 +39,7 @@ def calls_from(calls: Generator, batches: int, spe: int, how: str, undo: Callabl
                 try:
                     batch = next(item[-1])
                 except BaseException as e:
-                    if not keras_compat.is_end_of_data(e):
+                    if not is_end_of_data(e):
                         failed(e)
                         raise
                     skipped(None)

@@ -1,8 +1,7 @@
 """Every private Keras (and TensorFlow) API keras-ckpt touches, in one place.
 
-Each function names what it relies on; `tests/test_keras_compat.py` pins each one against the
-installed Keras, so a Keras release that changes any of them fails there first, with the name
-of the function, instead of somewhere in a resume. Nothing here imports a backend at import time."""
+Each is pinned by `tests/test_keras_compat.py` against the installed Keras: a release that changes
+one fails there, by name, not in a resume. Nothing here imports a backend at import time."""
 
 from __future__ import annotations
 
@@ -16,12 +15,11 @@ __all__ = [
     "tf_iterators_before_epoch", "is_default_strategy", "print_msg", "get_initial_epoch",
     "set_initial_epoch", "calling_callback_list", "set_instance_attr", "get_private",
     "set_private", "make_test_function", "fit_arguments", "fit_epoch_iterator", "start_epoch_at",
-    "release_epoch_iterator", "guard_torch_fetch", "unguard_torch_fetch", "is_end_of_data",
-    "callback_model", "compiled_metrics", "symbolic_build", "epoch_element_spec",
-    "has_keras_train_step", "step_counter", "learning_rate_variable", "distribute_strategy",
-    "metric_direction", "saving_internals", "store_optimizer_uncopied", "flatten_layers",
-    "tf_tensor_view", "SWAP_EMA_STATE", "TENSORBOARD_STEP", "global_seed_generator",
-]
+    "release_epoch_iterator", "guard_torch_fetch", "unguard_torch_fetch", "callback_model",
+    "compiled_metrics", "symbolic_build", "epoch_element_spec", "has_keras_train_step",
+    "step_counter", "learning_rate_variable", "distribute_strategy", "metric_direction",
+    "saving_internals", "store_optimizer_uncopied", "flatten_layers", "tf_tensor_view",
+    "SWAP_EMA_STATE", "TENSORBOARD_STEP", "global_seed_generator", "traced_graphs"]
 
 
 def print_msg(message: str) -> None:
@@ -29,8 +27,7 @@ def print_msg(message: str) -> None:
     try:
         from keras.src.utils.io_utils import print_msg as keras_print_msg
     except ImportError:  # pragma: no cover - pinned by a test
-        print(message)
-        return
+        keras_print_msg = print
     keras_print_msg(message)
 
 
@@ -81,11 +78,6 @@ def make_test_function(model: Any) -> None:
     """`model.make_test_function()`: built now so that it can be wrapped for the fit."""
     if callable(make := getattr(model, "make_test_function", None)):
         make()
-
-
-def is_end_of_data(error: BaseException) -> bool:
-    """Whether `error` says the data ran out (not a failure; TF: `OutOfRangeError`)."""
-    return isinstance(error, StopIteration) or type(error).__name__ == "OutOfRangeError"
 
 
 def _fit_frame(model: Any) -> Any:
@@ -325,11 +317,9 @@ def has_keras_train_step(model: Any) -> bool:
 
 
 def step_counter(optimizer: Any) -> Any:
-    """The variable counting the optimizer's training steps (one per batch).
-
-    `optimizer.iterations` counts updates: with `gradient_accumulation_steps=N` it is a computed
-    `_iterations // N`, so the batch count is `optimizer._iterations`; wrappers such as
-    `LossScaleOptimizer` count in their inner optimizer."""
+    """The variable counting the optimizer's training steps (one per batch): `_iterations`
+    where `gradient_accumulation_steps=N` makes `iterations` a computed `_iterations // N`;
+    a wrapper's (`LossScaleOptimizer`) in its inner optimizer."""
     if (inner := getattr(optimizer, "inner_optimizer", None)) is not None:
         return step_counter(inner)
     if getattr(optimizer, "gradient_accumulation_steps", None):
@@ -390,9 +380,19 @@ def tf_tensor_view(tensor: Any) -> Any:
 
 
 def tf_iterators_before_epoch(epoch: int, steps_per_epoch: Any) -> int:
-    """How many iterators of a finite tf.data input Keras's `fit` makes before epoch `epoch`'s:
-    one after an epoch's last batch, and without `steps_per_epoch` one at each epoch begin."""
+    """How many iterators of a finite tf.data input Keras's `fit` makes before epoch `epoch`'s
+    (one after an epoch's last batch; without `steps_per_epoch`, one at each epoch begin)."""
     return epoch * (2 if steps_per_epoch is None else 1)
+
+
+def traced_graphs(function: Any) -> list:
+    """The graphs traced by Keras's TensorFlow step function: the `tf.function`s its closure
+    holds (`_make_function`'s), through `_list_all_concrete_functions()`; none off TF."""
+    graphs = []
+    for cell in getattr(function, "__closure__", None) or ():
+        lister = getattr(cell.cell_contents, "_list_all_concrete_functions", None)
+        graphs += [concrete.graph for concrete in lister()] if callable(lister) else []
+    return graphs
 
 
 def is_default_strategy(strategy: Any) -> bool:

@@ -15,6 +15,7 @@ import pytest
 from conftest import make_data, make_model, needs_steps_per_execution
 
 from keras_ckpt import keras_compat
+from keras_ckpt.fit.step_guards import is_end_of_data
 
 X, Y = make_data(16)
 
@@ -102,12 +103,12 @@ def test_tf_tensor_view_shares_the_buffer():
 
 
 def test_end_of_data_errors_are_recognised():
-    assert keras_compat.is_end_of_data(StopIteration())
+    assert is_end_of_data(StopIteration())
     if keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
-        assert keras_compat.is_end_of_data(tf.errors.OutOfRangeError(None, None, "end"))
-    assert not keras_compat.is_end_of_data(ValueError("bad record"))
+        assert is_end_of_data(tf.errors.OutOfRangeError(None, None, "end"))
+    assert not is_end_of_data(ValueError("bad record"))
 
 
 def test_keras_print_msg_is_importable(capsys):
@@ -607,3 +608,14 @@ def test_the_global_seed_generator_is_made_at_the_first_unseeded_draw():
     assert keras_compat.global_seed_generator(create=True) is made
     keras.utils.set_random_seed(3)
     assert keras_compat.global_seed_generator(create=True) is not made
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TensorFlow's tf.function")
+def test_the_train_function_s_traced_graphs_are_found_through_its_closure():
+    """`traced_graphs`: Keras's TensorFlow `train_function` is a Python function closing over
+    the `tf.function`s `_make_function` made; after a step, their traced graphs."""
+    model = make_model()
+    model.fit(X, Y, epochs=1, verbose=0)
+    graphs = keras_compat.traced_graphs(model.train_function)
+    assert graphs and any(op.type == "ReadVariableOp" or op.type == "StatefulPartitionedCall"
+                          for g in graphs for op in g.get_operations())

@@ -364,3 +364,37 @@ def test_unseeded_keras_random_in_a_layer_resumes_with_the_global_seed_generator
                   epochs=3)
     same_state(straight, resumed)
     assert history.history == reference.history
+
+
+class TensorFlowNoise(keras.layers.Layer):
+    """`tf.random.normal` in a layer: its op keeps its position in its kernel, in no variable."""
+
+    def call(self, x, training=False):
+        import tensorflow as tf
+
+        return x + tf.random.normal(tf.shape(x), stddev=0.1) if training else x
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TensorFlow's own ops")
+def test_tensorflow_random_ops_whose_state_no_checkpoint_holds_are_named_at_the_first_step(
+        tmp_path):
+    """Keras's random layers draw statelessly (no warning); `tf.random.normal` in a layer is
+    named once, after the first step, with what to do."""
+    import warnings
+
+    def run(*noise):
+        keras.utils.set_random_seed(5)
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8),
+                                  keras.layers.Dropout(0.3), keras.layers.GaussianNoise(0.1),
+                                  *noise, keras.layers.Dense(1)])
+        model.compile(optimizer="adam", loss="mse")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fit(model, [keras_ckpt.ModelCheckpoint(str(tmp_path / f"{len(noise)}" / "c.keras"))],
+                epochs=2)
+        return [str(w.message) for w in caught if "keep their state" in str(w.message)]
+
+    assert run() == []
+    (said,) = run(TensorFlowNoise())
+    assert "(RandomStandardNormal, e.g. tf.random.normal" in said
+    assert "keras.random.SeedGenerator" in said

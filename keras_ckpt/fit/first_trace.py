@@ -23,6 +23,11 @@ It is done only where the result cannot differ:
 - the model does not run eagerly (nothing is traced then).
 
 Anything else, and a symbolic build that fails, is left to the first trace, as in Keras.
+
+After the first trace, `hidden_random_ops` names the TensorFlow random ops in the
+train step whose state lives in their kernels, outside every variable (a custom
+layer's `tf.random.normal`): no checkpoint holds it, so a resumed run draws other
+numbers. The fit's step guards warn once (exact or loud).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from typing import Any
 
 from keras_ckpt import keras_compat
 
-__all__ = ["build_before_first_trace"]
+__all__ = ["build_before_first_trace", "hidden_random_ops"]
 
 
 def build_before_first_trace(model: Any) -> bool:
@@ -61,3 +66,25 @@ def build_before_first_trace(model: Any) -> bool:
     except Exception:  # what a symbolic call cannot do, the first trace does as in Keras
         return False
     return True
+
+
+# Stateful TensorFlow random ops: a seed pair in the op, the position in its kernel (or a
+# generator resource Keras does not track). Keras's own random ops are stateless.
+_HIDDEN_RANDOM = frozenset({
+    "RandomStandardNormal", "RandomUniform", "RandomUniformInt", "TruncatedNormal",
+    "ParameterizedTruncatedNormal", "RandomGamma", "RandomPoisson", "RandomPoissonV2",
+    "RandomShuffle", "Multinomial", "StatefulStandardNormalV2", "StatefulUniform",
+    "StatefulUniformInt", "StatefulUniformFullInt", "StatefulTruncatedNormal",
+    "StatefulRandomBinomial", "RngSkip", "RngReadAndSkip", "NonDeterministicInts"})
+
+
+def hidden_random_ops(function: Any) -> list[str]:
+    """The stateful random ops in the graphs `function` (a traced `tf.function`) runs, the
+    functions they call included; none off TensorFlow."""
+    found: set[str] = set()
+    for graph in keras_compat.traced_graphs(function):
+        graph_def = graph.as_graph_def()
+        nodes = [*graph_def.node, *(n for f in graph_def.library.function for n in f.node_def)]
+        found |= {node.op for node in nodes if node.op in _HIDDEN_RANDOM}
+    return sorted(found)
+

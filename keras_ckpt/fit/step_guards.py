@@ -15,10 +15,17 @@ from collections.abc import Callable
 from typing import Any
 
 from keras_ckpt import keras_compat
+from keras_ckpt.fit.first_trace import hidden_random_ops
+from keras_ckpt.warn import warn
 
-__all__ = ["StepGuards"]
+__all__ = ["StepGuards", "is_end_of_data"]
 
 _NAMES = ("train_function", "test_function")
+
+
+def is_end_of_data(error: BaseException) -> bool:
+    """Whether `error` says the data ran out (not a failure; TF: `OutOfRangeError`)."""
+    return isinstance(error, StopIteration) or type(error).__name__ == "OutOfRangeError"
 
 
 class StepGuards:
@@ -36,6 +43,7 @@ class StepGuards:
         self._result_listeners: list[Callable[[str, Any], None]] = []
         self._error_listeners: list[Callable[[str, BaseException], None]] = []
         self._installed: list[tuple[str, Any, Any]] = []
+        self._traced_checked = False
         if getattr(model, "compiled", False):
             try:
                 keras_compat.make_test_function(model)
@@ -70,15 +78,28 @@ class StepGuards:
                 else:
                     result = original(*args, **kwargs)
             except BaseException as e:
-                if live is not None and not keras_compat.is_end_of_data(e):
+                if live is not None and not is_end_of_data(e):
                     live.step_failed(name, e)
                 raise
             if live is not None:
+                if training and not live._traced_checked:
+                    live._traced_checked = True
+                    live._check_trace(original)
                 for listener in live._result_listeners:
                     listener(name, result)
             return result
 
         return guarded
+
+    def _check_trace(self, train_function: Any) -> None:
+        """After the first train call: the random ops whose state no checkpoint can hold."""
+        found = hidden_random_ops(train_function)
+        if found:
+            warn(f"keras-ckpt: the train step runs TensorFlow random ops that keep their "
+                 f"state outside every variable ({', '.join(found)}, e.g. tf.random.normal "
+                 "in a layer): no checkpoint holds it, so a resumed run draws other numbers "
+                 "than the uninterrupted run would. Draw with keras.random and a "
+                 "keras.random.SeedGenerator the layer holds (seed=self.seed_generator).")
 
     def step_failed(self, name: str, error: BaseException) -> None:
         """A step (or, on torch, its data fetch) raised `error`: listeners, then close."""
