@@ -398,3 +398,53 @@ def test_tensorflow_random_ops_whose_state_no_checkpoint_holds_are_named_at_the_
     (said,) = run(TensorFlowNoise())
     assert "(RandomStandardNormal, e.g. tf.random.normal" in said
     assert "keras.random.SeedGenerator" in said
+
+
+class NoisyLoss(keras.losses.Loss):
+    """A loss holding what Keras tracks nowhere: a SeedGenerator and a running scale."""
+
+    def __init__(self):
+        super().__init__(name="noisy_mse")
+        self.seed_generator = keras.random.SeedGenerator(7)
+        self.scale = keras.Variable(1.0, trainable=False)
+
+    def call(self, y_true, y_pred):
+        noise = keras.random.normal(keras.ops.shape(y_pred), stddev=0.1,
+                                    seed=self.seed_generator)
+        self.scale.assign(0.9 * self.scale + 0.1 * keras.ops.mean(keras.ops.abs(y_true)))
+        return keras.ops.mean(keras.ops.square(y_true - y_pred + noise), axis=-1) / self.scale
+
+
+class NoisyMean(keras.metrics.Mean):
+    def __init__(self):
+        super().__init__(name="noisy")
+        self.seed_generator = keras.random.SeedGenerator(9)
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        return super().update_state(keras.random.uniform(keras.ops.shape(y_pred),
+                                                         seed=self.seed_generator))
+
+
+def test_a_loss_and_a_metric_holding_their_own_state_resume_with_it(tmp_path):
+    """What the compiled loss and metric objects hold untracked by Keras rides along."""
+    from test_step_counting import StopAfter
+
+    def model():
+        keras.utils.set_random_seed(29)
+        built = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8), keras.layers.Dense(1)])
+        built.compile(optimizer=keras.optimizers.Adam(0.01), loss=NoisyLoss(),
+                      metrics=[NoisyMean()])
+        return built
+
+    straight = model()
+    reference = fit(straight, [], epochs=3)
+    template = str(tmp_path / "c{epoch}-{batch}.keras")
+    with pytest.raises(RuntimeError, match="crash"):
+        fit(model(), [keras_ckpt.ModelCheckpoint(template, save_freq=3), StopAfter(6)],
+            epochs=3)
+    resumed = model()
+    history = fit(resumed, [keras_ckpt.ModelCheckpoint(template, save_freq=3, resume=True)],
+                  epochs=3)
+    same_state(straight, resumed)
+    assert history.history == reference.history
+    assert resumed.loss.scale.numpy() == straight.loss.scale.numpy()

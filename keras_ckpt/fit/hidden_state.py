@@ -11,6 +11,10 @@ fit gets them back where the uninterrupted run had them:
 - from a mid-epoch checkpoint, at the first new batch's begin (the resumed
   epoch's begin hooks ran before the checkpoint in the uninterrupted run).
 
+A loss or metric object passed to `compile` may hold a `SeedGenerator` or a
+`keras.Variable` of its own (a noisy loss, a running normaliser): Keras tracks
+neither. They ride along as `keras.loss_and_metric_state`, in the order found.
+
 Unseeded `keras.random` calls (`keras.random.normal(shape)` in a custom layer)
 draw from Keras's global `SeedGenerator`, which Keras makes at first use from
 Python's `random`: its state rides along as `keras.global_seed_generator`, and
@@ -27,7 +31,7 @@ import numpy as np
 from keras_ckpt import keras_compat
 from keras_ckpt.warn import warn
 
-__all__ = ["attach", "RnnStates", "GlobalSeedGenerator"]
+__all__ = ["attach", "RnnStates", "GlobalSeedGenerator", "OwnedByLossesAndMetrics"]
 
 
 def _state_variables(model: Any) -> list:
@@ -110,11 +114,59 @@ class GlobalSeedGenerator:
                 np.asarray(state["state"]))
 
 
+def _owned(model: Any) -> list:
+    """Variables the compiled loss and metric objects hold that Keras does not track."""
+    import keras
+
+    tracked = {id(v) for group in (model.variables, getattr(model, "metrics_variables", []))
+               for v in group}
+    metrics = [m for top in getattr(model, "metrics", []) for m in [top, *getattr(top, "metrics",
+                                                                                    [])]]
+    found = []
+    for obj in [*keras.tree.flatten(getattr(model, "loss", None)), *metrics]:
+        if not isinstance(obj, (keras.losses.Loss, keras.metrics.Metric)):
+            continue
+        for value in vars(obj).values():
+            for item in value if isinstance(value, (list, tuple)) else [value]:
+                item = item.state if isinstance(item, keras.random.SeedGenerator) else item
+                if isinstance(item, keras.Variable) and id(item) not in tracked:
+                    tracked.add(id(item))
+                    found.append(item)
+    return found
+
+
+class OwnedByLossesAndMetrics:
+    """What the compiled loss and metric objects hold untracked (see the module docstring)."""
+
+    state_key = "keras.loss_and_metric_state"
+
+    def __init__(self, model: Any) -> None:
+        self._model = weakref.ref(model)
+
+    def get_state(self) -> dict:
+        model = self._model()
+        return {f"v_{i:04d}": _numpy(v) for i, v in enumerate(_owned(model) if model else [])}
+
+    def set_state(self, state: dict) -> None:
+        model = self._model()
+        variables = _owned(model) if model is not None else []
+        saved = [np.asarray(state[k]) for k in sorted(state) if k.startswith("v_")]
+        if [tuple(v.shape) for v in variables] != [a.shape for a in saved]:
+            warn("ModelCheckpoint: the compiled loss and metrics hold other variables of their "
+                 "own than the checkpoint's: they start afresh, and the run will differ from an "
+                 "uninterrupted one.")
+            return
+        for variable, array in zip(variables, saved, strict=True):
+            variable.assign(array)
+
+
 def attach(session: Any) -> list:
     """The adapters for the session's model: its stateful RNN layers' (built or not), and the
     global seed generator's."""
     model = session.model
     found: list = [GlobalSeedGenerator()]
+    if model is not None and _owned(model):
+        found.append(OwnedByLossesAndMetrics(model))
     if model is not None and any(getattr(layer, "stateful", False) and hasattr(layer, "states")
                                  for layer in keras_compat.flatten_layers(model)):
         found.append(RnnStates(model, session))
