@@ -1,0 +1,180 @@
+"""State Keras keeps outside the model's variables resumes with the rest (fit/hidden_state.py),
+and TensorFlow random ops whose state no checkpoint can hold are named after the first step."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+from conftest import make_data
+from test_preemption import same_state
+from test_step_counting import StopAfter
+
+import keras_ckpt
+
+X, Y = make_data(64, seed=11)
+
+
+def fit(model, callbacks, epochs, **kwargs):
+    return model.fit(X, Y, batch_size=16, epochs=epochs, shuffle=False, verbose=0,
+                     validation_data=(X[:16], Y[:16]), callbacks=callbacks, **kwargs)
+
+
+def stateful_lstm(seed=21):
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential([keras.Input((3, 4), batch_size=8),
+                              keras.layers.LSTM(4, stateful=True), keras.layers.Dense(1)])
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+    return model
+
+
+class ResetStates(keras.callbacks.Callback):
+    """What a stateful RNN's user often does: the states from zeros at each epoch begin."""
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.model.layers[0].reset_states()
+
+
+SEQUENCES = np.random.default_rng(3).random((48, 3, 4)).astype("float32")
+
+
+def fit_sequences(model, callbacks):
+    return model.fit(SEQUENCES, SEQUENCES[:, -1, :1], batch_size=8, epochs=3, shuffle=False,
+                     verbose=0, callbacks=callbacks)
+
+
+@pytest.mark.parametrize("save_freq, crash, reset", [
+    (4, 10, False), (4, 10, True), ("epoch", 10, True)],
+    ids=["mid-epoch", "mid-epoch-reset-each-epoch", "epoch-end-reset-each-epoch"])
+def test_a_stateful_rnn_resumes_with_its_states(tmp_path, save_freq, crash, reset):
+    """A stateful RNN's states are not among the model's variables (Keras makes them
+    untracked): they ride in the checkpoint, and come back before the next epoch's begin
+    hooks (epoch end) or after them (mid-epoch), as the uninterrupted run had them."""
+    extra = [ResetStates()] if reset else []
+    straight = stateful_lstm()
+    reference = fit_sequences(straight, list(extra))
+    template = str(tmp_path / "c{epoch}-{batch}.weights.h5")
+
+    def ours():
+        return keras_ckpt.ModelCheckpoint(template, save_freq=save_freq, resume=True,
+                                          save_weights_only=True)
+
+    with pytest.raises(RuntimeError, match="crash"):
+        fit_sequences(stateful_lstm(), [*extra, ours(), StopAfter(crash)])
+    resumed = stateful_lstm()
+    history = fit_sequences(resumed, [*extra, ours()])
+    same_state(straight, resumed)
+    for a, b in zip(straight.layers[0].states, resumed.layers[0].states, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    assert history.history == reference.history
+
+
+class UnseededNoise(keras.layers.Layer):
+    """Noise from unseeded `keras.random` calls: Keras's global SeedGenerator, made at first
+    use from Python's `random` (outside every model's variables)."""
+
+    def call(self, x, training=False):
+        return x + keras.random.normal(keras.ops.shape(x), stddev=0.5) if training else x
+
+
+def test_unseeded_keras_random_in_a_layer_resumes_with_the_global_seed_generator(tmp_path):
+    def noisy():
+        keras.utils.set_random_seed(23)  # (also starts Keras's global SeedGenerator afresh)
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, activation="relu"),
+                                  UnseededNoise(), keras.layers.Dense(1)])
+        model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+        return model
+
+    straight = noisy()
+    reference = fit(straight, [], epochs=3)
+    template = str(tmp_path / "c{epoch}-{batch}.keras")
+    with pytest.raises(RuntimeError, match="crash"):
+        fit(noisy(), [keras_ckpt.ModelCheckpoint(template, save_freq=3), StopAfter(6)],
+            epochs=3)
+    resumed = noisy()
+    history = fit(resumed, [keras_ckpt.ModelCheckpoint(template, save_freq=3, resume=True)],
+                  epochs=3)
+    same_state(straight, resumed)
+    assert history.history == reference.history
+
+
+class TensorFlowNoise(keras.layers.Layer):
+    """`tf.random.normal` in a layer: its op keeps its position in its kernel, in no variable."""
+
+    def call(self, x, training=False):
+        import tensorflow as tf
+
+        return x + tf.random.normal(tf.shape(x), stddev=0.1) if training else x
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="TensorFlow's own ops")
+def test_tensorflow_random_ops_whose_state_no_checkpoint_holds_are_named_at_the_first_step(
+        tmp_path):
+    """Keras's random layers draw statelessly (no warning); `tf.random.normal` in a layer is
+    named once, after the first step, with what to do."""
+    import warnings
+
+    def run(*noise):
+        keras.utils.set_random_seed(5)
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8),
+                                  keras.layers.Dropout(0.3), keras.layers.GaussianNoise(0.1),
+                                  *noise, keras.layers.Dense(1)])
+        model.compile(optimizer="adam", loss="mse")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fit(model, [keras_ckpt.ModelCheckpoint(str(tmp_path / f"{len(noise)}" / "c.keras"))],
+                epochs=2)
+        return [str(w.message) for w in caught if "keep their state" in str(w.message)]
+
+    assert run() == []
+    (said,) = run(TensorFlowNoise())
+    assert "(RandomStandardNormal, e.g. tf.random.normal" in said
+    assert "keras.random.SeedGenerator" in said
+
+
+class NoisyLoss(keras.losses.Loss):
+    """A loss holding what Keras tracks nowhere: a SeedGenerator and a running scale."""
+
+    def __init__(self):
+        super().__init__(name="noisy_mse")
+        self.seed_generator = keras.random.SeedGenerator(7)
+        self.scale = keras.Variable(1.0, trainable=False)
+
+    def call(self, y_true, y_pred):
+        noise = keras.random.normal(keras.ops.shape(y_pred), stddev=0.1,
+                                    seed=self.seed_generator)
+        self.scale.assign(0.9 * self.scale + 0.1 * keras.ops.mean(keras.ops.abs(y_true)))
+        return keras.ops.mean(keras.ops.square(y_true - y_pred + noise), axis=-1) / self.scale
+
+
+class NoisyMean(keras.metrics.Mean):
+    def __init__(self):
+        super().__init__(name="noisy")
+        self.seed_generator = keras.random.SeedGenerator(9)
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        return super().update_state(keras.random.uniform(keras.ops.shape(y_pred),
+                                                         seed=self.seed_generator))
+
+
+def test_a_loss_and_a_metric_holding_their_own_state_resume_with_it(tmp_path):
+    """What the compiled loss and metric objects hold untracked by Keras rides along."""
+    def model():
+        keras.utils.set_random_seed(29)
+        built = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8), keras.layers.Dense(1)])
+        built.compile(optimizer=keras.optimizers.Adam(0.01), loss=NoisyLoss(),
+                      metrics=[NoisyMean()])
+        return built
+
+    straight = model()
+    reference = fit(straight, [], epochs=3)
+    template = str(tmp_path / "c{epoch}-{batch}.keras")
+    with pytest.raises(RuntimeError, match="crash"):
+        fit(model(), [keras_ckpt.ModelCheckpoint(template, save_freq=3), StopAfter(6)],
+            epochs=3)
+    resumed = model()
+    history = fit(resumed, [keras_ckpt.ModelCheckpoint(template, save_freq=3, resume=True)],
+                  epochs=3)
+    same_state(straight, resumed)
+    assert history.history == reference.history
+    assert resumed.loss.scale.numpy() == straight.loss.scale.numpy()
