@@ -20,6 +20,22 @@ def fit(model, callbacks, epochs, **kwargs):
                      validation_data=(X[:16], Y[:16]), callbacks=callbacks, **kwargs)
 
 
+def crashed_and_resumed(make, tmp_path):
+    """An uninterrupted run and one crashed after step 6 (saved every 3) and resumed, of
+    `make()`'s model: bitwise equal (variables, history); returns both models."""
+    straight = make()
+    reference = fit(straight, [], epochs=3)
+    template = str(tmp_path / "c{epoch}-{batch}.keras")
+    with pytest.raises(RuntimeError, match="crash"):
+        fit(make(), [keras_ckpt.ModelCheckpoint(template, save_freq=3), StopAfter(6)], epochs=3)
+    resumed = make()
+    history = fit(resumed, [keras_ckpt.ModelCheckpoint(template, save_freq=3, resume=True)],
+                  epochs=3)
+    same_state(straight, resumed)
+    assert history.history == reference.history
+    return straight, resumed
+
+
 def stateful_lstm(seed=21):
     keras.utils.set_random_seed(seed)
     model = keras.Sequential([keras.Input((3, 4), batch_size=8),
@@ -85,17 +101,7 @@ def test_unseeded_keras_random_in_a_layer_resumes_with_the_global_seed_generator
         model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
         return model
 
-    straight = noisy()
-    reference = fit(straight, [], epochs=3)
-    template = str(tmp_path / "c{epoch}-{batch}.keras")
-    with pytest.raises(RuntimeError, match="crash"):
-        fit(noisy(), [keras_ckpt.ModelCheckpoint(template, save_freq=3), StopAfter(6)],
-            epochs=3)
-    resumed = noisy()
-    history = fit(resumed, [keras_ckpt.ModelCheckpoint(template, save_freq=3, resume=True)],
-                  epochs=3)
-    same_state(straight, resumed)
-    assert history.history == reference.history
+    crashed_and_resumed(noisy, tmp_path)
 
 
 class TensorFlowNoise(keras.layers.Layer):
@@ -166,15 +172,5 @@ def test_a_loss_and_a_metric_holding_their_own_state_resume_with_it(tmp_path):
                       metrics=[NoisyMean()])
         return built
 
-    straight = model()
-    reference = fit(straight, [], epochs=3)
-    template = str(tmp_path / "c{epoch}-{batch}.keras")
-    with pytest.raises(RuntimeError, match="crash"):
-        fit(model(), [keras_ckpt.ModelCheckpoint(template, save_freq=3), StopAfter(6)],
-            epochs=3)
-    resumed = model()
-    history = fit(resumed, [keras_ckpt.ModelCheckpoint(template, save_freq=3, resume=True)],
-                  epochs=3)
-    same_state(straight, resumed)
-    assert history.history == reference.history
+    straight, resumed = crashed_and_resumed(model, tmp_path)
     assert resumed.loss.scale.numpy() == straight.loss.scale.numpy()
