@@ -118,10 +118,11 @@ def _owned(model: Any) -> list:
     """Variables the compiled loss and metric objects hold that Keras does not track."""
     import keras
 
-    tracked = {id(v) for group in (model.variables, getattr(model, "metrics_variables", []))
+    tracked = {id(v) for group in (getattr(model, "variables", None) or [],
+                                   getattr(model, "metrics_variables", None) or [])
                for v in group}
-    metrics = [m for top in getattr(model, "metrics", []) for m in [top, *getattr(top, "metrics",
-                                                                                    [])]]
+    metrics = [m for top in getattr(model, "metrics", None) or []
+               for m in [top, *(getattr(top, "metrics", None) or [])]]
     found = []
     for obj in [*keras.tree.flatten(getattr(model, "loss", None)), *metrics]:
         if not isinstance(obj, (keras.losses.Loss, keras.metrics.Metric)):
