@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from keras_ckpt import keras_compat
+from keras_ckpt.fit.keras_callbacks import at_next_epoch
 from keras_ckpt.warn import warn
 
 __all__ = ["attach", "RnnStates", "GlobalSeedGenerator", "OwnedByLossesAndMetrics"]
@@ -57,26 +58,15 @@ class RnnStates:
 
     def get_state(self) -> dict:
         model = self._model()
-        variables = _state_variables(model) if model is not None else []
-        return {f"state_{i:04d}": _numpy(v) for i, v in enumerate(variables)}
+        return _values(_state_variables(model) if model is not None else [])
 
     def set_state(self, state: dict) -> None:
         """Assigned before the next epoch's begin hooks, or after them where the checkpoint is
         in the middle of that epoch (see the module's docstring)."""
-        session = self._session()
-
         def assign() -> None:
             model = self._model()
-            variables = _state_variables(model) if model is not None else []
-            saved = [np.asarray(state[k]) for k in sorted(state) if k.startswith("state_")]
-            if [tuple(v.shape) for v in variables] != [a.shape for a in saved]:
-                warn("ModelCheckpoint: the model's stateful RNN layers hold "
-                     f"{len(variables)} state(s), the checkpoint {len(saved)} of other shapes: "
-                     "their states start from zeros, and the run will differ from an "
-                     "uninterrupted one.")
-                return
-            for variable, array in zip(variables, saved, strict=True):
-                variable.assign(array)
+            _assign(_state_variables(model) if model is not None else [], state,
+                    "the model's stateful RNN layers' states")
 
         def at_epoch_begin() -> None:
             live = self._session()
@@ -85,16 +75,28 @@ class RnnStates:
             else:
                 assign()
 
-        if session is None or session.closed:
-            assign()
-        else:
-            session.before_epoch.append(at_epoch_begin)
+        at_next_epoch(self._session(), at_epoch_begin)
 
 
-def _numpy(variable: Any) -> np.ndarray:
+def _values(variables: list) -> dict:
+    """`variables`' values as an object state (`v_0000`, ...)."""
     import keras
 
-    return np.asarray(keras.ops.convert_to_numpy(variable))
+    return {f"v_{i:04d}": np.asarray(keras.ops.convert_to_numpy(v))
+            for i, v in enumerate(variables)}
+
+
+def _assign(variables: list, state: dict, what: str) -> None:
+    """Puts `_values`' state back into `variables`; warns (and assigns nothing) where they are
+    not the checkpoint's."""
+    saved = [np.asarray(state[k]) for k in sorted(state) if k.startswith("v_")]
+    if [tuple(v.shape) for v in variables] != [a.shape for a in saved]:
+        warn(f"ModelCheckpoint: {what} are not the checkpoint's ({len(variables)} against "
+             f"{len(saved)}, or of other shapes): they start afresh, and the run will differ "
+             "from an uninterrupted one.")
+        return
+    for variable, array in zip(variables, saved, strict=True):
+        variable.assign(array)
 
 
 class GlobalSeedGenerator:
@@ -104,14 +106,14 @@ class GlobalSeedGenerator:
 
     def get_state(self) -> dict:
         generator = keras_compat.global_seed_generator()
-        return {} if generator is None else {"state": _numpy(generator.state)}
+        return {} if generator is None else _values([generator.state])
 
     def set_state(self, state: dict) -> None:
         """Now: `state.apply` puts the Python RNG state back after the objects' states, so the
         draw that makes the generator leaves no trace."""
-        if "state" in state:
-            keras_compat.global_seed_generator(create=True).state.assign(
-                np.asarray(state["state"]))
+        if state:
+            _assign([keras_compat.global_seed_generator(create=True).state], state,
+                    "Keras's global seed generator's state")
 
 
 def _owned(model: Any) -> list:
@@ -146,19 +148,12 @@ class OwnedByLossesAndMetrics:
 
     def get_state(self) -> dict:
         model = self._model()
-        return {f"v_{i:04d}": _numpy(v) for i, v in enumerate(_owned(model) if model else [])}
+        return _values(_owned(model) if model is not None else [])
 
     def set_state(self, state: dict) -> None:
         model = self._model()
-        variables = _owned(model) if model is not None else []
-        saved = [np.asarray(state[k]) for k in sorted(state) if k.startswith("v_")]
-        if [tuple(v.shape) for v in variables] != [a.shape for a in saved]:
-            warn("ModelCheckpoint: the compiled loss and metrics hold other variables of their "
-                 "own than the checkpoint's: they start afresh, and the run will differ from an "
-                 "uninterrupted one.")
-            return
-        for variable, array in zip(variables, saved, strict=True):
-            variable.assign(array)
+        _assign(_owned(model) if model is not None else [], state,
+                "the variables the compiled loss and metrics hold")
 
 
 def attach(session: Any) -> list:

@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import math
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from keras_ckpt import keras_compat
 
-__all__ = ["attach", "KerasCallbackState", "lost_on_resume", "rows_after"]
+__all__ = ["attach", "KerasCallbackState", "lost_on_resume", "rows_after", "at_next_epoch"]
 
 
 def _counters() -> dict[type, tuple[str, ...]]:
@@ -67,7 +68,7 @@ class KerasCallbackState:
         self.state_key = f"keras.{type(callback).__name__}"
         self._session = weakref.ref(session)
         self._ran: int | None = None
-        self._restored: dict = {}
+        self._stopped_epoch = 0  # a restored Keras EarlyStopping's (`finished`)
         original = callback.on_epoch_end
 
         def on_epoch_end(epoch: int, logs: dict | None = None) -> Any:
@@ -97,17 +98,15 @@ class KerasCallbackState:
         """Why a resume must train no further (Keras's `EarlyStopping` had stopped), or None."""
         import keras
 
-        stopped = int(self._restored.get("stopped_epoch") or 0)
-        if type(self.callback) is not keras.callbacks.EarlyStopping or stopped <= 0:
+        if type(self.callback) is not keras.callbacks.EarlyStopping or self._stopped_epoch <= 0:
             return None
         return (f"keras.callbacks.EarlyStopping already stopped training after epoch "
-                f"{stopped + 1}; resuming trains no further.")
+                f"{self._stopped_epoch + 1}; resuming trains no further.")
 
     def set_state(self, state: dict) -> None:
         """Applied at the first epoch begin (after the callback's `on_train_begin` reset), or
         before the fit's `on_train_end` where no epoch begins (nothing left to train)."""
-        self._restored = dict(state)
-        session = self._session()
+        self._stopped_epoch = int(_decode(state.get("stopped_epoch")) or 0)
 
         def apply() -> None:
             for name in self.names:
@@ -117,10 +116,7 @@ class KerasCallbackState:
             if n:
                 self.callback.best_weights = [state[f"best_{i:05d}"] for i in range(n)]
 
-        if session is None or session.closed:
-            apply()
-        else:
-            session.before_epoch.append(apply)
+        at_next_epoch(self._session(), apply)
 
 
 class TensorBoardState(KerasCallbackState):
@@ -145,10 +141,16 @@ class TensorBoardState(KerasCallbackState):
             ends = session.batch_ends if session is not None else 0
             setattr(self.callback, keras_compat.TENSORBOARD_STEP, self.start + ends)
 
-        if session is None or session.closed:
-            apply()
-        else:
-            session.before_epoch.append(apply)
+        at_next_epoch(session, apply)
+
+
+def at_next_epoch(session: Any, apply: Callable[[], None]) -> None:
+    """Runs `apply` at the session's next epoch begin (after every callback's `on_train_begin`
+    reset; before `on_train_end` where no epoch begins), or now without an open session."""
+    if session is None or session.closed:
+        apply()
+    else:
+        session.before_epoch.append(apply)
 
 
 def attach(session: Any) -> list[KerasCallbackState]:

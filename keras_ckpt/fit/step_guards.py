@@ -72,8 +72,9 @@ class StepGuards:
 
         def guarded(*args: Any, **kwargs: Any) -> Any:
             live = guards()
+            replayed = training and live is not None and live.replay is not None
             try:
-                if training and live is not None and live.replay is not None:
+                if replayed:
                     result = live.replay(original, *args)
                 else:
                     result = original(*args, **kwargs)
@@ -82,7 +83,7 @@ class StepGuards:
                     live.step_failed(name, e)
                 raise
             if live is not None:
-                if training and not live._traced_checked:
+                if training and not replayed and not live._traced_checked:  # (now traced)
                     live._traced_checked = True
                     live._check_trace(original)
                 for listener in live._result_listeners:
