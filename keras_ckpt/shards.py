@@ -34,6 +34,7 @@ import numpy as np
 
 from keras_ckpt import storage
 from keras_ckpt.snapshot import Snapshot, StateMismatchError
+from keras_ckpt.storage_format import non_finite
 
 __all__ = ["split_keys", "capture", "write_own", "shard_name", "SHARD_NAME", "ShardFiles",
            "open_for", "check_table"]
@@ -139,11 +140,8 @@ def write_own(main: str, uid: int, process: int, snapshot: Snapshot, *, fsync: b
     variables = snapshot.meta["variables"]
     own = _own_pieces(snapshot, process)
     for name, piece in own.items():
-        if piece.dtype.kind in "fc" and piece.size and not np.isfinite(piece).all():
-            group, index = name.split("/")[:2]
-            what = variables[group][int(index)]["path"]
-            raise storage.NonFiniteStateError(
-                f"the variable {what} holds NaN or infinite values", what)
+        if (error := non_finite(name, piece, variables)) is not None:
+            raise error
     meta = {"shard_of": os.path.basename(main), "process": process}
     storage.write(path, Snapshot(arrays=own, meta=meta), layout=storage.KerasPartFirst(None),
                   fsync=fsync, compression=compression)

@@ -248,13 +248,15 @@ def open_shards(snapshot: Snapshot, model: Any, orders: Mapping[str, list[int] |
     try:
         # Groups `check_compatible` did not match (an unbuilt optimizer, weights only)
         # are left out: their split variables are read whole.
-        groups = {g: v for g, v in model_variables(model).items() if g in orders or
-                  g == "metrics"}
+        groups = {g: v for g, v in model_variables(model).items() if g in orders}
         shards.open_for(snapshot, {f"{g}/{i:05d}": v for g, vs in groups.items()
                                    for i, v in enumerate(_saved_order(vs, orders.get(g)))},
                         state_bytes)
     except Exception as e:  # (any: the others must not wait for this process in the collective)
-        error = e
+        error = e  # (several processes: one error class on all, whatever happened here)
+        if workers is not None and not isinstance(e, storage.CorruptCheckpointError):
+            error = storage.CorruptCheckpointError(f"{snapshot.source}: {type(e).__name__}: {e}")
+            error.__cause__ = e
     if workers is not None and workers.any(error is not None) and error is None:
         snapshot.shard_files.close()
         error = storage.CorruptCheckpointError(

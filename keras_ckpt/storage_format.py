@@ -15,7 +15,7 @@ from keras_ckpt import atomic, dtypes
 
 __all__ = ["CorruptCheckpointError", "ForeignFileError", "FORMAT", "FORMAT_VERSION",
            "EXTENSIONS", "GROUP", "ZIP_MEMBER", "KERAS_WEIGHTS_MEMBER", "META_MEMBER", "extension",
-           "NonFiniteStateError",
+           "NonFiniteStateError", "non_finite",
            "is_temporary", "set_meta", "META_DATASET"]
 
 FORMAT = "keras-ckpt"
@@ -60,20 +60,28 @@ _crc = dtypes.crc
 _CHECKED_GROUPS = ("model/", "optimizer/")
 
 
-def _crc_finite(name: str, array: np.ndarray, variables: Any) -> int:
-    """CRC-32 of `array`; refuses a non-finite model or optimizer variable (same pass)."""
+def non_finite(name: str, array: np.ndarray, variables: Any) -> NonFiniteStateError | None:
+    """The error for array `name` (`model/00003`, a piece `model/00003/1`) where it is a model
+    or optimizer variable holding NaN or infinity (bfloat16 and float8 too), else None."""
     if name.startswith(_CHECKED_GROUPS) and array.dtype.kind in "fVc" and array.size:
         try:
             finite = bool(np.isfinite(array).all())
         except TypeError:  # a dtype without isfinite: nothing to check
             finite = True
         if not finite:
-            group, index = name.split("/", 1)
+            group, index = name.split("/")[:2]
             try:
                 what = variables[group][int(index)]["path"]
             except (KeyError, IndexError, TypeError, ValueError):
                 what = name
-            raise NonFiniteStateError(f"the variable {what} holds NaN or infinite values", what)
+            return NonFiniteStateError(f"the variable {what} holds NaN or infinite values", what)
+    return None
+
+
+def _crc_finite(name: str, array: np.ndarray, variables: Any) -> int:
+    """CRC-32 of `array`; refuses a non-finite model or optimizer variable (same pass)."""
+    if (error := non_finite(name, array, variables)) is not None:
+        raise error
     return _crc(array)
 
 

@@ -176,6 +176,7 @@ def test_a_signal_to_one_process_saves_both_parts_of_the_same_step(tmp_path):
     assert "its shard file" in damaged[first] and "is missing" in damaged[first]
 
 
+@pytest.mark.slow
 def test_a_main_file_process_0_cannot_write_fails_the_save_on_both(tmp_path):
     """Process 0 alone writes the main file: when that fails (here its file-size limit lets
     its shard file through, not the main file), every process fails the save with it, at the
@@ -336,3 +337,27 @@ def test_a_checkpoint_names_shard_files_beside_itself_only(tmp_path):
     assert shard_listing.orphans(str(tmp_path)) == []
     os.remove(tmp_path / "kept.h5")
     assert shard_listing.orphans(str(tmp_path)) == [str(renamed)]
+
+
+def test_every_process_fails_a_sharded_save_with_the_same_class_of_error():
+    """What one process meets writing its part of a save reaches the others as an OSError or
+    a refusal (the saver handles those alike everywhere; any other class would end one
+    process's fit and leave the others waiting in a collective); a non-finite piece is named
+    in bfloat16 too, as the main file's check names it."""
+    import ml_dtypes
+
+    from keras_ckpt.callbacks.model_checkpoint import sharded
+    from keras_ckpt.storage_format import NonFiniteStateError, non_finite
+
+    odd = ValueError("h5py says no")
+    wrapped = sharded._as_os_error(odd, "c.h5")
+    assert isinstance(wrapped, OSError) and "c.h5: ValueError: h5py says no" in str(wrapped)
+    assert wrapped.__cause__ is odd
+    refused = NonFiniteStateError("nan", "d/k")
+    assert sharded._as_os_error(refused, "c.h5") is refused
+    interrupt = KeyboardInterrupt()
+    assert sharded._as_os_error(interrupt, "c.h5") is interrupt
+    variables = {"model": [{"path": "d/k"}]}
+    piece = np.array([1.0, np.nan], ml_dtypes.bfloat16)
+    assert non_finite("model/00000/1", piece, variables).variable == "d/k"
+    assert non_finite("model/00000/1", piece[:1], variables) is None

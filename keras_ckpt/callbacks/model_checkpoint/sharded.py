@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from keras_ckpt import shard_listing, shards, storage
+from keras_ckpt.storage_format import non_finite
 from keras_ckpt.warn import warn
 
 __all__ = ["announce", "commit"]
@@ -50,10 +51,10 @@ def commit(saver: Any, regular: str | None, write_last: bool, snapshot: Any, met
     Every process calls it, in the same order (it is a collective).
 
     Raises:
-        OSError: a process could not write (nothing of this save is left).
+        OSError: a process could not write, any error it met (nothing of the failing
+            target is left; a regular file committed before a failing `last` file stays,
+            a complete checkpoint).
         NonFiniteStateError: a piece holds NaN or infinity (nothing written).
-        Any error process 0 met writing the main file: there; elsewhere an
-            `OSError` saying so.
     """
     owner, options = saver.owner, saver.options
     workers, directory = owner.workers, owner.files
@@ -72,8 +73,8 @@ def commit(saver: Any, regular: str | None, write_last: bool, snapshot: Any, met
                                             compression=options.compression))
         except storage.NonFiniteStateError as e:
             error, digest = e, -2.0
-        except OSError as e:
-            error, digest = e, -1.0
+        except Exception as e:  # (any: the others wait for this process's digest)
+            error, digest = _as_os_error(e, mine), -1.0
         digests = workers.values(digest)
         if any(d < 0 for d in digests):
             if error is None:
@@ -85,8 +86,9 @@ def commit(saver: Any, regular: str | None, write_last: bool, snapshot: Any, met
         code = workers.from_chief(0.0 if failed is None else 2.0 if isinstance(
             failed, storage.NonFiniteStateError) else 1.0)
         if code:
-            raise failed or (_non_finite(snapshot) if code == 2 else OSError(
-                f"process 0 could not write the main file {path}"))
+            raise _as_os_error(failed, path) if failed is not None else \
+                _non_finite(snapshot) if code == 2 else \
+                OSError(f"process 0 could not write the main file {path}")
         written.append(path)
     if workers.is_chief:
         saver.committed(written, started)
@@ -112,16 +114,21 @@ def _write_main(saver: Any, path: str, kind: str, snapshot: Any, meta: dict, uid
     return None
 
 
+def _as_os_error(error: BaseException, path: str) -> BaseException:
+    """`error` as every process fails a save: a refusal or an `OSError` (what the saver
+    handles alike everywhere), or an interrupt as it is."""
+    if isinstance(error, (OSError, storage.NonFiniteStateError)) or \
+            not isinstance(error, Exception):
+        return error
+    wrapped = OSError(f"{path}: {type(error).__name__}: {error}")
+    wrapped.__cause__ = error
+    return wrapped
+
+
 def _non_finite(snapshot: Any) -> storage.NonFiniteStateError:
     """What process 0 refused to write: a variable not split, so the same here."""
     variables = snapshot.meta["variables"]
     for name in snapshot.arrays:
-        group, _, rest = name.partition("/")
-        if group not in ("model", "optimizer"):
-            continue
-        array = np.asarray(snapshot.arrays[name])
-        if array.dtype.kind in "fc" and array.size and not np.isfinite(array).all():
-            what = variables[group][int(rest.split("/")[0])]["path"]
-            return storage.NonFiniteStateError(
-                f"the variable {what} holds NaN or infinite values", what)
+        if (error := non_finite(name, np.asarray(snapshot.arrays[name]), variables)) is not None:
+            return error
     return storage.NonFiniteStateError("process 0 found NaN or infinite values in the state")
