@@ -3,6 +3,8 @@ and TensorFlow random ops whose state no checkpoint can hold are named after the
 
 from __future__ import annotations
 
+import warnings
+
 import keras
 import numpy as np
 import pytest
@@ -174,3 +176,44 @@ def test_a_loss_and_a_metric_holding_their_own_state_resume_with_it(tmp_path):
 
     straight, resumed = crashed_and_resumed(model, tmp_path)
     assert resumed.loss.scale.numpy() == straight.loss.scale.numpy()
+
+
+class LazyScaleLoss(keras.losses.Loss):
+    """A loss making its untracked variable in its first call, after train begin."""
+
+    def __init__(self):
+        super().__init__(name="lazy_scale_mse")
+        self.scale = None
+
+    def call(self, y_true, y_pred):
+        if self.scale is None:
+            self.scale = keras.Variable(1.0, trainable=False)
+        self.scale.assign(0.9 * self.scale + 0.1 * keras.ops.mean(keras.ops.abs(y_true)))
+        return keras.ops.mean(keras.ops.square(y_true - y_pred), axis=-1) / self.scale
+
+
+def test_a_loss_making_its_state_in_its_first_call_is_named_at_resume(tmp_path):
+    """Its variable rides in the checkpoints, but a resume cannot give it back before the first
+    step uses it: said at train begin, before any batch, with the fix."""
+    def model():
+        keras.utils.set_random_seed(29)
+        built = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+        built.compile(optimizer=keras.optimizers.Adam(0.01), loss=LazyScaleLoss())
+        return built
+
+    template = str(tmp_path / "c{epoch}-{batch}.keras")
+    with pytest.raises(RuntimeError, match="crash"):
+        fit(model(), [keras_ckpt.ModelCheckpoint(template, save_freq=3), StopAfter(4)], epochs=2)
+    before_first_batch = []
+
+    class FirstBatch(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            before_first_batch.append(len(caught))
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(model(), [keras_ckpt.ModelCheckpoint(template, save_freq=3, resume=True),
+                      FirstBatch()], epochs=2)
+    named = [str(w.message) for w in caught[:before_first_batch[0]]
+             if "in its first call" in str(w.message)]
+    assert len(named) == 1 and "(1 variable(s))" in named[0] and "__init__" in named[0]

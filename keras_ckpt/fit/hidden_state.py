@@ -13,7 +13,9 @@ fit gets them back where the uninterrupted run had them:
 
 A loss or metric object passed to `compile` may hold a `SeedGenerator` or a
 `keras.Variable` of its own (a noisy loss, a running normaliser): Keras tracks
-neither. They ride along as `keras.loss_and_metric_state`, in the order found.
+neither. They ride along as `keras.loss_and_metric_state`, in the order found
+at each save; one made in a first call (after train begin) cannot be given its
+state back before it is used, so a resume says so.
 
 Unseeded `keras.random` calls (`keras.random.normal(shape)` in a custom layer)
 draw from Keras's global `SeedGenerator`, which Keras makes at first use from
@@ -116,6 +118,23 @@ class GlobalSeedGenerator:
                     "Keras's global seed generator's state")
 
 
+def _compiled_objects(model: Any) -> list:
+    """The compiled loss and metric objects (`keras.losses.Loss`, `keras.metrics.Metric`)."""
+    import keras
+
+    metrics = [m for top in getattr(model, "metrics", None) or []
+               for m in [top, *(getattr(top, "metrics", None) or [])]]
+    return [obj for obj in [*keras.tree.flatten(getattr(model, "loss", None)), *metrics]
+            if isinstance(obj, (keras.losses.Loss, keras.metrics.Metric))]
+
+
+def _users(model: Any) -> bool:
+    """Whether a compiled loss or metric is of a class of the user's (Keras's own track what
+    they hold)."""
+    return any(not type(obj).__module__.startswith("keras.")
+               for obj in _compiled_objects(model))
+
+
 def _owned(model: Any) -> list:
     """Variables the compiled loss and metric objects hold that Keras does not track."""
     import keras
@@ -123,12 +142,8 @@ def _owned(model: Any) -> list:
     tracked = {id(v) for group in (getattr(model, "variables", None) or [],
                                    getattr(model, "metrics_variables", None) or [])
                for v in group}
-    metrics = [m for top in getattr(model, "metrics", None) or []
-               for m in [top, *(getattr(top, "metrics", None) or [])]]
     found = []
-    for obj in [*keras.tree.flatten(getattr(model, "loss", None)), *metrics]:
-        if not isinstance(obj, (keras.losses.Loss, keras.metrics.Metric)):
-            continue
+    for obj in _compiled_objects(model):
         for value in vars(obj).values():
             for item in value if isinstance(value, (list, tuple)) else [value]:
                 item = item.state if isinstance(item, keras.random.SeedGenerator) else item
@@ -151,9 +166,19 @@ class OwnedByLossesAndMetrics:
         return _values(_owned(model) if model is not None else [])
 
     def set_state(self, state: dict) -> None:
+        """Now (at train begin). One made in a first call (after train begin) cannot be given
+        its state before it is used: said, with the fix."""
         model = self._model()
-        _assign(_owned(model) if model is not None else [], state,
-                "the variables the compiled loss and metrics hold")
+        owned = _owned(model) if model is not None else []
+        saved = len([k for k in state if k.startswith("v_")])
+        if len(owned) < saved:
+            warn("ModelCheckpoint: the checkpoint holds state of the compiled loss or metric "
+                 f"objects ({saved} variable(s)) that they have not made at train begin "
+                 f"({len(owned)} now): one that makes a variable or SeedGenerator in its first "
+                 "call starts it afresh, and the run will differ from an uninterrupted one. "
+                 "Make them in its __init__.")
+            return
+        _assign(owned, state, "the variables the compiled loss and metrics hold")
 
 
 def attach(session: Any) -> list:
@@ -161,7 +186,7 @@ def attach(session: Any) -> list:
     global seed generator's."""
     model = session.model
     found: list = [GlobalSeedGenerator()]
-    if model is not None and _owned(model):
+    if model is not None and (_users(model) or _owned(model)):  # (users': made later, too)
         found.append(OwnedByLossesAndMetrics(model))
     if model is not None and any(getattr(layer, "stateful", False) and hasattr(layer, "states")
                                  for layer in keras_compat.flatten_layers(model)):

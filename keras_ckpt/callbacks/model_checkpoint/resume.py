@@ -215,7 +215,7 @@ def _resume(owner: Any, lazy: contextlib.ExitStack) -> None:
         steps = (owner.params or {}).get("steps")
         at = f", step {step + 1}" if steps is None or step < steps else " after its last step"
         where = f"epoch {epoch + 1}" + (at if step else "")
-        replayed = f" ({step} trained batches skipped)" if step else ""
+        replayed = f" ({step} trained batch{'es' if step > 1 else ''} skipped)" if step else ""
         print_msg(f"ModelCheckpoint: resumed from {info.path}; continuing at {where}{replayed}.")
     if epochs is not None and epoch >= epochs and not finished:
         print_msg(f"ModelCheckpoint: the checkpoint already completed all {epochs} "
