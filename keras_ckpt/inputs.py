@@ -85,6 +85,48 @@ def _reads_on_across_epochs(cardinality: int, steps_per_epoch: Any) -> bool:
     return bool(steps_per_epoch) and (cardinality < 0 or cardinality > int(steps_per_epoch))
 
 
+# Stages that pass each element on as it is (with a function: one with no stateful op).
+_ELEMENTWISE = ("_PrefetchDataset", "_OptionsDataset", "_MapDataset", "_ParallelMapDataset")
+
+
+def _stateless(node: Any) -> bool:
+    """No function of the stage holds a stateful op (a random op, a variable, a py_function):
+    each pass over it gives the same elements."""
+    for value in vars(node).values():
+        graph = getattr(getattr(value, "function", None), "graph", None)
+        if type(value).__name__ == "StructuredFunctionWrapper" and (graph is None or any(
+                op._is_stateful for op in graph.get_operations())):
+            return False
+    return True
+
+
+def _pass_length(dataset: Any) -> int | None:
+    """The batches of one pass of an endlessly repeated pipeline that gives the same batches
+    on every pass (`.batch(...).repeat()`: no reshuffling, no stateful function, only
+    element-wise stages after the repeat); None for any other."""
+    node = dataset
+    try:
+        while type(node).__name__ != "_RepeatDataset":
+            if type(node).__name__ not in _ELEMENTWISE or not _stateless(node):
+                return None
+            (node,) = node._inputs()
+        if int(node._count) != -1:
+            return None
+        (inner,) = node._inputs()
+        seen, stack = set(), [inner]
+        while stack:
+            below = stack.pop()
+            if id(below) not in seen:
+                seen.add(id(below))
+                if not _stateless(below):
+                    return None
+                stack.extend(below._inputs())
+    except (AttributeError, TypeError, ValueError):  # another TF, a stage of another kind
+        return None
+    length = _cardinality(inner)
+    return length if length > 0 and not _reshuffling(inner) else None
+
+
 def fast_forward(model: Any, epochs: int) -> int:
     """Makes the running fit's seeded, reshuffling tf.data input ready for epoch `epochs`.
 
@@ -128,11 +170,17 @@ def input_problems(x: Any, steps_per_epoch: Any, model: Any = None) -> list[str]
                 "`.apply(tf.data.experimental.assert_cardinality(batches))`, or use "
                 "`.apply(keras_ckpt.data.EpochShuffle(buffer_size, seed))`.")
         if cardinality == -1 and steps_per_epoch:
-            problems.append(
-                "the tf.data input is infinite (`.repeat()`) with steps_per_epoch: each epoch "
-                "continues where the last one stopped reading, and a resume starts the stream "
-                "again. Give each epoch its own finite dataset (no `.repeat()`, or "
-                "`.repeat()` before `.take(steps_per_epoch)` of a dataset that restarts).")
+            # Unless every epoch starts a pass of a pipeline that repeats itself: a resume's
+            # new stream is then where the epoch began.
+            passes = _pass_length(x)
+            if not passes or int(steps_per_epoch) % passes:
+                problems.append(
+                    "the tf.data input is infinite (`.repeat()`) with steps_per_epoch: each "
+                    "epoch continues where the last one stopped reading, and a resume starts "
+                    "the stream again. Give each epoch its own finite dataset (no "
+                    "`.repeat()`), or let steps_per_epoch be a whole number of passes over a "
+                    "pipeline that gives the same batches on every pass (no reshuffling, no "
+                    "random op in a `.map`).")
         elif _reads_on_across_epochs(cardinality, steps_per_epoch):
             count = "an unknown number of" if cardinality == -2 else cardinality
             problems.append(

@@ -41,8 +41,16 @@ def tf_data_seeded():
         warns="infinite .*steps_per_epoch")
 def tf_data_repeat():
     x, y, x_val, y_val = regression()
-    train = _tf_data(x, y).batch(BATCH).repeat()
-    return Script(dense_model(), {"x": train, "steps_per_epoch": 4,
+    train = _tf_data(x, y).batch(BATCH).repeat()  # 4 batches a pass, 3 an epoch
+    return Script(dense_model(), {"x": train, "steps_per_epoch": 3,
+                                  "validation_data": (x_val, y_val)})
+
+
+@script("tf-data-repeat-whole-passes", backends=("tensorflow",))
+def tf_data_repeat_whole_passes():
+    x, y, x_val, y_val = regression()
+    train = _tf_data(x, y).batch(BATCH).map(lambda a, b: (a * 2.0, b)).repeat()
+    return Script(dense_model(), {"x": train, "steps_per_epoch": 8,  # two passes an epoch
                                   "validation_data": (x_val, y_val)})
 
 

@@ -66,8 +66,19 @@ def test_a_reshuffling_tf_data_input_is_named_with_the_fix(tmp_path):
                                                      seed=1).batch(16)) == []
     shuffle = keras_ckpt.data.EpochShuffle(32, seed=1, name="inputs_test")
     assert fit_warnings(tmp_path / "c", data.apply(shuffle).batch(16)) == []
-    messages = fit_warnings(tmp_path / "d", data.batch(16).repeat(), steps_per_epoch=2)
+    # Repeated: each epoch reads on where the last stopped, unless it reads whole passes
+    # (2 batches) of a pipeline that gives the same batches on every pass.
+    messages = fit_warnings(tmp_path / "d", data.batch(16).repeat(), steps_per_epoch=3)
     assert len(messages) == 1 and "infinite" in messages[0]
+    assert fit_warnings(tmp_path / "d2", data.batch(16).repeat(), steps_per_epoch=2) == []
+    assert fit_warnings(tmp_path / "d4", data.batch(16).map(lambda x, y: (2 * x, y)).repeat()
+                        .prefetch(1), steps_per_epoch=4) == []
+    noisy = data.map(lambda x, y: (x + tf.random.uniform(()), y))
+    for i, other in enumerate([data.shuffle(32, seed=4).batch(16).repeat(),  # new order a pass
+                               noisy.batch(16).repeat(),  # new noise a pass
+                               data.repeat().batch(16)]):  # the cardinality of no pass known
+        messages = fit_warnings(tmp_path / f"r{i}", other, steps_per_epoch=2)
+        assert len(messages) == 1 and "infinite" in messages[0], i
     # Fewer steps than batches: Keras reads on across epochs, from one iterator.
     messages = fit_warnings(tmp_path / "e", data.shuffle(32, seed=4).batch(8),
                             steps_per_epoch=2)
