@@ -11,15 +11,15 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-__all__ = [
-    "tf_iterators_before_epoch", "is_default_strategy", "print_msg", "get_initial_epoch",
+__all__ = ["tf_iterators_before_epoch", "is_default_strategy", "print_msg", "get_initial_epoch",
     "set_initial_epoch", "calling_callback_list", "set_instance_attr", "get_private",
     "set_private", "make_test_function", "fit_arguments", "fit_epoch_iterator", "start_epoch_at",
     "release_epoch_iterator", "guard_torch_fetch", "unguard_torch_fetch", "callback_model",
     "compiled_metrics", "symbolic_build", "epoch_element_spec", "has_keras_train_step",
     "step_counter", "learning_rate_variable", "distribute_strategy", "metric_direction",
     "saving_internals", "store_optimizer_uncopied", "flatten_layers", "tf_tensor_view",
-    "SWAP_EMA_STATE", "TENSORBOARD_STEP", "global_seed_generator", "traced_graphs"]
+    "SWAP_EMA_STATE", "TENSORBOARD_STEP", "global_seed_generator", "traced_graphs",
+    "MODEL_CHECKPOINT_COUNTERS"]
 
 
 def print_msg(message: str) -> None:
@@ -276,6 +276,7 @@ def unguard_torch_fetch(handle: Any) -> None:
 # ------------------------------------------------------------ model internals
 SWAP_EMA_STATE = ("_ema_weights_in_model",)  # SwapEMAWeights: EMA weights in the model
 TENSORBOARD_STEP = "_global_train_batch"  # TensorBoard: a fit's batch ends, from 0
+MODEL_CHECKPOINT_COUNTERS = ("_batches_seen_since_last_saving", "_last_batch_seen")
 
 
 def global_seed_generator(create: bool = False) -> Any:
@@ -317,9 +318,8 @@ def has_keras_train_step(model: Any) -> bool:
 
 
 def step_counter(optimizer: Any) -> Any:
-    """The variable counting the optimizer's training steps (one per batch): `_iterations`
-    where `gradient_accumulation_steps=N` makes `iterations` a computed `_iterations // N`;
-    a wrapper's (`LossScaleOptimizer`) in its inner optimizer."""
+    """The variable counting the optimizer's steps (one a batch): `_iterations` where
+    `gradient_accumulation_steps=N` makes `iterations` `_iterations // N`; a wrapper's inner's."""
     if (inner := getattr(optimizer, "inner_optimizer", None)) is not None:
         return step_counter(inner)
     if getattr(optimizer, "gradient_accumulation_steps", None):

@@ -189,20 +189,48 @@ def test_an_appended_csv_log_with_rows_after_the_checkpoint_is_named_at_resume(t
                                  keras.callbacks.CSVLogger(log, append=True)], epochs=2)
 
 
-@pytest.mark.parametrize("every, warned", [(3, True), (2, False)])
-def test_keras_s_model_checkpoint_saving_every_few_steps_is_named_at_resume(tmp_path, every,
-                                                                             warned):
-    """Keras's ModelCheckpoint counts batches from 0 in every fit: a save_freq that does not
-    divide an epoch's 4 steps saves at other steps after a resume, and is named."""
+@pytest.mark.parametrize("every, ours, crash, spe", [
+    (3, 3, 7, 1), (2, 3, 7, 1), (3, 4, 6, 1), (3, 2, 3, 2), (5, 4, 5, 2)],
+    ids=["3-not-dividing", "2-dividing", "3-from-an-epoch-end", "3-by-2s", "5-by-2s"])
+def test_keras_s_model_checkpoint_saving_every_few_steps_saves_at_the_same_steps(
+        tmp_path, every, ours, crash, spe):
+    """Keras's ModelCheckpoint(save_freq=N) counts batches from 0 in every fit; resumed, it
+    gets the uninterrupted run's count at the resume point, so it saves at the same steps (4
+    steps an epoch: a resume mid-epoch, or at an epoch end; hooks every step, or every 2)."""
+    def run(directory, *callbacks):
+        model = make_model(seed=6)
+        model.compile(optimizer=model.optimizer, loss="mse", steps_per_execution=spe)
+        theirs = keras.callbacks.ModelCheckpoint(
+            str(directory / "k{epoch}-{batch}.weights.h5"), save_weights_only=True,
+            save_freq=every)
+        fit(model, [theirs, *callbacks], epochs=3)
+
+    run(tmp_path / "straight")
+    template = str(tmp_path / "run" / "c{epoch}-{batch}.keras")
+    with pytest.raises(RuntimeError, match="crash"):
+        run(tmp_path / "run", keras_ckpt.ModelCheckpoint(template, save_freq=ours),
+            StopAfter(crash))
+    run(tmp_path / "run", keras_ckpt.ModelCheckpoint(template, save_freq=ours, resume=True))
+    expected = sorted(p.name for p in (tmp_path / "straight").iterdir())
+    assert len(expected) >= 2
+    assert sorted(p.name for p in (tmp_path / "run").glob("k*")) == expected
+
+
+
+def test_keras_s_model_checkpoint_saving_every_few_steps_of_an_unknown_epoch_is_named(
+        tmp_path):
+    """Without an epoch's steps (a generator, no steps_per_epoch) its count at the resume
+    point cannot be worked out: named at train begin, with the fix."""
     import warnings
 
-    theirs = keras.callbacks.ModelCheckpoint(str(tmp_path / "k{epoch}-{batch}.keras"),
-                                             save_freq=every)
+    def batches():
+        for i in range(4):
+            yield X[16 * i:16 * (i + 1)], Y[16 * i:16 * (i + 1)]
+
+    theirs = keras.callbacks.ModelCheckpoint(str(tmp_path / "k{epoch}.keras"), save_freq=3)
     ours = keras_ckpt.ModelCheckpoint(str(tmp_path / "c{epoch}.keras"), resume=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        fit(make_model(), [theirs, ours], epochs=1)
-    said = [str(w.message) for w in caught if "counts batches from 0" in str(w.message)]
-    assert bool(said) == warned, said
-    if warned:
-        assert "ModelCheckpoint(save_freq=3)" in said[0] and "the 4 steps" in said[0]
+        make_model().fit(batches(), epochs=1, verbose=0, callbacks=[theirs, ours])
+    (said,) = [str(w.message) for w in caught if "counts batches from 0" in str(w.message)]
+    assert "ModelCheckpoint(save_freq=3)" in said and "steps_per_epoch" in said

@@ -597,6 +597,26 @@ def test_tensorboard_counts_a_fit_s_train_batch_ends_from_zero(tmp_path):
     assert getattr(board, keras_compat.TENSORBOARD_STEP) == 2
 
 
+def test_model_checkpoint_counts_batches_as_save_freq_counters_works_them_out():
+    """`MODEL_CHECKPOINT_COUNTERS`: `ModelCheckpoint(save_freq=N)`'s batches since its last
+    save and last batch index, as its `_should_save_on_batch` keeps them hook by hook, equal
+    `keras_callbacks.save_freq_counters` at every point a resume may start from."""
+    from keras_ckpt.fit.keras_callbacks import save_freq_counters
+
+    def counters(callback):
+        return tuple(getattr(callback, name) for name in keras_compat.MODEL_CHECKPOINT_COUNTERS)
+
+    for every, steps, spe in [(3, 4, 1), (2, 4, 1), (3, 5, 2), (4, 6, 4), (5, 7, 3), (1, 3, 2)]:
+        theirs = keras.callbacks.ModelCheckpoint("k.keras", save_freq=every)
+        for epoch in range(4):
+            assert save_freq_counters(every, steps, spe, epoch, 0) == counters(theirs)
+            for batch in [min(end, steps) - 1 for end in range(spe, steps + spe, spe)]:
+                theirs._should_save_on_batch(batch)
+                if batch + 1 < steps:  # (a resume at the epoch's end starts the next one)
+                    assert save_freq_counters(every, steps, spe, epoch, batch + 1) == \
+                        counters(theirs), (every, steps, spe, epoch, batch)
+
+
 def test_the_global_seed_generator_is_made_at_the_first_unseeded_draw():
     """`global_seed_generator`: none after `set_random_seed` (which starts it afresh), Keras's
     own after an unseeded `keras.random` call; `create=True` makes it."""

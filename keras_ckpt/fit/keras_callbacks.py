@@ -7,7 +7,8 @@ their state saved and restored with the rest of the training state:
 | --- | --- |
 | `ReduceLROnPlateau` | `wait`, `cooldown_counter`, `best` (the learning rate is the optimizer's) |
 | `EarlyStopping` | `wait`, `stopped_epoch`, `best`, `best_epoch`, `best_weights` |
-| `ModelCheckpoint` | `best`; a `save_freq` in steps not dividing an epoch's is warned |
+| `ModelCheckpoint` | `best`; with `save_freq=<int>` its batch counters, set to the |
+| | uninterrupted run's at the resume point (`save_freq_counters`) |
 | `LearningRateScheduler` | nothing; not applied twice to a resumed epoch (its rate is restored) |
 | `CSVLogger` | nothing: its file is its state; `append=False` is warned (`lost_on_resume`), |
 | | and so are rows written after the checkpoint (`rows_after`) |
@@ -31,7 +32,8 @@ import numpy as np
 
 from keras_ckpt import keras_compat
 
-__all__ = ["attach", "KerasCallbackState", "lost_on_resume", "rows_after", "at_next_epoch"]
+__all__ = ["attach", "KerasCallbackState", "lost_on_resume", "rows_after", "at_next_epoch",
+           "save_freq_counters"]
 
 
 def _counters() -> dict[type, tuple[str, ...]]:
@@ -39,7 +41,6 @@ def _counters() -> dict[type, tuple[str, ...]]:
 
     return {keras.callbacks.ReduceLROnPlateau: ("wait", "cooldown_counter", "best"),
             keras.callbacks.EarlyStopping: ("wait", "stopped_epoch", "best", "best_epoch"),
-            keras.callbacks.ModelCheckpoint: ("best",),
             keras.callbacks.LearningRateScheduler: (),  # its epoch end writes the logs
             keras.callbacks.SwapEMAWeights: keras_compat.SWAP_EMA_STATE}
 
@@ -144,6 +145,67 @@ class TensorBoardState(KerasCallbackState):
         at_next_epoch(session, apply)
 
 
+class ModelCheckpointState(KerasCallbackState):
+    """Keras's `ModelCheckpoint`: its `best`; with `save_freq=<int>`, its batch counters, which
+    a resumed fit sets to the uninterrupted run's at the resume point (they follow from the
+    batch ends since the fit's first epoch), so it saves at the same steps (where a resume
+    replays a trained call, it saves that step's state again, as it did)."""
+
+    def __init__(self, callback: Any, session: Any) -> None:
+        super().__init__(callback, ("best",), session)
+
+    def set_state(self, state: dict) -> None:
+        super().set_state(state)
+        session, callback = self._session(), self.callback
+        model = getattr(session, "model", None)  # (Keras's fit replaces its argument later)
+        first = int((keras_compat.fit_arguments(model) or {}).get("initial_epoch") or 0)
+
+        def apply() -> None:
+            point = getattr(session, "resume_point", None)
+            steps = (getattr(callback, "params", None) or {}).get("steps")
+            if point is None or not isinstance(callback.save_freq, int) or \
+                    not isinstance(steps, int):
+                return  # (steps unknown: warned at train begin, `lost_on_resume`)
+            spe = max(1, int(getattr(model, "steps_per_execution", 1) or 1))
+            # Calls a resume replays (the checkpoint's last; see resume._skip_trained) show
+            # their batch ends to Keras's callbacks again: counted from before them.
+            replay = getattr(getattr(session, "guards", None), "replay", None)
+            step = point[1] if replay is None else \
+                max(0, -(-point[1] // spe) - replay.remaining) * spe
+            counters = save_freq_counters(callback.save_freq, steps, spe, point[0] - first,
+                                          step)
+            for name, value in zip(keras_compat.MODEL_CHECKPOINT_COUNTERS, counters,
+                                   strict=True):
+                setattr(callback, name, value)
+
+        at_next_epoch(session, apply)
+
+
+def save_freq_counters(save_freq: int, steps: int, spe: int, epochs: int, step: int
+                       ) -> tuple[int, int | None]:
+    """Keras `ModelCheckpoint(save_freq=...)`'s counters (batches since its last save, the
+    last batch index its hook saw) after `epochs` whole epochs of `steps` and `step` batches
+    of the next, with batch hooks every `spe` steps, as its `_should_save_on_batch` counts."""
+    if spe == 1:  # one at a time: a remainder
+        last = step - 1 if step else (steps - 1 if epochs else None)
+        return (epochs * steps + step) % save_freq, last
+    since, last, after = 0, None, {}
+    for epoch in range(epochs + 1):
+        if epoch < epochs and since in after:  # an epoch's effect depends on `since` alone
+            since, last = after[since], steps - 1
+            continue
+        before = since
+        for end in range(spe, (steps if epoch < epochs else step) + spe, spe):
+            batch = min(end, steps) - 1
+            if epoch == epochs and batch >= step:
+                break
+            since += batch + 1 if last is None or batch <= last else batch - last
+            since, last = (0 if since >= save_freq else since), batch
+        if epoch < epochs:
+            after[before] = since
+    return since, last
+
+
 def at_next_epoch(session: Any, apply: Callable[[], None]) -> None:
     """Runs `apply` at the session's next epoch begin (after every callback's `on_train_begin`
     reset; before `on_train_end` where no epoch begins), or now without an open session."""
@@ -168,7 +230,9 @@ def attach(session: Any) -> list[KerasCallbackState]:
         if isinstance(callback, StatefulCallback):
             continue
         names = next((n for cls, n in counters.items() if type(callback) is cls), None)
-        if names is not None:
+        if type(callback) is keras.callbacks.ModelCheckpoint:
+            adapters.append(ModelCheckpointState(callback, session))
+        elif names is not None:
             adapters.append(KerasCallbackState(callback, names, session))
         elif type(callback) is keras.callbacks.TensorBoard:
             adapters.append(TensorBoardState(callback, session))
@@ -209,12 +273,13 @@ def lost_on_resume(session: Any) -> list[str]:
         every = getattr(callback, "save_freq", None)
         steps = (getattr(callback, "params", None) or {}).get("steps")
         if type(callback) is keras.callbacks.ModelCheckpoint and isinstance(every, int) \
-                and not (isinstance(steps, int) and steps % every == 0):
+                and not isinstance(steps, int):
             problems.append(
                 f"keras.callbacks.ModelCheckpoint(save_freq={every}) counts batches from 0 in "
-                "every fit: after a resume it saves at other steps than the uninterrupted run "
-                f"would ({every} does not divide the {steps or 'unknown'} steps of an epoch). "
-                "Save with keras_ckpt.ModelCheckpoint, or with a save_freq that divides them.")
+                "every fit, and Keras does not know an epoch's steps here, so its count at the "
+                "resume point cannot be worked out: after a resume it saves at other steps "
+                "than the uninterrupted run would. Save with keras_ckpt.ModelCheckpoint, or "
+                "give fit steps_per_epoch.")
     return problems
 
 

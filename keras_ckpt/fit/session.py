@@ -66,6 +66,7 @@ class FitSession:
         self.before_epoch: list[Callable[[], None]] = []  # run at the next epoch begin
         self.before_batch: list[Callable[[], None]] = []  # ... at the next train batch begin
         self.resumed_mid_epoch: int | None = None
+        self.resume_point: tuple[int, int] | None = None  # (epoch, step) a resume starts at
         self._initial_before: Any = _UNSET
         self._cleanups: list[tuple[str, Callable[[], None]]] = []
         self._error_listeners: list[Callable[[BaseException], None]] = []

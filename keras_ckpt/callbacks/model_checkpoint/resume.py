@@ -206,6 +206,7 @@ def _resume(owner: Any, lazy: contextlib.ExitStack) -> None:
         fit.resume_step = step
         _skip_trained(owner, step, spe, snapshot)
     session.start_at_epoch(epoch)
+    session.resume_point = (epoch, step)
     for problem in keras_callbacks.rows_after(session, epoch):
         warn(f"ModelCheckpoint: {problem}")
     if not finished:
