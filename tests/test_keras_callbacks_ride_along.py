@@ -190,8 +190,8 @@ def test_an_appended_csv_log_with_rows_after_the_checkpoint_is_named_at_resume(t
 
 
 @pytest.mark.parametrize("every, ours, crash, spe", [
-    (3, 3, 7, 1), (2, 3, 7, 1), (3, 4, 6, 1), (3, 2, 3, 2), (5, 4, 5, 2)],
-    ids=["3-not-dividing", "2-dividing", "3-from-an-epoch-end", "3-by-2s", "5-by-2s"])
+    (3, 3, 7, 1), (2, 3, 7, 1), (3, 4, 6, 1), (3, 2, 3, 2)],
+    ids=["3-not-dividing", "2-dividing", "3-from-an-epoch-end", "3-by-2s"])
 def test_keras_s_model_checkpoint_saving_every_few_steps_saves_at_the_same_steps(
         tmp_path, every, ours, crash, spe):
     """Keras's ModelCheckpoint(save_freq=N) counts batches from 0 in every fit; resumed, it
@@ -212,7 +212,7 @@ def test_keras_s_model_checkpoint_saving_every_few_steps_saves_at_the_same_steps
             StopAfter(crash))
     run(tmp_path / "run", keras_ckpt.ModelCheckpoint(template, save_freq=ours, resume=True))
     expected = sorted(p.name for p in (tmp_path / "straight").iterdir())
-    assert len(expected) >= 2
+    assert len(expected) >= 3
     assert sorted(p.name for p in (tmp_path / "run").glob("k*")) == expected
 
 
