@@ -9,13 +9,15 @@ a test in tests/test_keras_compat.py).
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
+from keras_ckpt import rng
 from keras_ckpt.fit.step_guards import is_end_of_data
 
-__all__ = ["calls_from", "gathered_from", "shadow_once", "shadowed_once", "sliced_from",
-           "loader_from"]
+__all__ = ["calls_from", "indexed_from", "gathered_from", "shadow_once", "shadowed_once",
+           "sliced_from", "loader_from"]
 
 
 def calls_from(calls: Generator, batches: int, spe: int, how: str, undo: Callable[[], Any],
@@ -49,6 +51,29 @@ def calls_from(calls: Generator, batches: int, spe: int, how: str, undo: Callabl
     finally:
         undo()
         calls.close()
+
+
+def indexed_from(py_dataset: Any, shuffle: bool, standardize: Callable[[Any], Any],
+                 count: int, drew: list) -> Iterator:
+    """A `PyDataset`'s batches (without workers) in Keras's order for the epoch from batch
+    `count` (`_finite_generator`'s: the order drawn from Python's `random` where `shuffle`).
+
+    A dataset whose `__getitem__` draws from the global Python or NumPy RNG (random
+    augmentation) needs its skipped batches' draws as the uninterrupted run made them: the
+    first one is read to find out, and where it drew, all are read (not trained; `drew` gets
+    True), else none but the first."""
+    indices = list(range(py_dataset.num_batches))
+    if shuffle:
+        random.shuffle(indices)
+    if count:
+        before = rng.marker()
+        py_dataset[indices[0]]
+        if rng.marker() != before:
+            drew.append(True)
+            for i in indices[1:count]:
+                py_dataset[i]
+    for i in indices[count:]:
+        yield standardize(py_dataset[i])
 
 
 def gathered_from(dataset: Any, indices: Any, arrays: Any, count: int, tf: Any) -> Any:

@@ -5,7 +5,6 @@ one fails there, by name, not in a resume. Nothing here imports a backend at imp
 
 from __future__ import annotations
 
-import random
 import sys
 import weakref
 from collections.abc import Callable
@@ -119,23 +118,27 @@ def start_epoch_at(model: Any, batches: int, skipped: Callable[[Any], None],
     call from `_enumerate_iterator` (which first makes the epoch's data iterator, drawing its
     order). For one epoch an instance attribute shadows it and drops the calls before `batches`
     (no step, no callback sees them), their data skipped where it costs least (`_skip_before`).
-    The last skipped batch is always read: `skipped(batch)` gets it before the first new step
-    (None: the data ended); `failed(error)` hears a data error while skipping (no guard sees it)."""
+    The last skipped batch is always read: `skipped(batch, drew)` gets it before the first new
+    step (None: the data ended; `drew`: the skipped batches were all read, as they draw from the
+    global RNG); `failed(error)` hears a data error while skipping (no guard sees it)."""
     it = fit_epoch_iterator(model)
     if it is None or getattr(type(it), "_enumerate_iterator", None) is None or batches <= 0:
         return None
     from keras_ckpt import epoch_skip
 
     spe = max(1, int(getattr(it, "steps_per_execution", 1) or 1))
-    how, undo = _skip_before(it, batches - 1)
+    drew: list = []
+    how, undo = _skip_before(it, batches - 1, drew)
     epoch_skip.shadow_once(it, "_enumerate_iterator", lambda original: epoch_skip.calls_from(
-        original(), batches, spe, how, undo, skipped, failed))  # this epoch only
+        original(), batches, spe, how, undo, lambda batch: skipped(batch, bool(drew)),
+        failed))  # this epoch only
     return how
 
 
-def _skip_before(it: Any, count: int) -> tuple[str, Callable[[], Any]]:
+def _skip_before(it: Any, count: int, drew: list) -> tuple[str, Callable[[], Any]]:
     """Skips the next data iterator's first `count` batches: `"source"` (a PyDataset without
-    workers from the index, as `_finite_generator` orders it; a generator's stream advanced),
+    workers from the index, as `_finite_generator` orders it, `drew` told where its batches
+    draw from the global RNG: `epoch_skip.indexed_from`; a generator's stream advanced),
     `"index"` (Keras's arrays, skipped before their slicing: `_array_index_skip` on TensorFlow,
     `_array_batch_skip`), `"dataset"` (`_distributed_dataset.skip(n)`, in C++) or `"consume"`
     (read and dropped)."""
@@ -145,14 +148,9 @@ def _skip_before(it: Any, count: int) -> tuple[str, Callable[[], Any]]:
     py_dataset = getattr(adapter, "py_dataset", None)
     if py_dataset is not None and getattr(adapter, "enqueuer", 1) is None \
             and py_dataset.num_batches is not None and hasattr(adapter, "_finite_generator"):
-        def finite_from(_original: Any) -> Any:  # Keras's `_finite_generator`, from `count`
-            indices = list(range(py_dataset.num_batches))
-            if adapter.shuffle:
-                random.shuffle(indices)
-            for i in indices[count:]:
-                yield adapter._standardize_batch(py_dataset[i])
-
-        return "source", epoch_skip.shadow_once(adapter, "_finite_generator", finite_from)
+        return "source", epoch_skip.shadow_once(  # Keras's `_finite_generator`, from `count`
+            adapter, "_finite_generator", lambda _original: epoch_skip.indexed_from(
+                py_dataset, adapter.shuffle, adapter._standardize_batch, count, drew))
     if callable(getattr(adapter, "generator", None)) and hasattr(adapter, "_first_batches"):
         def advanced(generator: Any) -> Any:  # a generator's adapter: its stream, `count` on
             batches = generator()

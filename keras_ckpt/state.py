@@ -20,7 +20,15 @@ import numpy as np
 from keras_ckpt import keras_compat, multi_worker, shards, storage
 from keras_ckpt.jsonsafe import to_json_value
 from keras_ckpt.replicas import assign_replicas, drifted, replica_arrays
-from keras_ckpt.rng import capture_rng, restore_rng_at_step, rng_state, rng_tuples, torch_if_used
+from keras_ckpt.rng import (
+    AT_STEP,
+    capture_rng,
+    restore_rng_at_step,
+    rng_state,
+    rng_tuples,
+    torch_if_used,
+)
+from keras_ckpt.rng import at_step as rng_at_step
 from keras_ckpt.snapshot import (
     HostBuffers,
     Snapshot,
@@ -124,6 +132,10 @@ def capture(model: Any, states: Mapping[str, Mapping[str, Any]] | None = None,
                                              if isinstance(v, np.ndarray))}
     rng_meta, rng_arrays = rng if rng is not None else rng_state()
     arrays.update(rng_arrays)
+    if rng is not None:  # mid-epoch: the states at this step too, for after the replayed order
+        step_meta, step_arrays = rng_at_step()
+        rng_meta = {**rng_meta, AT_STEP: step_meta}
+        arrays.update(step_arrays)
     torch = torch_if_used()
     if rng is not None and torch is not None:
         # Keras's torch Dropout (unseeded) draws from torch's global generator
@@ -330,17 +342,19 @@ def first_step_part(snapshot: Snapshot) -> Snapshot:
     """What a mid-epoch resume still needs after `apply`: the metrics' and the step's RNG state.
 
     The compiled metrics' running state (with its per-replica values) and
-    torch's RNG state at the step; the weights and the optimizer are let go.
+    the RNG states at the step; the weights and the optimizer are let go.
     """
     def kept(name: str) -> bool:
-        return name.startswith(("metrics/", "replicas/metrics/")) or \
+        return name.startswith(("metrics/", "replicas/metrics/", f"rng/{AT_STEP}/")) or \
             name == "rng/torch_cpu_at_step"
 
     meta = snapshot.meta
+    at_step = (meta.get("rng") or {}).get(AT_STEP)
     return Snapshot({k: snapshot.arrays[k] for k in snapshot.arrays if kept(k)}, {
         "variables": {"metrics": meta["variables"]["metrics"]},
         "replicas": {k: c for k, c in meta.get("replicas", {}).items()
-                     if k.startswith("metrics/")}})
+                     if k.startswith("metrics/")},
+        **({"rng": {AT_STEP: at_step}} if at_step is not None else {})})
 
 
 def saved_metrics(snapshot: Snapshot, model: Any) -> list[np.ndarray] | None:

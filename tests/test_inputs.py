@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import warnings
 
 import keras
@@ -154,3 +155,70 @@ def test_arrays_and_a_pydataset_read_on_across_epochs_are_named(tmp_path):
     messages = fit_warnings(tmp_path / "p", Plain(), steps_per_epoch=1)
     assert len(messages) == 1 and "2 batches and steps_per_epoch=1" in messages[0]
     assert fit_warnings(tmp_path / "w", X, y=Y, batch_size=8, steps_per_epoch=4) == []
+
+
+class Augmented(Plain):
+    """Random augmentation in `__getitem__` from the global NumPy and Python RNGs: a
+    Sequence recipe older than Keras 3."""
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        x = X[i * 8:(i + 1) * 8]
+        noise = np.random.normal(0.0, 0.1, x.shape) + random.gauss(0.0, 0.1)
+        return (x + noise).astype("float32"), Y[i * 8:(i + 1) * 8]
+
+
+class NumpyNoise(keras.layers.Layer):
+    """A layer drawing from NumPy's global RNG as it runs (eagerly)."""
+
+    def call(self, x, training=False):
+        if not training:
+            return x
+        return x + keras.ops.convert_to_tensor(
+            np.random.normal(0.0, 0.1, tuple(x.shape)).astype("float32"))
+
+
+def _crashed_and_resumed(tmp_path, make, x, capsys, **kwargs):
+    from test_preemption import same_state
+    from test_step_counting import StopAfter
+
+    def run(callbacks):
+        model = make()
+        keras.utils.set_random_seed(3)
+        return model, model.fit(x, epochs=3, verbose=0, callbacks=callbacks, **kwargs)
+
+    straight, reference = run([])
+    template = str(tmp_path / "c{epoch}-{batch}.keras")
+    with pytest.raises(RuntimeError, match="crash"):
+        run([keras_ckpt.ModelCheckpoint(template, save_freq=3), StopAfter(7)])
+    capsys.readouterr()
+    resumed, history = run([keras_ckpt.ModelCheckpoint(template, save_freq=3, resume=True)])
+    same_state(straight, resumed)
+    assert history.history == reference.history
+    return capsys.readouterr().out
+
+
+@pytest.mark.backends
+def test_a_pydataset_drawing_from_the_global_rng_resumes_mid_epoch_with_the_same_draws(
+        tmp_path, capsys):
+    """Its skipped batches are read again (not trained): their draws are the uninterrupted
+    run's, whatever the backend's reading ahead; said in one line."""
+    out = _crashed_and_resumed(tmp_path, make_model, Augmented(), capsys)
+    assert "epoch 2, step 3" in out and "read again, not trained" in out
+
+
+def test_a_layer_drawing_from_numpy_s_rng_resumes_mid_epoch_with_its_state_at_the_step(
+        tmp_path, capsys):
+    """The checkpoint holds the Python and NumPy states at its step as well as at the epoch
+    begin (from which the epoch's order is drawn again); the first new step gets them."""
+    def make():
+        keras.utils.set_random_seed(5)
+        model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(4), NumpyNoise(),
+                                  keras.layers.Dense(1)])
+        model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse", run_eagerly=True)
+        return model
+
+    out = _crashed_and_resumed(tmp_path, make, X, capsys, y=Y, batch_size=8)
+    assert "read again" not in out

@@ -264,7 +264,7 @@ def _first_new_step(model: Any, snapshot: state_lib.Snapshot) -> Any:
     """
     held = [snapshot]
 
-    def skipped(batch: Any) -> None:
+    def skipped(batch: Any, drew: bool = False) -> None:
         restored = held.pop()
         backend = keras.backend.backend()
         if backend == "tensorflow" and batch is not None:
@@ -272,8 +272,13 @@ def _first_new_step(model: Any, snapshot: state_lib.Snapshot) -> Any:
             if compiled is not None and not compiled.built:
                 keras_compat.symbolic_build(model, batch)
         state_lib.apply_metrics(restored, model)
-        if backend == "torch":
-            state_lib.restore_rng_at_step(restored)
+        # The order is drawn: the RNG states at the step now (Python's and NumPy's stay
+        # where reading the skipped batches again left them, where the input draws from them).
+        state_lib.restore_rng_at_step(restored, python_and_numpy=not drew)
+        if drew:
+            print_msg("ModelCheckpoint: the input draws from the global Python or NumPy RNG "
+                      "as it reads its batches (random augmentation): the trained batches of "
+                      "the resumed epoch were read again, not trained, for the same draws.")
 
     return skipped
 
@@ -314,7 +319,7 @@ class Replay:
         if self.backend == "torch":
             if first:
                 state_lib.apply_metrics(snapshot, model)
-            if self.remaining == 0:  # the data order is drawn: the step's RNG state now
+            if self.remaining == 0:  # the data order is drawn: the step's RNG states now
                 state_lib.restore_rng_at_step(snapshot)
             return self._logs(first)
         iterator = args[-1]
@@ -328,6 +333,8 @@ class Replay:
                 if compiled is not None and not compiled.built:
                     keras_compat.symbolic_build(model, batch)
                 state_lib.apply_metrics(snapshot, model)
+        if self.remaining == 0:  # its batches read: the step's RNG states now
+            state_lib.restore_rng_at_step(snapshot)
         if self.backend != "jax":
             return self._logs(first)
         state = args[0]
