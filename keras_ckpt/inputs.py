@@ -17,7 +17,7 @@ from typing import Any
 from keras_ckpt import keras_compat
 from keras_ckpt.warn import warn
 
-__all__ = ["check_input", "fast_forward", "input_problems"]
+__all__ = ["check_input", "fast_forward", "input_problems", "pipeline_variables"]
 
 
 def _reshuffling(dataset: Any) -> list:
@@ -92,12 +92,36 @@ _ELEMENTWISE = ("_PrefetchDataset", "_OptionsDataset", "_MapDataset", "_Parallel
 def _stateless(node: Any) -> bool:
     """No function of the stage holds a stateful op (a random op, a variable, a py_function):
     each pass over it gives the same elements."""
-    for value in vars(node).values():
-        graph = getattr(getattr(value, "function", None), "graph", None)
-        if type(value).__name__ == "StructuredFunctionWrapper" and (graph is None or any(
-                op._is_stateful for op in graph.get_operations())):
-            return False
-    return True
+    return not any(op._is_stateful for function in _functions(node)
+                   for op in function.graph.get_operations())
+
+
+def _functions(node: Any) -> list:
+    """The traced functions of one tf.data stage (`.map`'s, `.filter`'s, ...)."""
+    return [value.function for value in vars(node).values()
+            if type(value).__name__ == "StructuredFunctionWrapper"
+            and getattr(value, "function", None) is not None]
+
+
+def pipeline_variables(dataset: Any) -> list:
+    """The TensorFlow variables a tf.data pipeline's functions keep state in (the
+    `SeedGenerator` of a Keras random layer in a `.map`, a `tf.random.Generator`), each once,
+    in the order found; [] for anything else."""
+    if not _is_tf_dataset(dataset):
+        return []
+    seen, stack, found = set(), [dataset], {}
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        try:
+            for function in _functions(node):
+                found.update((id(v), v) for v in function.graph.variables)
+            stack.extend(reversed(node._inputs()))
+        except (AttributeError, TypeError, ValueError):  # another TF, a stage of another kind
+            continue
+    return list(found.values())
 
 
 def _pass_length(dataset: Any) -> int | None:

@@ -180,21 +180,23 @@ class NumpyNoise(keras.layers.Layer):
             np.random.normal(0.0, 0.1, tuple(x.shape)).astype("float32"))
 
 
-def _crashed_and_resumed(tmp_path, make, x, capsys, **kwargs):
+def _crashed_and_resumed(tmp_path, make, x, capsys, crash=7, save_freq=3, **kwargs):
     from test_preemption import same_state
     from test_step_counting import StopAfter
 
     def run(callbacks):
         model = make()
         keras.utils.set_random_seed(3)
-        return model, model.fit(x, epochs=3, verbose=0, callbacks=callbacks, **kwargs)
+        data = x() if callable(x) else x  # (a pipeline: made anew, as a script run again does)
+        return model, model.fit(data, epochs=3, verbose=0, callbacks=callbacks, **kwargs)
 
     straight, reference = run([])
     template = str(tmp_path / "c{epoch}-{batch}.keras")
     with pytest.raises(RuntimeError, match="crash"):
-        run([keras_ckpt.ModelCheckpoint(template, save_freq=3), StopAfter(7)])
+        run([keras_ckpt.ModelCheckpoint(template, save_freq=save_freq), StopAfter(crash)])
     capsys.readouterr()
-    resumed, history = run([keras_ckpt.ModelCheckpoint(template, save_freq=3, resume=True)])
+    resumed, history = run([keras_ckpt.ModelCheckpoint(template, save_freq=save_freq,
+                                                       resume=True)])
     same_state(straight, resumed)
     assert history.history == reference.history
     return capsys.readouterr().out
@@ -222,3 +224,21 @@ def test_a_layer_drawing_from_numpy_s_rng_resumes_mid_epoch_with_its_state_at_th
 
     out = _crashed_and_resumed(tmp_path, make, X, capsys, y=Y, batch_size=8)
     assert "read again" not in out
+
+
+@pytest.mark.backends
+@pytest.mark.skipif(keras.backend.backend() == "torch", reason="tf.data and Keras layers")
+@pytest.mark.parametrize("save_freq, crash", [(3, 7), ("epoch", 9)], ids=["mid-epoch", "epoch"])
+def test_a_keras_random_layer_in_a_tf_data_map_resumes_with_its_seed_generator(
+        tmp_path, capsys, save_freq, crash):
+    """Keras's documented augmentation in the pipeline: the layer's SeedGenerator (a variable
+    of the map's, not the model's) rides along; mid-epoch, from the epoch begin's state."""
+    tf = pytest.importorskip("tensorflow")
+
+    def pipeline():
+        brighter = keras.layers.RandomBrightness(0.2, value_range=(-4.0, 4.0))
+        return tf.data.Dataset.from_tensor_slices((X, Y)).batch(8).map(lambda x, y: (
+            tf.reshape(brighter(tf.reshape(x, (-1, 2, 2, 1)), training=True), (-1, 4)), y))
+
+    _crashed_and_resumed(tmp_path, make_model, pipeline, capsys, crash=crash,
+                         save_freq=save_freq)

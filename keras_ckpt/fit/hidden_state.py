@@ -34,7 +34,8 @@ from keras_ckpt import keras_compat
 from keras_ckpt.fit.keras_callbacks import at_next_epoch
 from keras_ckpt.warn import warn
 
-__all__ = ["attach", "RnnStates", "GlobalSeedGenerator", "OwnedByLossesAndMetrics"]
+__all__ = ["attach", "RnnStates", "GlobalSeedGenerator", "OwnedByLossesAndMetrics",
+           "PipelineVariables"]
 
 
 def _state_variables(model: Any) -> list:
@@ -181,11 +182,43 @@ class OwnedByLossesAndMetrics:
         _assign(owned, state, "the variables the compiled loss and metrics hold")
 
 
+class PipelineVariables:
+    """The variables the fit's tf.data inputs (training and validation) keep state in: a Keras
+    random layer's `SeedGenerator` in a `.map` (Keras's documented way to augment in the
+    pipeline), a `tf.random.Generator`. A "data:" state: a mid-epoch checkpoint holds the
+    epoch begin's, and the resumed epoch's skipped elements run through the `.map` again."""
+
+    state_key = "data:tf.data variables"
+
+    def __init__(self, variables: list) -> None:
+        self._variables = variables
+
+    def get_state(self) -> dict:
+        return _values(self._variables)
+
+    def set_state(self, state: dict) -> None:
+        _assign(self._variables, state, "the variables of the tf.data input's functions")
+
+
+def _pipeline_variables(model: Any) -> list:
+    """`inputs.pipeline_variables` of the running fit's `x` and `validation_data`, less any the
+    model holds."""
+    from keras_ckpt.inputs import pipeline_variables
+
+    arguments = keras_compat.fit_arguments(model) or {}
+    held = {id(getattr(v, "value", v)) for v in getattr(model, "variables", None) or []}
+    found = {id(v): v for name in ("x", "validation_data")
+             for v in pipeline_variables(arguments.get(name)) if id(v) not in held}
+    return list(found.values())
+
+
 def attach(session: Any) -> list:
     """The adapters for the session's model: its stateful RNN layers' (built or not), and the
     global seed generator's."""
     model = session.model
     found: list = [GlobalSeedGenerator()]
+    if model is not None and (variables := _pipeline_variables(model)):
+        found.append(PipelineVariables(variables))
     if model is not None and (_users(model) or _owned(model)):  # (users': made later, too)
         found.append(OwnedByLossesAndMetrics(model))
     if model is not None and any(getattr(layer, "stateful", False) and hasattr(layer, "states")

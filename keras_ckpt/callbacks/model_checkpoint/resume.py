@@ -244,7 +244,7 @@ def _skip_trained(owner: Any, step: int, spe: int, snapshot: state_lib.Snapshot)
     snapshot = state_lib.first_step_part(snapshot)  # nothing else outlives `apply`
     calls, steps = -(-step // spe), (owner.params or {}).get("steps")
     tail = 1 if steps is None or step >= steps else 0
-    skipped = _first_new_step(model, snapshot) if not tail else lambda batch: None
+    skipped = _first_new_step(model, snapshot) if not tail else lambda batch, drew: None
     if calls > tail and keras_compat.start_epoch_at(
             model, (calls - tail) * spe, skipped,
             lambda e: session.guards.step_failed("train_function", e)) is None:
