@@ -217,3 +217,66 @@ def test_a_loss_making_its_state_in_its_first_call_is_named_at_resume(tmp_path):
     named = [str(w.message) for w in caught[:before_first_batch[0]]
              if "in its first call" in str(w.message)]
     assert len(named) == 1 and "(1 variable(s))" in named[0] and "__init__" in named[0]
+
+
+class InnerNoise(keras.losses.Loss):
+    def __init__(self):
+        super().__init__(name="inner_noise")
+        self.generators = {"noise": keras.random.SeedGenerator(7)}  # in a dict
+
+    def call(self, y_true, y_pred):
+        noise = keras.random.normal(keras.ops.shape(y_pred), stddev=0.1,
+                                    seed=self.generators["noise"])
+        return keras.ops.mean(keras.ops.square(y_true - y_pred + noise), axis=-1)
+
+
+class Wrapping(keras.losses.Loss):
+    """A loss holding another loss object that holds a SeedGenerator in a dict."""
+
+    def __init__(self):
+        super().__init__(name="wrapping")
+        self.inner = InnerNoise()
+
+    def call(self, y_true, y_pred):
+        return 2.0 * self.inner.call(y_true, y_pred)
+
+
+class NoisySGD(keras.optimizers.SGD):
+    """Gradient noise from a SeedGenerator of the optimizer's (not among its variables)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.noise = keras.random.SeedGenerator(11)
+
+    def update_step(self, gradient, variable, learning_rate):
+        noise = keras.random.normal(keras.ops.shape(gradient), stddev=0.1, seed=self.noise)
+        return super().update_step(gradient + noise, variable, learning_rate)
+
+
+class CountingL2(keras.regularizers.Regularizer):
+    """A regularizer keeping a count in a variable of its own."""
+
+    def __init__(self):
+        self.calls = keras.Variable(0.0, trainable=False)
+
+    def __call__(self, weights):
+        self.calls.assign_add(1.0)
+        return 1e-3 * self.calls * keras.ops.sum(keras.ops.square(weights))
+
+    def get_config(self):
+        return {}
+
+
+def test_what_nested_losses_an_optimizer_and_a_regularizer_hold_resumes_with_them(tmp_path):
+    def model():
+        keras.utils.set_random_seed(31)
+        built = keras.Sequential([keras.Input((4,)),
+                                  keras.layers.Dense(8, kernel_regularizer=CountingL2()),
+                                  keras.layers.Dense(1)])
+        built.compile(optimizer=NoisySGD(0.01), loss=Wrapping())
+        return built
+
+    straight, resumed = crashed_and_resumed(model, tmp_path)
+    for part in (lambda m: m.loss.inner.generators["noise"].state,
+                 lambda m: m.optimizer.noise.state, lambda m: m.layers[0].kernel_regularizer.calls):
+        np.testing.assert_array_equal(np.asarray(part(straight)), np.asarray(part(resumed)))

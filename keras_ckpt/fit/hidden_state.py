@@ -12,10 +12,12 @@ fit gets them back where the uninterrupted run had them:
   epoch's begin hooks ran before the checkpoint in the uninterrupted run).
 
 A loss or metric object passed to `compile` may hold a `SeedGenerator` or a
-`keras.Variable` of its own (a noisy loss, a running normaliser): Keras tracks
-neither. They ride along as `keras.loss_and_metric_state`, in the order found
-at each save; one made in a first call (after train begin) cannot be given its
-state back before it is used, so a resume says so.
+`keras.Variable` of its own (a noisy loss, a running normaliser), and so may an
+optimizer (gradient noise), a layer's regularizer or constraint of the user's
+classes, and the objects, dicts and lists they hold: Keras tracks none of them.
+They ride along as `keras.loss_and_metric_state`, in the order found at each
+save; one made in a first call (after train begin) cannot be given its state
+back before it is used, so a resume says so.
 
 Unseeded `keras.random` calls (`keras.random.normal(shape)` in a custom layer)
 draw from Keras's global `SeedGenerator`, which Keras makes at first use from
@@ -129,57 +131,85 @@ def _compiled_objects(model: Any) -> list:
             if isinstance(obj, (keras.losses.Loss, keras.metrics.Metric))]
 
 
-def _users(model: Any) -> bool:
-    """Whether a compiled loss or metric is of a class of the user's (Keras's own track what
-    they hold)."""
-    return any(not type(obj).__module__.startswith("keras.")
-               for obj in _compiled_objects(model))
-
-
-def _owned(model: Any) -> list:
-    """Variables the compiled loss and metric objects hold that Keras does not track."""
+def _kinds() -> tuple:
     import keras
 
+    return (keras.losses.Loss, keras.metrics.Metric, keras.optimizers.Optimizer,
+            keras.regularizers.Regularizer, keras.constraints.Constraint)
+
+
+def _users(objects: list) -> list:
+    """Those of the user's classes (Keras's own track what they hold)."""
+    return [obj for obj in objects
+            if isinstance(obj, _kinds()) and not type(obj).__module__.startswith("keras.")]
+
+
+def _layer_parts(model: Any) -> list:
+    """The layers' regularizers and constraints of the user's classes."""
+    import keras
+
+    parts = (keras.regularizers.Regularizer, keras.constraints.Constraint)
+    return _users([value for layer in keras_compat.flatten_layers(model)
+                   for value in vars(layer).values() if isinstance(value, parts)])
+
+
+def _owned(model: Any, layer_parts: list) -> list:
+    """Variables that objects of the user's classes around the model hold and Keras does not
+    track: the compiled loss and metric objects, the optimizer (a wrapper's inner one too),
+    `layer_parts`, and such objects, dicts, lists and tuples they hold, in the order found."""
+    import keras
+
+    optimizer = getattr(model, "optimizer", None)
     tracked = {id(v) for group in (getattr(model, "variables", None) or [],
-                                   getattr(model, "metrics_variables", None) or [])
+                                   getattr(model, "metrics_variables", None) or [],
+                                   getattr(optimizer, "variables", None) or [])
                for v in group}
-    found = []
-    for obj in _compiled_objects(model):
-        for value in vars(obj).values():
-            for item in value if isinstance(value, (list, tuple)) else [value]:
+    found: list = []
+    stack = _users([*_compiled_objects(model), optimizer,
+                    getattr(optimizer, "inner_optimizer", None), *layer_parts])[::-1]
+    seen = {id(obj) for obj in stack}
+    while stack:
+        for value in vars(stack.pop()).values():
+            for item in keras.tree.flatten(value) if isinstance(value, (dict, list, tuple)) \
+                    else [value]:
                 item = item.state if isinstance(item, keras.random.SeedGenerator) else item
                 if isinstance(item, keras.Variable) and id(item) not in tracked:
                     tracked.add(id(item))
                     found.append(item)
+                elif _users([item]) and id(item) not in seen:  # (depth first, in order)
+                    seen.add(id(item))
+                    stack.append(item)
     return found
 
 
 class OwnedByLossesAndMetrics:
-    """What the compiled loss and metric objects hold untracked (see the module docstring)."""
+    """What the loss, metric, optimizer, regularizer and constraint objects of the user's
+    classes hold untracked (see the module docstring)."""
 
     state_key = "keras.loss_and_metric_state"
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, layer_parts: list) -> None:
         self._model = weakref.ref(model)
+        self._layer_parts = layer_parts
 
     def get_state(self) -> dict:
         model = self._model()
-        return _values(_owned(model) if model is not None else [])
+        return _values(_owned(model, self._layer_parts) if model is not None else [])
 
     def set_state(self, state: dict) -> None:
         """Now (at train begin). One made in a first call (after train begin) cannot be given
         its state before it is used: said, with the fix."""
         model = self._model()
-        owned = _owned(model) if model is not None else []
+        owned = _owned(model, self._layer_parts) if model is not None else []
         saved = len([k for k in state if k.startswith("v_")])
         if len(owned) < saved:
-            warn("ModelCheckpoint: the checkpoint holds state of the compiled loss or metric "
+            warn("ModelCheckpoint: the checkpoint holds state of the loss, metric or optimizer "
                  f"objects ({saved} variable(s)) that they have not made at train begin "
                  f"({len(owned)} now): one that makes a variable or SeedGenerator in its first "
                  "call starts it afresh, and the run will differ from an uninterrupted one. "
                  "Make them in its __init__.")
             return
-        _assign(owned, state, "the variables the compiled loss and metrics hold")
+        _assign(owned, state, "the variables the loss, metric and optimizer objects hold")
 
 
 class PipelineVariables:
@@ -219,8 +249,10 @@ def attach(session: Any) -> list:
     found: list = [GlobalSeedGenerator()]
     if model is not None and (variables := _pipeline_variables(model)):
         found.append(PipelineVariables(variables))
-    if model is not None and (_users(model) or _owned(model)):  # (users': made later, too)
-        found.append(OwnedByLossesAndMetrics(model))
+    parts = _layer_parts(model) if model is not None else []
+    if model is not None and _users([*_compiled_objects(model), *parts, getattr(
+            model, "optimizer", None)]):  # (the user's classes: what they make later, too)
+        found.append(OwnedByLossesAndMetrics(model, parts))
     if model is not None and any(getattr(layer, "stateful", False) and hasattr(layer, "states")
                                  for layer in keras_compat.flatten_layers(model)):
         found.append(RnnStates(model, session))
