@@ -280,3 +280,24 @@ def test_what_nested_losses_an_optimizer_and_a_regularizer_hold_resumes_with_the
     for part in (lambda m: m.loss.inner.generators["noise"].state,
                  lambda m: m.optimizer.noise.state, lambda m: m.layers[0].kernel_regularizer.calls):
         np.testing.assert_array_equal(np.asarray(part(straight)), np.asarray(part(resumed)))
+
+
+@pytest.mark.backends
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="torch modules")
+def test_the_buffers_of_a_wrapped_torch_module_resume_with_it(tmp_path):
+    """A `BatchNorm1d` in a `TorchModuleWrapper`: its running statistics are buffers of the
+    module's, not Keras variables; they ride along."""
+    import torch
+
+    def model():
+        keras.utils.set_random_seed(37)
+        module = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8),
+                                     torch.nn.ReLU(), torch.nn.Linear(8, 1))
+        built = keras.Sequential([keras.Input((4,)), keras.layers.TorchModuleWrapper(module)])
+        built.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+        return built
+
+    straight, resumed = crashed_and_resumed(model, tmp_path)
+    for a, b in zip(straight.layers[0].module.buffers(), resumed.layers[0].module.buffers(),
+                    strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())

@@ -37,7 +37,7 @@ from keras_ckpt.fit.keras_callbacks import at_next_epoch
 from keras_ckpt.warn import warn
 
 __all__ = ["attach", "RnnStates", "GlobalSeedGenerator", "OwnedByLossesAndMetrics",
-           "PipelineVariables"]
+           "PipelineVariables", "TorchBuffers"]
 
 
 def _state_variables(model: Any) -> list:
@@ -242,11 +242,49 @@ def _pipeline_variables(model: Any) -> list:
     return list(found.values())
 
 
+class TorchBuffers:
+    """The buffers of the torch modules in `keras.layers.TorchModuleWrapper` layers (a
+    `BatchNorm1d`'s running statistics): in the module's `state_dict`, which Keras's own
+    saving writes, but not Keras variables."""
+
+    state_key = "keras.torch_module_buffers"
+
+    def __init__(self, buffers: list) -> None:
+        self._buffers = buffers
+
+    def get_state(self) -> dict:
+        return {f"v_{i:04d}": b.detach().cpu().numpy().copy() for i, b in enumerate(self._buffers)}
+
+    def set_state(self, state: dict) -> None:
+        import torch
+
+        saved = [np.asarray(state[k]) for k in sorted(state) if k.startswith("v_")]
+        if [tuple(b.shape) for b in self._buffers] != [a.shape for a in saved]:
+            warn("ModelCheckpoint: the buffers of the model's torch modules are not the "
+                 "checkpoint's: they start afresh, and the run will differ from an "
+                 "uninterrupted one.")
+            return
+        with torch.no_grad():
+            for buffer, array in zip(self._buffers, saved, strict=True):
+                buffer.copy_(torch.from_numpy(array.copy()).to(buffer.device))
+
+
+def _torch_buffers(model: Any) -> list:
+    """The buffers of the modules of the model's `TorchModuleWrapper` layers, in layer order."""
+    found: dict = {}
+    for layer in keras_compat.flatten_layers(model):
+        if type(layer).__name__ == "TorchModuleWrapper" and hasattr(layer, "module"):
+            found.update((id(b), b) for b in layer.module.buffers())
+    return list(found.values())
+
+
 def attach(session: Any) -> list:
     """The adapters for the session's model: its stateful RNN layers' (built or not), and the
     global seed generator's."""
     model = session.model
     found: list = [GlobalSeedGenerator()]
+    if model is not None and (buffers := _torch_buffers(model)):
+        found.append(TorchBuffers(buffers))
     if model is not None and (variables := _pipeline_variables(model)):
         found.append(PipelineVariables(variables))
     parts = _layer_parts(model) if model is not None else []
