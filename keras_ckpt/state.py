@@ -302,7 +302,7 @@ def apply(snapshot: Snapshot, model: Any, objects: Mapping[str, Stateful] | None
     check_snapshot(snapshot)
     optimizer = getattr(model, "optimizer", None)
     if (not weights_only and optimizer is not None and not optimizer.built
-            and meta["variables"]["optimizer"]):
+            and len(meta["variables"]["optimizer"]) > len(optimizer.variables)):
         # Built (it creates its own variables, changes nothing else) and checked
         # before anything is assigned: a mismatch leaves the model as it was.
         check_compatible(meta, model, weights_only=True)

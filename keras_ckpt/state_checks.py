@@ -52,8 +52,11 @@ def check_compatible(meta: Mapping[str, Any], model: Any, *,
     current = model_variables(model)
     optimizer = getattr(model, "optimizer", None)
     groups = ["model"]
-    if not weights_only and getattr(optimizer, "built", False):
-        groups.append("optimizer")  # an unbuilt one is built by apply(), then checked
+    if not weights_only and (getattr(optimizer, "built", False) or optimizer is not None and len(
+            meta["variables"]["optimizer"]) == len(getattr(optimizer, "variables", None) or [])):
+        # An unbuilt one is built by apply(), then checked, unless it was unbuilt when written
+        # (a custom train_step applies optimizers of its own: Keras's GAN example).
+        groups.append("optimizer")
     orders: dict[str, list[int] | None] = {}
     for group in groups:
         saved, now = meta["variables"][group], describe(current[group])

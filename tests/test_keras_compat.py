@@ -254,12 +254,15 @@ class StartAt(keras.callbacks.Callback):
 
     def __init__(self, at):
         super().__init__()
-        self.at, self.how, self.handed, self.batches = at, None, [], []
+        self.at, self.how, self.handed, self.drew, self.batches = at, None, [], [], []
 
     def on_train_begin(self, logs=None):
         self.iterator = keras_compat.fit_epoch_iterator(self.model)
-        self.how = keras_compat.start_epoch_at(self.model, self.at, self.handed.append,
-                                               lambda e: None)
+        self.how = keras_compat.start_epoch_at(self.model, self.at, self.skipped, lambda e: None)
+
+    def skipped(self, batch, drew):
+        self.handed.append(batch)
+        self.drew.append(drew)
 
     def on_train_batch_begin(self, batch, logs=None):
         self.batches.append(batch)
@@ -280,8 +283,9 @@ def test_a_py_dataset_epoch_starts_at_a_batch_in_keras_s_order(shuffle):
     keras.utils.set_random_seed(7)
     make_model().fit(data, epochs=2, shuffle=shuffle, verbose=0, callbacks=[start])
     assert start.how == "source" and start.batches == [2, 3, 0, 1, 2, 3]
-    first_epoch = data.read[-7:-4]  # batch 1 (handed over) and batches 2 and 3
-    assert first_epoch == order[1:] and len(start.handed) == 1
+    # batch 0 (read to learn whether it draws from the global RNGs: it does not), batch 1
+    # (handed over) and batches 2 and 3
+    assert data.read[-8:-4] == order and len(start.handed) == 1 and start.drew == [False]
     assert "_finite_generator" not in vars(data_adapter_of(start))  # one epoch only
 
 

@@ -37,7 +37,7 @@ from keras_ckpt.fit.keras_callbacks import at_next_epoch
 from keras_ckpt.warn import warn
 
 __all__ = ["attach", "RnnStates", "GlobalSeedGenerator", "OwnedByLossesAndMetrics",
-           "PipelineVariables", "TorchBuffers"]
+           "PipelineVariables", "TorchBuffers", "OtherOptimizers"]
 
 
 def _state_variables(model: Any) -> list:
@@ -278,11 +278,78 @@ def _torch_buffers(model: Any) -> list:
     return list(found.values())
 
 
+class OtherOptimizers:
+    """Optimizers the model holds besides `model.optimizer`, by attribute name: a custom
+    `train_step` applying its own (Keras's GAN example's `d_optimizer` and `g_optimizer`).
+    Keras builds one at its first `apply`, with the variables it is given: a resume assigns a
+    built one now, and an unbuilt one right after Keras builds it, before its first update."""
+
+    state_key = "keras.other_optimizers"
+
+    def __init__(self, model: Any, names: list[str]) -> None:
+        self._model = weakref.ref(model)
+        self._names = names
+
+    def _optimizers(self) -> list:
+        model = self._model()
+        return [] if model is None else [(n, getattr(model, n, None)) for n in self._names]
+
+    def get_state(self) -> dict:
+        return {f"{name}.{key}": value for name, optimizer in self._optimizers()
+                for key, value in _values(list(optimizer.variables)).items()}
+
+    def set_state(self, state: dict) -> None:
+        for name, optimizer in self._optimizers():
+            saved = {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith(f"{name}.")}
+            what = f"the variables of the model's optimizer {name!r}"
+            if not saved:
+                continue
+            if optimizer.built or len(optimizer.variables) == len(saved):
+                _assign(list(optimizer.variables), saved, what)
+            else:
+                _assign_when_built(optimizer, saved, what)
+
+
+def _assign_when_built(optimizer: Any, saved: dict, what: str) -> None:
+    """`saved` goes into `optimizer`'s variables right after Keras builds it (in a traced
+    step on TensorFlow: outside the trace, once)."""
+    import contextlib
+
+    import keras
+
+    from keras_ckpt.epoch_skip import shadow_once
+
+    def build(original: Any, *args: Any, **kwargs: Any) -> Any:
+        result = original(*args, **kwargs)
+        outside = contextlib.nullcontext()
+        if keras.backend.backend() == "tensorflow":
+            import tensorflow as tf
+
+            outside = tf.init_scope()
+        with outside:
+            _assign(list(optimizer.variables), saved, what)
+        return result
+
+    shadow_once(optimizer, "build", build)
+
+
+def _other_optimizers(model: Any) -> list[str]:
+    """The names of the model's attributes holding an optimizer other than `model.optimizer`."""
+    import keras
+
+    main = getattr(model, "optimizer", None)
+    return sorted(name for name, value in vars(model).items()
+                  if isinstance(value, keras.optimizers.Optimizer) and value is not main
+                  and value is not getattr(main, "inner_optimizer", None))
+
+
 def attach(session: Any) -> list:
     """The adapters for the session's model: its stateful RNN layers' (built or not), and the
     global seed generator's."""
     model = session.model
     found: list = [GlobalSeedGenerator()]
+    if model is not None and (names := _other_optimizers(model)):
+        found.append(OtherOptimizers(model, names))
     if model is not None and (buffers := _torch_buffers(model)):
         found.append(TorchBuffers(buffers))
     if model is not None and (variables := _pipeline_variables(model)):
