@@ -301,3 +301,74 @@ def test_the_buffers_of_a_wrapped_torch_module_resume_with_it(tmp_path):
     for a, b in zip(straight.layers[0].module.buffers(), resumed.layers[0].module.buffers(),
                     strict=True):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+class GAN(keras.Model):
+    """keras.io's GAN example, small: a custom train_step applying two optimizers held as
+    attributes (`compile(d_optimizer, g_optimizer)`); `model.optimizer` is never built."""
+
+    def __init__(self):
+        super().__init__()
+        self.discriminator = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8),
+                                               keras.layers.Dense(1)])
+        self.generator = keras.Sequential([keras.Input((2,)), keras.layers.Dense(4)])
+        self.seed_generator = keras.random.SeedGenerator(13)
+        self.d_loss = keras.metrics.Mean(name="d_loss")
+
+    def call(self, x):
+        return self.discriminator(x)
+
+    def compile(self, d_optimizer, g_optimizer):
+        super().compile()
+        self.d_optimizer, self.g_optimizer = d_optimizer, g_optimizer
+        self.loss_fn = keras.losses.BinaryCrossentropy(from_logits=True)
+
+    @property
+    def metrics(self):
+        return [self.d_loss]
+
+    def train_step(self, data):
+        import tensorflow as tf
+
+        real, _ = data
+        n = tf.shape(real)[0]
+        ones, zeros = keras.ops.ones((n, 1)), keras.ops.zeros((n, 1))
+        with tf.GradientTape() as tape:
+            fake = self.generator(keras.random.normal((n, 2), seed=self.seed_generator))
+            d_loss = self.loss_fn(keras.ops.concatenate([ones, zeros], 0), self.discriminator(
+                keras.ops.concatenate([fake, real], 0)))
+        weights = self.discriminator.trainable_weights
+        self.d_optimizer.apply_gradients(zip(tape.gradient(d_loss, weights), weights,
+                                             strict=True))
+        with tf.GradientTape() as tape:
+            fake = self.generator(keras.random.normal((n, 2), seed=self.seed_generator))
+            g_loss = self.loss_fn(zeros, self.discriminator(fake))
+        weights = self.generator.trainable_weights
+        self.g_optimizer.apply_gradients(zip(tape.gradient(g_loss, weights), weights,
+                                             strict=True))
+        self.d_loss.update_state(d_loss)
+        return {"d_loss": self.d_loss.result()}
+
+    def test_step(self, data):
+        real, _ = data
+        return {"d_loss": self.loss_fn(keras.ops.zeros_like(real[:, :1]),
+                                       self.discriminator(real))}
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="a TensorFlow train_step")
+def test_keras_s_gan_example_resumes_with_both_of_its_optimizers(tmp_path):
+    """Both optimizers are built by their first apply, inside the traced step: the resumed
+    run's get the checkpoint's state right after Keras builds them."""
+    def model():
+        keras.utils.set_random_seed(41)
+        built = GAN()
+        built.compile(keras.optimizers.Adam(0.001), keras.optimizers.Adam(0.002))
+        built(X[:1])
+        return built
+
+    straight, resumed = crashed_and_resumed(model, tmp_path)
+    for name in ("d_optimizer", "g_optimizer"):
+        ours, theirs = getattr(straight, name).variables, getattr(resumed, name).variables
+        assert len(ours) == len(theirs) > 2
+        for a, b in zip(ours, theirs, strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
