@@ -318,8 +318,8 @@ class GAN(keras.Model):
     def call(self, x):
         return self.discriminator(x)
 
-    def compile(self, d_optimizer, g_optimizer):
-        super().compile()
+    def compile(self, d_optimizer, g_optimizer, d_is_the_model_s=False):
+        super().compile(**({"optimizer": d_optimizer} if d_is_the_model_s else {}))
         self.d_optimizer, self.g_optimizer = d_optimizer, g_optimizer
         self.loss_fn = keras.losses.BinaryCrossentropy(from_logits=True)
 
@@ -356,13 +356,16 @@ class GAN(keras.Model):
 
 
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="a TensorFlow train_step")
-def test_keras_s_gan_example_resumes_with_both_of_its_optimizers(tmp_path):
-    """Both optimizers are built by their first apply, inside the traced step: the resumed
-    run's get the checkpoint's state right after Keras builds them."""
+@pytest.mark.parametrize("d_is_the_model_s", [False, True], ids=["both-attributes", "one-compiled"])
+def test_keras_s_gan_example_resumes_with_both_of_its_optimizers(tmp_path, d_is_the_model_s):
+    """Both optimizers are built by their first apply, inside the traced step, each with the
+    variables it is applied to (the compiled one too: a part of the trainable ones): the
+    resumed run's get the checkpoint's state right after Keras builds them."""
     def model():
         keras.utils.set_random_seed(41)
         built = GAN()
-        built.compile(keras.optimizers.Adam(0.001), keras.optimizers.Adam(0.002))
+        built.compile(keras.optimizers.Adam(0.001), keras.optimizers.Adam(0.002),
+                      d_is_the_model_s)
         built(X[:1])
         return built
 

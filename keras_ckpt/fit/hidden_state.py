@@ -37,7 +37,7 @@ from keras_ckpt.fit.keras_callbacks import at_next_epoch
 from keras_ckpt.warn import warn
 
 __all__ = ["attach", "RnnStates", "GlobalSeedGenerator", "OwnedByLossesAndMetrics",
-           "PipelineVariables", "TorchBuffers", "OtherOptimizers"]
+           "PipelineVariables", "TorchBuffers", "OtherOptimizers", "assign_when_built"]
 
 
 def _state_variables(model: Any) -> list:
@@ -307,10 +307,10 @@ class OtherOptimizers:
             if optimizer.built or len(optimizer.variables) == len(saved):
                 _assign(list(optimizer.variables), saved, what)
             else:
-                _assign_when_built(optimizer, saved, what)
+                assign_when_built(optimizer, saved, what)
 
 
-def _assign_when_built(optimizer: Any, saved: dict, what: str) -> None:
+def assign_when_built(optimizer: Any, saved: dict, what: str) -> None:
     """`saved` goes into `optimizer`'s variables right after Keras builds it (in a traced
     step on TensorFlow: outside the trace, once)."""
     import contextlib
