@@ -21,14 +21,17 @@ __all__ = ["check_input", "fast_forward", "input_problems", "pipeline_variables"
 
 
 def _reshuffling(dataset: Any) -> list:
-    """The `.shuffle(...)` stages of a tf.data pipeline that reshuffle on every iteration."""
+    """The stages of a tf.data pipeline that draw anew on every iteration: `.shuffle(...)`,
+    `Dataset.random(rerandomize_each_iteration=True)`; none under a `.cache()`, which gives
+    its first iteration's elements again."""
     seen, stack, found = set(), [dataset], []
     while stack:
         node = stack.pop()
-        if id(node) in seen:
+        if id(node) in seen or type(node).__name__ == "CacheDataset":
             continue
         seen.add(id(node))
-        if getattr(node, "_reshuffle_each_iteration", False) is True:
+        if getattr(node, "_reshuffle_each_iteration", False) is True or \
+                getattr(node, "_rerandomize", False) is True:
             found.append(node)
         inputs = getattr(node, "_inputs", None)
         try:
@@ -36,6 +39,25 @@ def _reshuffling(dataset: Any) -> list:
         except Exception:  # an input kind that cannot list its inputs
             continue
     return found
+
+
+def _reshuffled_per_pass(dataset: Any) -> bool:
+    """A reshuffling stage under a `.repeat(n)`: each iteration draws n orders, where a
+    resume's fast-forward (iterators made, not read) draws one."""
+    seen, stack = set(), [dataset]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        try:
+            if type(node).__name__ == "_RepeatDataset" and int(node._count) > 1 and \
+                    _reshuffling(node._inputs()[0]):
+                return True
+            stack.extend(node._inputs())
+        except (AttributeError, TypeError, ValueError, IndexError):
+            continue
+    return False
 
 
 def _seeded(stage: Any) -> bool:
@@ -186,6 +208,11 @@ def input_problems(x: Any, steps_per_epoch: Any, model: Any = None) -> list[str]
                 "distribution strategy, which rebuilds the pipeline with a shuffle state of "
                 "its own. Use `.apply(keras_ckpt.data.EpochShuffle(buffer_size, seed))` "
                 "instead of `.shuffle(...)`.")
+        if shuffle == "seeded" and _reshuffled_per_pass(x):
+            problems.append(
+                "the tf.data input reshuffles (`.shuffle(...)`) under a `.repeat(n)`: each "
+                "epoch draws n orders, and a resume cannot count them again. Reshuffle after "
+                "the repeat, or use `.apply(keras_ckpt.data.EpochShuffle(buffer_size, seed))`.")
         if shuffle == "seeded" and cardinality == -2 and not steps_per_epoch:
             problems.append(
                 "the tf.data input reshuffles every epoch (`.shuffle(...)`) and Keras does not "
@@ -227,22 +254,32 @@ def input_problems(x: Any, steps_per_epoch: Any, model: Any = None) -> list[str]
             "starts it again. Wrap the data in a keras.utils.PyDataset (index-addressable), "
             "or make the generator restart each epoch the same way.")
     else:
-        try:
-            import keras
-
-            dataset_class = keras.utils.PyDataset
-        except (ImportError, AttributeError):  # pragma: no cover
-            return problems
-        if isinstance(x, dataset_class) and kind.on_epoch_end is not dataset_class.on_epoch_end \
-                and not (callable(getattr(x, "get_state", None))
-                         and callable(getattr(x, "set_state", None))):
-            problems.append(
-                f"the {kind.__name__} input overrides on_epoch_end (e.g. it reshuffles its "
-                "indices) and that state is not saved: after a resume the epochs see other "
-                "batches. Give it get_state()/set_state() and register it with "
-                "keras_ckpt.registry.track_data(name, dataset), or derive the order from the "
-                "epoch number alone.")
+        problems += _py_dataset_problems(x, steps_per_epoch, "input")
     return problems
+
+
+def _py_dataset_problems(x: Any, steps_per_epoch: Any, role: str) -> list[str]:
+    """What a `keras.utils.PyDataset` (`role`: "input" or "validation input") keeps that a
+    resume does not carry: state its epoch hooks change, an endless stream's position."""
+    import keras
+
+    kind, base = type(x), keras.utils.PyDataset
+    if not isinstance(x, base):
+        return []
+    if x.num_batches is None and steps_per_epoch and role == "input":
+        return [f"the {kind.__name__} input is endless (num_batches None) with steps_per_epoch: "
+                "each epoch reads on from where the last one stopped, and a resume starts it "
+                "again. Give it a length (its batches indexed from 0 every epoch)."]
+    hooks = [name for name in ("on_epoch_begin", "on_epoch_end")
+             if getattr(kind, name, None) is not getattr(base, name, None)]
+    if hooks and not (callable(getattr(x, "get_state", None))
+                      and callable(getattr(x, "set_state", None))):
+        return [f"the {kind.__name__} {role} overrides {' and '.join(hooks)} (e.g. it "
+                "reshuffles its indices) and that state is not saved: after a resume the "
+                "epochs see other batches. Give it get_state()/set_state() and register it "
+                "with keras_ckpt.registry.track_data(name, dataset), or derive the order from "
+                "the epoch number alone."]
+    return []
 
 
 def check_input(model: Any, more: list[str] | None = None) -> list[str]:
@@ -256,6 +293,7 @@ def check_input(model: Any, more: list[str] | None = None) -> list[str]:
         return _warn(problems)
     problems += input_problems(arguments.get("x"), arguments.get("steps_per_epoch"), model)
     validation = arguments.get("validation_data")
+    problems += _py_dataset_problems(validation, None, "validation input")
     if _is_tf_dataset(validation) and _reshuffling(validation):
         # Keras keeps one evaluation iterator maker for the whole fit; its seeds
         # are not fast-forwarded, and the order changes the validation sums.

@@ -242,3 +242,54 @@ def test_a_keras_random_layer_in_a_tf_data_map_resumes_with_its_seed_generator(
 
     _crashed_and_resumed(tmp_path, make_model, pipeline, capsys, crash=crash,
                          save_freq=save_freq)
+
+
+def test_a_pydataset_s_epoch_hooks_and_an_endless_one_are_named(tmp_path):
+    """`on_epoch_begin` keeps state as `on_epoch_end` does, in training and in validation
+    input; an endless PyDataset with steps_per_epoch reads on across epochs."""
+    class ShuffledAtBegin(Plain):
+        def on_epoch_begin(self):
+            np.random.shuffle(self.indices)
+
+    class Endless(Plain):
+        @property
+        def num_batches(self):
+            return None
+
+    (said,) = fit_warnings(tmp_path / "b", ShuffledAtBegin())
+    assert "overrides on_epoch_begin" in said
+    (said,) = fit_warnings(tmp_path / "v", X, y=Y, batch_size=16, validation_data=Reshuffling())
+    assert "Reshuffling validation input overrides on_epoch_end" in said
+    (said,) = fit_warnings(tmp_path / "e", Endless(), steps_per_epoch=2)
+    assert "endless" in said
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="tf.data inputs")
+def test_a_shuffle_under_a_repeat_is_named(tmp_path):
+    tf = pytest.importorskip("tensorflow")
+    data = tf.data.Dataset.from_tensor_slices((X, Y))
+    (said,) = fit_warnings(tmp_path / "r", data.shuffle(32, seed=4).repeat(2).batch(16))
+    assert "under a `.repeat(n)`" in said
+    assert fit_warnings(tmp_path / "s", data.repeat(2).shuffle(64, seed=4).batch(16)) == []
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="tf.data inputs")
+@pytest.mark.parametrize("kind", ["shuffle-then-cache", "random-each-iteration"])
+@pytest.mark.parametrize("save_freq, crash", [(3, 7), ("epoch", 9)], ids=["mid-epoch", "epoch"])
+def test_cached_and_rerandomized_tf_data_inputs_resume_bitwise(tmp_path, capsys, kind,
+                                                               save_freq, crash):
+    """A `.cache()` over a seeded shuffle gives its first order every epoch (no seed to
+    fast-forward); `Dataset.random(rerandomize_each_iteration=True)` draws its seeds as a
+    shuffle does (fast-forwarded)."""
+    tf = pytest.importorskip("tensorflow")
+
+    def pipeline():
+        data = tf.data.Dataset.from_tensor_slices((X, Y))
+        if kind == "shuffle-then-cache":
+            return data.shuffle(32, seed=3).cache().batch(8)
+        noise = tf.data.Dataset.random(seed=4, rerandomize_each_iteration=True).map(
+            lambda r: tf.cast(r % 7, "float32") / 70.0)
+        return tf.data.Dataset.zip((data, noise)).map(lambda d, n: (d[0] + n, d[1])).batch(8)
+
+    _crashed_and_resumed(tmp_path, make_model, pipeline, capsys, crash=crash,
+                         save_freq=save_freq)
