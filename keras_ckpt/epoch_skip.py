@@ -14,6 +14,7 @@ from collections.abc import Callable, Generator, Iterator
 from typing import Any
 
 from keras_ckpt import rng
+from keras_ckpt.fit import input_state
 from keras_ckpt.fit.step_guards import is_end_of_data
 
 __all__ = ["calls_from", "indexed_from", "gathered_from", "shadow_once", "shadowed_once",
@@ -58,17 +59,18 @@ def indexed_from(py_dataset: Any, shuffle: bool, standardize: Callable[[Any], An
     """A `PyDataset`'s batches (without workers) in Keras's order for the epoch from batch
     `count` (`_finite_generator`'s: the order drawn from Python's `random` where `shuffle`).
 
-    A dataset whose `__getitem__` draws from the global Python or NumPy RNG (random
-    augmentation) needs its skipped batches' draws as the uninterrupted run made them: the
-    first one is read to find out, and where it drew, all are read (not trained; `drew` gets
-    True), else none but the first."""
+    A dataset whose `__getitem__` draws from the global Python or NumPy RNG, or from a
+    generator of its own (random augmentation), needs its skipped batches' draws as the
+    uninterrupted run made them: the first one is read to find out, and where it drew, all
+    are read (not trained; `drew` gets True), else none but the first."""
     indices = list(range(py_dataset.num_batches))
     if shuffle:
         random.shuffle(indices)
+    own = input_state.generators_of(py_dataset)
     if count:
-        before = rng.marker()
+        before = rng.marker(), input_state.marker(own)
         py_dataset[indices[0]]
-        if rng.marker() != before:
+        if (rng.marker(), input_state.marker(own)) != before:
             drew.append(True)
             for i in indices[1:count]:
                 py_dataset[i]

@@ -202,12 +202,26 @@ def _crashed_and_resumed(tmp_path, make, x, capsys, crash=7, save_freq=3, **kwar
     return capsys.readouterr().out
 
 
+class OwnRngAugmented(Augmented):
+    """Random augmentation from a generator of the dataset's own."""
+
+    def __init__(self):
+        super().__init__()
+        self.rng = np.random.default_rng(3)
+
+    def __getitem__(self, i):
+        x = X[i * 8:(i + 1) * 8]
+        return (x + self.rng.normal(0.0, 0.1, x.shape)).astype("float32"), Y[i * 8:(i + 1) * 8]
+
+
 @pytest.mark.backends
-def test_a_pydataset_drawing_from_the_global_rng_resumes_mid_epoch_with_the_same_draws(
-        tmp_path, capsys):
+@pytest.mark.parametrize("dataset", [Augmented, OwnRngAugmented], ids=["global", "its-own"])
+def test_a_pydataset_drawing_random_numbers_resumes_mid_epoch_with_the_same_draws(
+        tmp_path, capsys, dataset):
     """Its skipped batches are read again (not trained): their draws are the uninterrupted
-    run's, whatever the backend's reading ahead; said in one line."""
-    out = _crashed_and_resumed(tmp_path, make_model, Augmented(), capsys)
+    run's, whatever the backend's reading ahead, from the global RNGs or from its own
+    generator (whose state at the epoch begin rides along); said in one line."""
+    out = _crashed_and_resumed(tmp_path, make_model, dataset, capsys)
     assert "epoch 2, step 3" in out and "read again, not trained" in out
 
 
@@ -293,3 +307,18 @@ def test_cached_and_rerandomized_tf_data_inputs_resume_bitwise(tmp_path, capsys,
 
     _crashed_and_resumed(tmp_path, make_model, pipeline, capsys, crash=crash,
                          save_freq=save_freq)
+
+
+@pytest.mark.backends
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="a torch DataLoader")
+@pytest.mark.parametrize("save_freq, crash", [(3, 7), ("epoch", 9)], ids=["mid-epoch", "epoch"])
+def test_a_torch_data_loader_shuffling_with_its_own_generator_resumes_with_it(
+        tmp_path, capsys, save_freq, crash):
+    import torch
+
+    def loader():
+        data = torch.utils.data.TensorDataset(torch.from_numpy(X), torch.from_numpy(Y))
+        return torch.utils.data.DataLoader(data, batch_size=8, shuffle=True,
+                                           generator=torch.Generator().manual_seed(5))
+
+    _crashed_and_resumed(tmp_path, make_model, loader, capsys, crash=crash, save_freq=save_freq)

@@ -33,11 +33,13 @@ from typing import Any
 import numpy as np
 
 from keras_ckpt import keras_compat
+from keras_ckpt.fit import input_state
 from keras_ckpt.fit.keras_callbacks import at_next_epoch
+from keras_ckpt.fit.variable_state import assign, values
 from keras_ckpt.warn import warn
 
 __all__ = ["attach", "RnnStates", "GlobalSeedGenerator", "OwnedByLossesAndMetrics",
-           "PipelineVariables", "TorchBuffers", "OtherOptimizers", "assign_when_built"]
+           "TorchBuffers", "OtherOptimizers", "assign_when_built"]
 
 
 def _state_variables(model: Any) -> list:
@@ -63,45 +65,24 @@ class RnnStates:
 
     def get_state(self) -> dict:
         model = self._model()
-        return _values(_state_variables(model) if model is not None else [])
+        return values(_state_variables(model) if model is not None else [])
 
     def set_state(self, state: dict) -> None:
         """Assigned before the next epoch's begin hooks, or after them where the checkpoint is
         in the middle of that epoch (see the module's docstring)."""
-        def assign() -> None:
+        def put_back() -> None:
             model = self._model()
-            _assign(_state_variables(model) if model is not None else [], state,
-                    "the model's stateful RNN layers' states")
+            assign(_state_variables(model) if model is not None else [], state,
+                   "the model's stateful RNN layers' states")
 
         def at_epoch_begin() -> None:
             live = self._session()
             if live is not None and live.resumed_mid_epoch is not None:
-                live.before_batch.append(assign)
+                live.before_batch.append(put_back)
             else:
-                assign()
+                put_back()
 
         at_next_epoch(self._session(), at_epoch_begin)
-
-
-def _values(variables: list) -> dict:
-    """`variables`' values as an object state (`v_0000`, ...)."""
-    import keras
-
-    return {f"v_{i:04d}": np.asarray(keras.ops.convert_to_numpy(v))
-            for i, v in enumerate(variables)}
-
-
-def _assign(variables: list, state: dict, what: str) -> None:
-    """Puts `_values`' state back into `variables`; warns (and assigns nothing) where they are
-    not the checkpoint's."""
-    saved = [np.asarray(state[k]) for k in sorted(state) if k.startswith("v_")]
-    if [tuple(v.shape) for v in variables] != [a.shape for a in saved]:
-        warn(f"ModelCheckpoint: {what} are not the checkpoint's ({len(variables)} against "
-             f"{len(saved)}, or of other shapes): they start afresh, and the run will differ "
-             "from an uninterrupted one.")
-        return
-    for variable, array in zip(variables, saved, strict=True):
-        variable.assign(array)
 
 
 class GlobalSeedGenerator:
@@ -111,13 +92,13 @@ class GlobalSeedGenerator:
 
     def get_state(self) -> dict:
         generator = keras_compat.global_seed_generator()
-        return {} if generator is None else _values([generator.state])
+        return {} if generator is None else values([generator.state])
 
     def set_state(self, state: dict) -> None:
         """Now: `state.apply` puts the Python RNG state back after the objects' states, so the
         draw that makes the generator leaves no trace."""
         if state:
-            _assign([keras_compat.global_seed_generator(create=True).state], state,
+            assign([keras_compat.global_seed_generator(create=True).state], state,
                     "Keras's global seed generator's state")
 
 
@@ -194,7 +175,7 @@ class OwnedByLossesAndMetrics:
 
     def get_state(self) -> dict:
         model = self._model()
-        return _values(_owned(model, self._layer_parts) if model is not None else [])
+        return values(_owned(model, self._layer_parts) if model is not None else [])
 
     def set_state(self, state: dict) -> None:
         """Now (at train begin). One made in a first call (after train begin) cannot be given
@@ -209,37 +190,7 @@ class OwnedByLossesAndMetrics:
                  "call starts it afresh, and the run will differ from an uninterrupted one. "
                  "Make them in its __init__.")
             return
-        _assign(owned, state, "the variables the loss, metric and optimizer objects hold")
-
-
-class PipelineVariables:
-    """The variables the fit's tf.data inputs (training and validation) keep state in: a Keras
-    random layer's `SeedGenerator` in a `.map` (Keras's documented way to augment in the
-    pipeline), a `tf.random.Generator`. A "data:" state: a mid-epoch checkpoint holds the
-    epoch begin's, and the resumed epoch's skipped elements run through the `.map` again."""
-
-    state_key = "data:tf.data variables"
-
-    def __init__(self, variables: list) -> None:
-        self._variables = variables
-
-    def get_state(self) -> dict:
-        return _values(self._variables)
-
-    def set_state(self, state: dict) -> None:
-        _assign(self._variables, state, "the variables of the tf.data input's functions")
-
-
-def _pipeline_variables(model: Any) -> list:
-    """`inputs.pipeline_variables` of the running fit's `x` and `validation_data`, less any the
-    model holds."""
-    from keras_ckpt.inputs import pipeline_variables
-
-    arguments = keras_compat.fit_arguments(model) or {}
-    held = {id(getattr(v, "value", v)) for v in getattr(model, "variables", None) or []}
-    found = {id(v): v for name in ("x", "validation_data")
-             for v in pipeline_variables(arguments.get(name)) if id(v) not in held}
-    return list(found.values())
+        assign(owned, state, "the variables the loss, metric and optimizer objects hold")
 
 
 class TorchBuffers:
@@ -296,7 +247,7 @@ class OtherOptimizers:
 
     def get_state(self) -> dict:
         return {f"{name}.{key}": value for name, optimizer in self._optimizers()
-                for key, value in _values(list(optimizer.variables)).items()}
+                for key, value in values(list(optimizer.variables)).items()}
 
     def set_state(self, state: dict) -> None:
         for name, optimizer in self._optimizers():
@@ -305,7 +256,7 @@ class OtherOptimizers:
             if not saved:
                 continue
             if optimizer.built or len(optimizer.variables) == len(saved):
-                _assign(list(optimizer.variables), saved, what)
+                assign(list(optimizer.variables), saved, what)
             else:
                 assign_when_built(optimizer, saved, what)
 
@@ -327,7 +278,7 @@ def assign_when_built(optimizer: Any, saved: dict, what: str) -> None:
 
             outside = tf.init_scope()
         with outside:
-            _assign(list(optimizer.variables), saved, what)
+            assign(list(optimizer.variables), saved, what)
         return result
 
     shadow_once(optimizer, "build", build)
@@ -352,8 +303,8 @@ def attach(session: Any) -> list:
         found.append(OtherOptimizers(model, names))
     if model is not None and (buffers := _torch_buffers(model)):
         found.append(TorchBuffers(buffers))
-    if model is not None and (variables := _pipeline_variables(model)):
-        found.append(PipelineVariables(variables))
+    if model is not None:  # the inputs' generators and tf.data variables
+        found += input_state.attach(model)
     parts = _layer_parts(model) if model is not None else []
     if model is not None and _users([*_compiled_objects(model), *parts, getattr(
             model, "optimizer", None)]):  # (the user's classes: what they make later, too)

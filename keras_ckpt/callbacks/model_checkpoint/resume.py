@@ -276,9 +276,9 @@ def _first_new_step(model: Any, snapshot: state_lib.Snapshot) -> Any:
         # where reading the skipped batches again left them, where the input draws from them).
         state_lib.restore_rng_at_step(restored, python_and_numpy=not drew)
         if drew:
-            print_msg("ModelCheckpoint: the input draws from the global Python or NumPy RNG "
-                      "as it reads its batches (random augmentation): the trained batches of "
-                      "the resumed epoch were read again, not trained, for the same draws.")
+            print_msg("ModelCheckpoint: the input draws random numbers as it reads its "
+                      "batches (random augmentation): the trained batches of the resumed "
+                      "epoch were read again, not trained, for the same draws.")
 
     return skipped
 
