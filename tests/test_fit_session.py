@@ -235,6 +235,27 @@ def test_data_helpers_belong_to_the_model_whose_fit_used_them(tmp_path):
     assert shuffle_a.epoch == epochs_a
 
 
+
+def test_two_data_helpers_of_one_name_are_named_and_the_newest_is_claimed(tmp_path):
+    """Two `EpochShuffle`s left at the default name in one fit: said at train begin; the
+    newest one's state is the one saved, whatever the order a set would give."""
+    import warnings
+
+    tf = pytest.importorskip("tensorflow")
+    if keras.backend.backend() != "tensorflow":
+        pytest.skip("EpochShuffle is a tf.data helper")
+    data = tf.data.Dataset.from_tensor_slices((X, Y))
+    helpers = [keras_ckpt.data.EpochShuffle(8, seed=seed) for seed in range(5)]
+    both = data.apply(helpers[0]).concatenate(data.apply(helpers[-1])).batch(16)
+    model = make_model()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(both, epochs=1, verbose=0, callbacks=[
+            keras_ckpt.ModelCheckpoint(str(tmp_path / "{epoch}.keras"))])
+    (said,) = [str(w.message) for w in caught if "data helpers named" in str(w.message)]
+    assert "5 data helpers named 'train_shuffle'" in said and "name=" in said
+    assert registry.objects_for(model)["data:train_shuffle"] is helpers[-1]
+
 # ------------------------------------------------------------------ 12: handlers only record
 def test_signal_handlers_only_record(tmp_path):
     """The handlers keras-ckpt installs do no work: no print, no lock release, no restore."""

@@ -45,7 +45,9 @@ _HOOKS = ("on_train_begin", "on_epoch_begin", "on_epoch_end", "on_train_batch_be
           "on_test_batch_end")
 
 # Data helpers created since the last fit began: the next fit claims them.
-_unclaimed: weakref.WeakSet = weakref.WeakSet()
+# Data helpers made for a fit that has not begun (a dataset is made before its fit), in the
+# order they were made: the next fit to begin claims them.
+_unclaimed: dict[int, weakref.ref] = {}
 
 
 class FitSession:
@@ -301,7 +303,9 @@ def seal(model: Any) -> FitSession:
 def track_data(name: str, obj: Any) -> None:
     """Tracks a data helper under `name`: the next fit to begin claims it for its model."""
     obj._keras_ckpt_name = name
-    _unclaimed.add(obj)
+    key = id(obj)
+    _unclaimed.pop(key, None)  # (again: now the newest)
+    _unclaimed[key] = weakref.ref(obj, lambda _ref, key=key: _unclaimed.pop(key, None))
 
 
 def _data_of(model: Any) -> dict[str, Any]:
@@ -310,11 +314,17 @@ def _data_of(model: Any) -> dict[str, Any]:
 
 
 def _claim_data(model: Any) -> None:
-    fresh = list(_unclaimed)
+    fresh = [obj for ref in list(_unclaimed.values()) if (obj := ref()) is not None]
+    _unclaimed.clear()
     if not fresh:
         return
     claimed = dict(keras_compat.get_private(model, "_keras_ckpt_data") or {})
-    for obj in fresh:  # a newer helper of the same name replaces the older
+    names = [obj._keras_ckpt_name for obj in fresh]
+    for name in sorted({n for n in names if names.count(n) > 1}):
+        warn(f"keras-ckpt: {names.count(name)} data helpers named {name!r} were made since "
+             "the last fit that claimed any; this fit's checkpoints hold the newest one's "
+             "state only, and where the others feed it too they start afresh on resume. Give "
+             "each its own name (EpochShuffle(..., name=...)).")
+    for obj in fresh:  # in the order made: a newer helper of the same name replaces the older
         claimed[obj._keras_ckpt_name] = weakref.ref(obj)
-        _unclaimed.discard(obj)
     keras_compat.set_private(model, "_keras_ckpt_data", claimed)
