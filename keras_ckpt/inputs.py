@@ -12,6 +12,7 @@ and what to do. A seeded `.shuffle(...)` is fast-forwarded (`fast_forward`).
 from __future__ import annotations
 
 import types
+from collections.abc import Iterator
 from typing import Any
 
 from keras_ckpt import keras_compat
@@ -20,44 +21,40 @@ from keras_ckpt.warn import warn
 __all__ = ["check_input", "fast_forward", "input_problems", "pipeline_variables"]
 
 
+def _stages(dataset: Any, below_cache: bool = True) -> Iterator[Any]:
+    """Each stage of a tf.data pipeline once, from the top (depth first, inputs in order);
+    without those under a `.cache()` where not `below_cache`. Stops quietly at a stage that
+    cannot list its inputs (another TF, a stage of another kind)."""
+    seen, stack = set(), [dataset]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen or (not below_cache and type(node).__name__ == "CacheDataset"):
+            continue
+        seen.add(id(node))
+        yield node
+        try:
+            stack.extend(reversed(node._inputs()))
+        except Exception:  # (any: a stage's own listing)
+            continue
+
+
 def _reshuffling(dataset: Any) -> list:
     """The stages of a tf.data pipeline that draw anew on every iteration: `.shuffle(...)`,
     `Dataset.random(rerandomize_each_iteration=True)`; none under a `.cache()`, which gives
     its first iteration's elements again."""
-    seen, stack, found = set(), [dataset], []
-    while stack:
-        node = stack.pop()
-        if id(node) in seen or type(node).__name__ == "CacheDataset":
-            continue
-        seen.add(id(node))
-        if getattr(node, "_reshuffle_each_iteration", False) is True or \
-                getattr(node, "_rerandomize", False) is True:
-            found.append(node)
-        inputs = getattr(node, "_inputs", None)
-        try:
-            stack.extend(inputs() if callable(inputs) else [])
-        except Exception:  # an input kind that cannot list its inputs
-            continue
-    return found
+    return [node for node in _stages(dataset, below_cache=False)
+            if getattr(node, "_reshuffle_each_iteration", False) is True
+            or getattr(node, "_rerandomize", False) is True]
 
 
 def _reshuffled_per_pass(dataset: Any) -> bool:
     """A reshuffling stage under a `.repeat(n)`: each iteration draws n orders, where a
     resume's fast-forward (iterators made, not read) draws one."""
-    seen, stack = set(), [dataset]
-    while stack:
-        node = stack.pop()
-        if id(node) in seen:
-            continue
-        seen.add(id(node))
-        try:
-            if type(node).__name__ == "_RepeatDataset" and int(node._count) > 1 and \
-                    _reshuffling(node._inputs()[0]):
-                return True
-            stack.extend(node._inputs())
-        except (AttributeError, TypeError, ValueError, IndexError):
-            continue
-    return False
+    try:
+        return any(type(node).__name__ == "_RepeatDataset" and int(node._count) > 1
+                   and _reshuffling(node._inputs()[0]) for node in _stages(dataset))
+    except (AttributeError, TypeError, ValueError, IndexError):
+        return False
 
 
 def _seeded(stage: Any) -> bool:
@@ -131,18 +128,13 @@ def pipeline_variables(dataset: Any) -> list:
     in the order found; [] for anything else."""
     if not _is_tf_dataset(dataset):
         return []
-    seen, stack, found = set(), [dataset], {}
-    while stack:
-        node = stack.pop()
-        if id(node) in seen:
-            continue
-        seen.add(id(node))
-        try:
+    found: dict[int, Any] = {}
+    try:
+        for node in _stages(dataset):
             for function in _functions(node):
                 found.update((id(v), v) for v in function.graph.variables)
-            stack.extend(reversed(node._inputs()))
-        except (AttributeError, TypeError, ValueError):  # another TF, a stage of another kind
-            continue
+    except (AttributeError, TypeError, ValueError):  # another TF
+        return []
     return list(found.values())
 
 
@@ -159,14 +151,8 @@ def _pass_length(dataset: Any) -> int | None:
         if int(node._count) != -1:
             return None
         (inner,) = node._inputs()
-        seen, stack = set(), [inner]
-        while stack:
-            below = stack.pop()
-            if id(below) not in seen:
-                seen.add(id(below))
-                if not _stateless(below):
-                    return None
-                stack.extend(below._inputs())
+        if not all(_stateless(below) for below in _stages(inner)):
+            return None
     except (AttributeError, TypeError, ValueError):  # another TF, a stage of another kind
         return None
     length = _cardinality(inner)
