@@ -61,20 +61,23 @@ def indexed_from(py_dataset: Any, shuffle: bool, standardize: Callable[[Any], An
 
     A dataset whose `__getitem__` draws from the global Python or NumPy RNG, or from a
     generator of its own (random augmentation), needs its skipped batches' draws as the
-    uninterrupted run made them: the first one is read to find out, and where it drew, all
-    are read (not trained; `drew` gets True), else none but the first."""
+    uninterrupted run made them: the first one is read to find out (where it is the last
+    skipped one too, it is then handed on), and where it drew, all are read (not trained;
+    `drew` gets True), else none but the first. A dataset drawing for some batches only is
+    judged by its first."""
     indices = list(range(py_dataset.num_batches))
     if shuffle:
         random.shuffle(indices)
     own = input_state.generators_of(py_dataset)
-    if count:
-        before = rng.marker(), input_state.marker(own)
-        py_dataset[indices[0]]
-        if (rng.marker(), input_state.marker(own)) != before:
-            drew.append(True)
-            for i in indices[1:count]:
-                py_dataset[i]
-    for i in indices[count:]:
+    before = rng.marker(), input_state.marker(own)
+    first = py_dataset[indices[0]]  # (the last skipped one where count is 0)
+    if (rng.marker(), input_state.marker(own)) != before:
+        drew.append(True)
+        for i in indices[1:count]:
+            py_dataset[i]
+    if not count:
+        yield standardize(first)
+    for i in indices[max(count, 1):]:
         yield standardize(py_dataset[i])
 
 

@@ -38,11 +38,11 @@ def _stages(dataset: Any, below_cache: bool = True) -> Iterator[Any]:
             continue
 
 
-def _reshuffling(dataset: Any) -> list:
+def _reshuffling(dataset: Any, below_cache: bool = False) -> list:
     """The stages of a tf.data pipeline that draw anew on every iteration: `.shuffle(...)`,
-    `Dataset.random(rerandomize_each_iteration=True)`; none under a `.cache()`, which gives
-    its first iteration's elements again."""
-    return [node for node in _stages(dataset, below_cache=False)
+    `Dataset.random(rerandomize_each_iteration=True)`; none under a `.cache()` (which gives
+    its first iteration's elements again) unless `below_cache`."""
+    return [node for node in _stages(dataset, below_cache=below_cache)
             if getattr(node, "_reshuffle_each_iteration", False) is True
             or getattr(node, "_rerandomize", False) is True]
 
@@ -88,14 +88,15 @@ def _shuffle_kind(x: Any, model: Any) -> str | None:
     A seeded `.shuffle(...)` draws the seeds of each epoch's order from a seed
     generator of its own, advanced once per iterator made of the pipeline: a
     resume can make the iterators the interrupted run had made (`fast_forward`).
-    An unseeded one has no order to come back to; under a distribution
+    An unseeded one has no order to come back to (under a `.cache()` too: a
+    resumed process fills its cache in another order); under a distribution
     strategy the pipeline is rebuilt, with a generator of its own.
     """
+    if not all(_seeded(s) for s in _reshuffling(x, below_cache=True)):
+        return "unseeded"
     stages = _reshuffling(x)
     if not stages:
         return None
-    if not all(_seeded(s) for s in stages):
-        return "unseeded"
     return "seeded" if model is None or _default_strategy(model) else "distributed"
 
 

@@ -37,7 +37,7 @@ from keras_ckpt.snapshot import (
     describe,
     model_variables,
 )
-from keras_ckpt.state_checks import builds_its_own_optimizer, check_compatible, check_snapshot
+from keras_ckpt.state_checks import check_compatible, check_snapshot
 
 __all__ = ["Stateful", "Snapshot", "HostBuffers", "capture", "host_view", "view_is_stable",
            "object_states", "capture_rng", "restore_rng_at_step", "open_shards", "apply",
@@ -301,17 +301,14 @@ def apply(snapshot: Snapshot, model: Any, objects: Mapping[str, Stateful] | None
     meta = snapshot.meta
     check_snapshot(snapshot)
     optimizer = getattr(model, "optimizer", None)
-    later = None  # the optimizer's state, where its own train_step builds it at its first apply
     if (not weights_only and optimizer is not None and not optimizer.built
             and len(meta["variables"]["optimizer"]) > len(optimizer.variables)):
-        if builds_its_own_optimizer(model, meta):
-            later = {f"v_{i:04d}": np.array(snapshot.arrays[f"optimizer/{i:05d}"])
-                     for i in range(len(meta["variables"]["optimizer"]))}
-        else:
-            # Built (it creates its own variables, changes nothing else) and checked
-            # before anything is assigned: a mismatch leaves the model as it was.
-            check_compatible(meta, model, weights_only=True)
-            optimizer.build(model.trainable_variables)
+        # Built (it creates its own variables, changes nothing else) and checked
+        # before anything is assigned: a mismatch leaves the model as it was. (An
+        # optimizer unbuilt when written, which a custom train_step never applied,
+        # stays unbuilt.)
+        check_compatible(meta, model, weights_only=True)
+        optimizer.build(model.trainable_variables)
     orders = check_compatible(meta, model, weights_only=weights_only)
     open_shards(snapshot, model, orders, state_bytes, workers)  # split: verified first
     rng_states = rng_tuples(meta.get("rng"), snapshot.arrays) if rng and not weights_only \
@@ -323,11 +320,7 @@ def apply(snapshot: Snapshot, model: Any, objects: Mapping[str, Stateful] | None
     variables = _saved_order(groups["model"], orders.get("model"))
     _assign(variables, "model", snapshot)
     assign_replicas(model, variables, meta.get("replicas", {}), snapshot.arrays, "model")
-    if later is not None:
-        from keras_ckpt.fit.hidden_state import assign_when_built
-
-        assign_when_built(optimizer, later, "the variables of the model's optimizer")
-    elif optimizer is not None and meta["variables"]["optimizer"]:
+    if optimizer is not None and meta["variables"]["optimizer"]:
         _assign(_saved_order(groups["optimizer"], orders.get("optimizer")), "optimizer",
                 snapshot)
     if metrics:

@@ -20,7 +20,7 @@ from keras_ckpt.snapshot import (
 )
 
 __all__ = ["check_compatible", "check_arrays", "check_snapshot", "saved_order",
-           "state_bytes_bound", "check_progress", "builds_its_own_optimizer"]
+           "state_bytes_bound", "check_progress"]
 
 
 def check_compatible(meta: Mapping[str, Any], model: Any, *,
@@ -235,12 +235,3 @@ def _compare(group: str, saved: list[dict], now: list[dict]) -> None:
             f"{extra['path']} {tuple(extra['shape'])} in the {where}."
         )
 
-
-def builds_its_own_optimizer(model: Any, meta: Mapping[str, Any]) -> bool:
-    """A custom `train_step` builds the optimizer at its first apply, with the variables it
-    applies it to (a part of the trainable ones, maybe); not split across processes."""
-    import keras
-
-    split = meta.get("shards", {}).get("variables", {})
-    return getattr(type(model), "train_step", None) is not keras.Model.train_step and \
-        not any(key.startswith("optimizer/") for key in split)

@@ -203,11 +203,12 @@ def _crashed_and_resumed(tmp_path, make, x, capsys, crash=7, save_freq=3, **kwar
 
 
 class OwnRngAugmented(Augmented):
-    """Random augmentation from a generator of the dataset's own."""
+    """Random augmentation from a generator of the dataset's own (a Mersenne Twister one:
+    its state holds an array)."""
 
     def __init__(self):
         super().__init__()
-        self.rng = np.random.default_rng(3)
+        self.rng = np.random.Generator(np.random.MT19937(3))
 
     def __getitem__(self, i):
         x = X[i * 8:(i + 1) * 8]
@@ -216,13 +217,18 @@ class OwnRngAugmented(Augmented):
 
 @pytest.mark.backends
 @pytest.mark.parametrize("dataset", [Augmented, OwnRngAugmented], ids=["global", "its-own"])
+@pytest.mark.parametrize("save_freq, crash, at", [(3, 7, "epoch 2, step 3"),
+                                                  (5, 6, "epoch 2, step 2")],
+                         ids=["step-2", "step-1"])
 def test_a_pydataset_drawing_random_numbers_resumes_mid_epoch_with_the_same_draws(
-        tmp_path, capsys, dataset):
+        tmp_path, capsys, dataset, save_freq, crash, at):
     """Its skipped batches are read again (not trained): their draws are the uninterrupted
     run's, whatever the backend's reading ahead, from the global RNGs or from its own
-    generator (whose state at the epoch begin rides along); said in one line."""
-    out = _crashed_and_resumed(tmp_path, make_model, dataset, capsys)
-    assert "epoch 2, step 3" in out and "read again, not trained" in out
+    generator (whose state at the epoch begin rides along); said in one line. After one
+    step, the one batch skipped is the one read to find out."""
+    out = _crashed_and_resumed(tmp_path, make_model, dataset, capsys, crash=crash,
+                               save_freq=save_freq)
+    assert at in out and "read again, not trained" in out
 
 
 def test_a_layer_drawing_from_numpy_s_rng_resumes_mid_epoch_with_its_state_at_the_step(
@@ -284,6 +290,9 @@ def test_a_shuffle_under_a_repeat_is_named(tmp_path):
     data = tf.data.Dataset.from_tensor_slices((X, Y))
     (said,) = fit_warnings(tmp_path / "r", data.shuffle(32, seed=4).repeat(2).batch(16))
     assert "under a `.repeat(n)`" in said
+    tf.random.set_seed(None)  # unseeded under a cache: another process caches another order
+    (said,) = fit_warnings(tmp_path / "c", data.shuffle(32).cache().batch(16))
+    assert "without a seed" in said
     assert fit_warnings(tmp_path / "s", data.repeat(2).shuffle(64, seed=4).batch(16)) == []
 
 

@@ -267,18 +267,28 @@ class CountingL2(keras.regularizers.Regularizer):
         return {}
 
 
-def test_what_nested_losses_an_optimizer_and_a_regularizer_hold_resumes_with_them(tmp_path):
+@pytest.mark.parametrize("scaled", [False, True], ids=["all-three", "optimizer-in-a-scaler"])
+def test_what_nested_losses_an_optimizer_and_a_regularizer_hold_resumes_with_them(tmp_path,
+                                                                                   scaled):
+    """Scaled: the user's optimizer, inside Keras's LossScaleOptimizer, is the only object of
+    the user's classes."""
     def model():
         keras.utils.set_random_seed(31)
+        regularizer = None if scaled else CountingL2()
         built = keras.Sequential([keras.Input((4,)),
-                                  keras.layers.Dense(8, kernel_regularizer=CountingL2()),
+                                  keras.layers.Dense(8, kernel_regularizer=regularizer),
                                   keras.layers.Dense(1)])
-        built.compile(optimizer=NoisySGD(0.01), loss=Wrapping())
+        optimizer = NoisySGD(0.01)
+        built.compile(optimizer=keras.optimizers.LossScaleOptimizer(optimizer) if scaled
+                      else optimizer, loss="mse" if scaled else Wrapping())
         return built
 
     straight, resumed = crashed_and_resumed(model, tmp_path)
-    for part in (lambda m: m.loss.inner.generators["noise"].state,
-                 lambda m: m.optimizer.noise.state, lambda m: m.layers[0].kernel_regularizer.calls):
+    parts = [lambda m: getattr(m.optimizer, "inner_optimizer", m.optimizer).noise.state]
+    if not scaled:
+        parts += [lambda m: m.loss.inner.generators["noise"].state,
+                  lambda m: m.layers[0].kernel_regularizer.calls]
+    for part in parts:
         np.testing.assert_array_equal(np.asarray(part(straight)), np.asarray(part(resumed)))
 
 
@@ -318,8 +328,8 @@ class GAN(keras.Model):
     def call(self, x):
         return self.discriminator(x)
 
-    def compile(self, d_optimizer, g_optimizer, d_is_the_model_s=False):
-        super().compile(**({"optimizer": d_optimizer} if d_is_the_model_s else {}))
+    def compile(self, d_optimizer, g_optimizer):
+        super().compile()
         self.d_optimizer, self.g_optimizer = d_optimizer, g_optimizer
         self.loss_fn = keras.losses.BinaryCrossentropy(from_logits=True)
 
@@ -356,16 +366,14 @@ class GAN(keras.Model):
 
 
 @pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="a TensorFlow train_step")
-@pytest.mark.parametrize("d_is_the_model_s", [False, True], ids=["both-attributes", "one-compiled"])
-def test_keras_s_gan_example_resumes_with_both_of_its_optimizers(tmp_path, d_is_the_model_s):
+def test_keras_s_gan_example_resumes_with_both_of_its_optimizers(tmp_path):
     """Both optimizers are built by their first apply, inside the traced step, each with the
-    variables it is applied to (the compiled one too: a part of the trainable ones): the
-    resumed run's get the checkpoint's state right after Keras builds them."""
+    variables it is applied to: the resumed run's get their step counts and learning rates
+    at train begin, their slots right after Keras builds them."""
     def model():
         keras.utils.set_random_seed(41)
         built = GAN()
-        built.compile(keras.optimizers.Adam(0.001), keras.optimizers.Adam(0.002),
-                      d_is_the_model_s)
+        built.compile(keras.optimizers.Adam(0.001), keras.optimizers.Adam(0.002))
         built(X[:1])
         return built
 

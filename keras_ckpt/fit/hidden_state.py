@@ -237,9 +237,10 @@ class OtherOptimizers:
 
     state_key = "keras.other_optimizers"
 
-    def __init__(self, model: Any, names: list[str]) -> None:
+    def __init__(self, model: Any, names: list[str], session: Any) -> None:
         self._model = weakref.ref(model)
         self._names = names
+        self._session = weakref.ref(session)
 
     def _optimizers(self) -> list:
         model = self._model()
@@ -258,17 +259,23 @@ class OtherOptimizers:
             if optimizer.built or len(optimizer.variables) == len(saved):
                 assign(list(optimizer.variables), saved, what)
             else:
-                assign_when_built(optimizer, saved, what)
+                assign_when_built(optimizer, saved, what, self._session())
 
 
-def assign_when_built(optimizer: Any, saved: dict, what: str) -> None:
-    """`saved` goes into `optimizer`'s variables right after Keras builds it (in a traced
-    step on TensorFlow: outside the trace, once)."""
+def assign_when_built(optimizer: Any, saved: dict, what: str, session: Any = None) -> None:
+    """Puts `saved` (`values` of a built optimizer) into the unbuilt `optimizer`: what it has
+    already (its step count, its learning rate) now, the rest (the slots) right after Keras
+    builds it (in a traced step on TensorFlow: outside the trace, once). The hook goes with
+    `session` (a fit) where it never fires."""
     import contextlib
 
     import keras
 
     from keras_ckpt.epoch_skip import shadow_once
+
+    arrays = [saved[k] for k in sorted(saved) if k.startswith("v_")]
+    now = len(optimizer.variables)
+    assign(list(optimizer.variables), values_of(arrays[:now]), what)
 
     def build(original: Any, *args: Any, **kwargs: Any) -> Any:
         result = original(*args, **kwargs)
@@ -278,10 +285,17 @@ def assign_when_built(optimizer: Any, saved: dict, what: str) -> None:
 
             outside = tf.init_scope()
         with outside:
-            assign(list(optimizer.variables), saved, what)
+            assign(list(optimizer.variables)[now:], values_of(arrays[now:]), what)
         return result
 
-    shadow_once(optimizer, "build", build)
+    undo = shadow_once(optimizer, "build", build)
+    if session is not None and not session.closed:
+        session.on_close(f"{what}: assigned when built", undo)
+
+
+def values_of(arrays: list) -> dict:
+    """`arrays` as `values` gives variables' (`v_0000`, ...)."""
+    return {f"v_{i:04d}": a for i, a in enumerate(arrays)}
 
 
 def _other_optimizers(model: Any) -> list[str]:
@@ -300,14 +314,15 @@ def attach(session: Any) -> list:
     model = session.model
     found: list = [GlobalSeedGenerator()]
     if model is not None and (names := _other_optimizers(model)):
-        found.append(OtherOptimizers(model, names))
+        found.append(OtherOptimizers(model, names, session))
     if model is not None and (buffers := _torch_buffers(model)):
         found.append(TorchBuffers(buffers))
     if model is not None:  # the inputs' generators and tf.data variables
         found += input_state.attach(model)
     parts = _layer_parts(model) if model is not None else []
-    if model is not None and _users([*_compiled_objects(model), *parts, getattr(
-            model, "optimizer", None)]):  # (the user's classes: what they make later, too)
+    optimizer = getattr(model, "optimizer", None)
+    if model is not None and _users([*_compiled_objects(model), *parts, optimizer, getattr(
+            optimizer, "inner_optimizer", None)]):  # (the user's classes: later ones, too)
         found.append(OwnedByLossesAndMetrics(model, parts))
     if model is not None and any(getattr(layer, "stateful", False) and hasattr(layer, "states")
                                  for layer in keras_compat.flatten_layers(model)):

@@ -51,10 +51,24 @@ def generators_of(data: Any) -> list:
     return list(found.values())
 
 
+def _encode(value: Any) -> Any:
+    """For `json.dumps`: a NumPy array (MT19937's, Philox's keys) as its list and dtype."""
+    if isinstance(value, np.ndarray):
+        return {"ndarray": value.tolist(), "dtype": str(value.dtype)}
+    if isinstance(value, np.integer):
+        return int(value)
+    raise TypeError(f"{type(value).__name__} in a generator's state")
+
+
+def _decode(entry: dict) -> Any:
+    return np.array(entry["ndarray"], dtype=np.dtype(entry["dtype"])) \
+        if set(entry) == {"ndarray", "dtype"} else entry
+
+
 def _state_of(generator: Any) -> Any:
     """A generator's state as JSON text or an array (no pickle: a checkpoint is data)."""
     if isinstance(generator, np.random.Generator):
-        return json.dumps(generator.bit_generator.state)
+        return json.dumps(generator.bit_generator.state, default=_encode)
     if isinstance(generator, np.random.RandomState):
         kind, keys, pos, has_gauss, cached = generator.get_state()
         return json.dumps([kind, keys.tolist(), int(pos), int(has_gauss), float(cached)])
@@ -65,7 +79,7 @@ def _state_of(generator: Any) -> Any:
 
 def _set_state(generator: Any, state: Any) -> None:
     if isinstance(generator, np.random.Generator):
-        generator.bit_generator.state = json.loads(state)
+        generator.bit_generator.state = json.loads(state, object_hook=_decode)
     elif isinstance(generator, np.random.RandomState):
         kind, keys, pos, has_gauss, cached = json.loads(state)
         generator.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
@@ -76,6 +90,24 @@ def _set_state(generator: Any, state: Any) -> None:
         import torch
 
         generator.set_state(torch.from_numpy(np.asarray(state, dtype=np.uint8).copy()))
+
+
+def _scratch(generator: Any) -> Any:
+    """A new generator of the same kind, to try a state on first."""
+    if isinstance(generator, np.random.Generator):
+        return np.random.Generator(type(generator.bit_generator)())
+    return type(generator)()
+
+
+def _encodable(generator: Any) -> bool:
+    try:
+        _state_of(generator)
+    except Exception as e:  # (any: a bit generator of another kind)
+        warn(f"ModelCheckpoint: the input holds a random generator whose state keras-ckpt "
+             f"cannot write ({type(generator).__name__}: {e}): a resume starts it afresh, and "
+             "the run will differ from an uninterrupted one.")
+        return False
+    return True
 
 
 def marker(generators: list) -> tuple:
@@ -92,22 +124,27 @@ class InputGenerators:
         self._generators = generators
 
     def get_state(self) -> dict:
+        """Each generator's state, `g_0000`, ... (JSON text, or torch's bytes)."""
         return {f"g_{i:04d}": _state_of(g) for i, g in enumerate(self._generators)}
 
     def set_state(self, state: dict) -> None:
+        """All of them, each state tried on a new generator of its kind first; where any does
+        not fit (another input, a damaged or hostile file), none, with a warning."""
         saved = [state[k] for k in sorted(state) if k.startswith("g_")]
-        if len(saved) != len(self._generators):
-            warn("ModelCheckpoint: the random generators the input holds are not the "
-                 f"checkpoint's ({len(self._generators)} against {len(saved)}): they start "
-                 "afresh, and the run will differ from an uninterrupted one.")
+        problem = None if len(saved) == len(self._generators) else \
+            f"{len(self._generators)} against {len(saved)}"
+        for generator, value in zip(self._generators, saved, strict=False):
+            try:
+                _set_state(_scratch(generator), value)
+            except Exception as e:  # (any: the state is data from a file)
+                problem = problem or f"{type(e).__name__}: {e}"
+        if problem is not None:
+            warn("ModelCheckpoint: the random generators the input holds cannot take the "
+                 f"checkpoint's states ({problem}): they go on from where they are, and the "
+                 "run will differ from an uninterrupted one.")
             return
-        try:
-            for generator, value in zip(self._generators, saved, strict=True):
-                _set_state(generator, value)
-        except (TypeError, ValueError, KeyError, RuntimeError) as e:
-            warn(f"ModelCheckpoint: the input's random generators could not take the "
-                 f"checkpoint's states ({e}): they go on from where they are, and the run will "
-                 "differ from an uninterrupted one.")
+        for generator, value in zip(self._generators, saved, strict=True):
+            _set_state(generator, value)
 
 
 class PipelineVariables:
@@ -119,9 +156,11 @@ class PipelineVariables:
         self._variables = variables
 
     def get_state(self) -> dict:
+        """The variables' values (`variable_state.values`)."""
         return values(self._variables)
 
     def set_state(self, state: dict) -> None:
+        """Assigned now (at train begin, before the epoch's iterator runs the functions)."""
         assign(self._variables, state, "the variables of the tf.data input's functions")
 
 
@@ -135,6 +174,6 @@ def attach(model: Any) -> list:
     held = {id(getattr(v, "value", v)) for v in getattr(model, "variables", None) or []}
     variables = {id(v): v for data in inputs for v in pipeline_variables(data)
                  if id(v) not in held}
-    generators = {id(g): g for data in inputs for g in generators_of(data)}
+    generators = {id(g): g for data in inputs for g in generators_of(data) if _encodable(g)}
     return ([InputGenerators(list(generators.values()))] if generators else []) + (
         [PipelineVariables(list(variables.values()))] if variables else [])

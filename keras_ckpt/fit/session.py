@@ -20,8 +20,8 @@ on the same model starts. Error listeners (`on_error`) run first, then the
 cleanups, newest first; a failing cleanup never stops the others.
 
 The session lives on the model (one attribute, the newest session), never in
-a module global; data helpers not yet used by a fit wait in a weak set until
-the next fit claims them.
+a module global; data helpers not yet used by a fit wait, weakly held and in
+the order made, until the next fit claims them.
 """
 
 from __future__ import annotations
@@ -44,7 +44,6 @@ _HOOKS = ("on_train_begin", "on_epoch_begin", "on_epoch_end", "on_train_batch_be
           "on_train_batch_end", "on_test_begin", "on_test_end", "on_test_batch_begin",
           "on_test_batch_end")
 
-# Data helpers created since the last fit began: the next fit claims them.
 # Data helpers made for a fit that has not begun (a dataset is made before its fit), in the
 # order they were made: the next fit to begin claims them.
 _unclaimed: dict[int, weakref.ref] = {}

@@ -259,8 +259,10 @@ def _first_new_step(model: Any, snapshot: state_lib.Snapshot) -> Any:
 
     The compiled metrics get the interrupted epoch's running state back (Keras
     reset them at epoch begin; on TensorFlow they are built from the last
-    skipped batch first), and on torch the RNG its state at the step (the
-    data order is drawn by now). The snapshot is let go then.
+    skipped batch first), and the global RNGs their states at the step (the
+    data order is drawn by now; Python's and NumPy's stay where reading the
+    skipped batches again left them, where the input draws). The snapshot is
+    let go then.
     """
     held = [snapshot]
 

@@ -39,8 +39,10 @@ def history_of(model: Any) -> Any:
 
 
 def global_step(model: Any) -> int:
+    """The optimizer's step count (built or not: a custom train_step builds it at its first
+    apply, and a resume has given it its count before that)."""
     optimizer = getattr(model, "optimizer", None)
-    if optimizer is None or not getattr(optimizer, "built", False):
+    if optimizer is None:
         return 0
     return int(keras.ops.convert_to_numpy(keras_compat.step_counter(optimizer)))
 
