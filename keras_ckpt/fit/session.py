@@ -68,6 +68,7 @@ class FitSession:
         self.before_batch: list[Callable[[], None]] = []  # ... at the next train batch begin
         self.resumed_mid_epoch: int | None = None
         self.resume_point: tuple[int, int] | None = None  # (epoch, step) a resume starts at
+        self.steps_uncounted = False  # the train step does not apply model.optimizer
         self._initial_before: Any = _UNSET
         self._cleanups: list[tuple[str, Callable[[], None]]] = []
         self._error_listeners: list[Callable[[BaseException], None]] = []

@@ -95,14 +95,15 @@ class StepGuards:
     def _check_trace(self, train_function: Any) -> None:
         """After the first train call: the random ops whose state no checkpoint can hold, and a
         compiled optimizer the step did not apply (steps are counted by its iterations)."""
-        optimizer = getattr(self._model(), "optimizer", None)
-        if optimizer is not None and not getattr(optimizer, "built", True):
+        optimizer, session = getattr(self._model(), "optimizer", None), self._session()
+        if optimizer is not None and not getattr(optimizer, "built", True) and session:
+            session.steps_uncounted = True
             warn("keras-ckpt: this model's train_step did not apply model.optimizer (it "
                  "applies optimizers of its own, as Keras's GAN example does), and keras-ckpt "
-                 "counts a fit's steps with model.optimizer.iterations: checkpoints inside an "
-                 "epoch (save_freq in steps, on an error, on a signal) would resume at the "
-                 "wrong step. Pass the optimizer applied once a step to compile(optimizer=...) "
-                 "as well, or save at epoch ends only (save_freq='epoch').")
+                 "counts a fit's steps with model.optimizer.iterations: this fit writes no "
+                 "checkpoint inside an epoch (save_freq in steps, on an error, on a signal), "
+                 "only at epoch ends, from which a resume is exact. save_freq='epoch' says "
+                 "so; a train_step that applies model.optimizer once a step counts them.")
         found = hidden_random_ops(train_function)
         if found:
             warn(f"keras-ckpt: the train step runs TensorFlow random ops that keep their "

@@ -85,6 +85,8 @@ class Saver:
         """
         owner, o, fit, model = self.owner, self.options, self.owner.fit, self.owner.model
         session = registry.current_fit(model)
+        if steps_in_epoch is not None and getattr(session, "steps_uncounted", False):
+            return None  # (no step count to resume from: said after the first step)
         step_now = global_step(model)
         saved = fit.saved_at
         if force and saved is not None and (saved.session, saved.step) == (session, step_now) \
