@@ -204,9 +204,11 @@ class TorchBuffers:
         self._buffers = buffers
 
     def get_state(self) -> dict:
+        """The buffers' values, `v_0000`, ... in layer order."""
         return {f"v_{i:04d}": b.detach().cpu().numpy().copy() for i, b in enumerate(self._buffers)}
 
     def set_state(self, state: dict) -> None:
+        """Copied in now (at train begin), where they are the checkpoint's; else a warning."""
         import torch
 
         saved = [np.asarray(state[k]) for k in sorted(state) if k.startswith("v_")]
