@@ -35,11 +35,11 @@ import numpy as np
 from keras_ckpt import keras_compat
 from keras_ckpt.fit import input_state
 from keras_ckpt.fit.keras_callbacks import at_next_epoch
-from keras_ckpt.fit.variable_state import assign, values
+from keras_ckpt.fit.variable_state import arrays_of, as_state, assign, values
 from keras_ckpt.warn import warn
 
 __all__ = ["attach", "RnnStates", "GlobalSeedGenerator", "OwnedByLossesAndMetrics",
-           "TorchBuffers", "OtherOptimizers", "assign_when_built"]
+           "TorchBuffers", "OtherOptimizers"]
 
 
 def _state_variables(model: Any) -> list:
@@ -134,10 +134,17 @@ def _layer_parts(model: Any) -> list:
                    for value in vars(layer).values() if isinstance(value, parts)])
 
 
+def _roots(model: Any, layer_parts: list) -> list:
+    """The objects of the user's classes around the model: the compiled loss and metric
+    objects, the optimizer (a wrapper's inner one too), `layer_parts`."""
+    optimizer = getattr(model, "optimizer", None)
+    return _users([*_compiled_objects(model), optimizer,
+                   getattr(optimizer, "inner_optimizer", None), *layer_parts])
+
+
 def _owned(model: Any, layer_parts: list) -> list:
-    """Variables that objects of the user's classes around the model hold and Keras does not
-    track: the compiled loss and metric objects, the optimizer (a wrapper's inner one too),
-    `layer_parts`, and such objects, dicts, lists and tuples they hold, in the order found."""
+    """Variables that `_roots` and the objects of the user's classes, dicts, lists and tuples
+    they hold keep and Keras does not track, in the order found."""
     import keras
 
     optimizer = getattr(model, "optimizer", None)
@@ -146,8 +153,7 @@ def _owned(model: Any, layer_parts: list) -> list:
                                    getattr(optimizer, "variables", None) or [])
                for v in group}
     found: list = []
-    stack = _users([*_compiled_objects(model), optimizer,
-                    getattr(optimizer, "inner_optimizer", None), *layer_parts])[::-1]
+    stack = _roots(model, layer_parts)[::-1]
     seen = {id(obj) for obj in stack}
     while stack:
         for value in vars(stack.pop()).values():
@@ -204,22 +210,18 @@ class TorchBuffers:
         self._buffers = buffers
 
     def get_state(self) -> dict:
-        """The buffers' values, `v_0000`, ... in layer order."""
-        return {f"v_{i:04d}": b.detach().cpu().numpy().copy() for i, b in enumerate(self._buffers)}
+        """The buffers' values in layer order (`variable_state.as_state`)."""
+        return as_state([b.detach().cpu().numpy().copy() for b in self._buffers])
 
     def set_state(self, state: dict) -> None:
         """Copied in now (at train begin), where they are the checkpoint's; else a warning."""
         import torch
 
-        saved = [np.asarray(state[k]) for k in sorted(state) if k.startswith("v_")]
-        if [tuple(b.shape) for b in self._buffers] != [a.shape for a in saved]:
-            warn("ModelCheckpoint: the buffers of the model's torch modules are not the "
-                 "checkpoint's: they start afresh, and the run will differ from an "
-                 "uninterrupted one.")
-            return
+        def put(buffer: Any, array: np.ndarray) -> None:
+            buffer.copy_(torch.from_numpy(array.copy()).to(buffer.device))
+
         with torch.no_grad():
-            for buffer, array in zip(self._buffers, saved, strict=True):
-                buffer.copy_(torch.from_numpy(array.copy()).to(buffer.device))
+            assign(self._buffers, state, "the buffers of the model's torch modules", put)
 
 
 def _torch_buffers(model: Any) -> list:
@@ -261,10 +263,10 @@ class OtherOptimizers:
             if optimizer.built or len(optimizer.variables) == len(saved):
                 assign(list(optimizer.variables), saved, what)
             else:
-                assign_when_built(optimizer, saved, what, self._session())
+                _assign_when_built(optimizer, saved, what, self._session())
 
 
-def assign_when_built(optimizer: Any, saved: dict, what: str, session: Any = None) -> None:
+def _assign_when_built(optimizer: Any, saved: dict, what: str, session: Any = None) -> None:
     """Puts `saved` (`values` of a built optimizer) into the unbuilt `optimizer`: what it has
     already (its step count, its learning rate) now, the rest (the slots) right after Keras
     builds it (in a traced step on TensorFlow: outside the trace, once). The hook goes with
@@ -275,9 +277,9 @@ def assign_when_built(optimizer: Any, saved: dict, what: str, session: Any = Non
 
     from keras_ckpt.epoch_skip import shadow_once
 
-    arrays = [saved[k] for k in sorted(saved) if k.startswith("v_")]
+    arrays = arrays_of(saved)
     now = len(optimizer.variables)
-    assign(list(optimizer.variables), values_of(arrays[:now]), what)
+    assign(list(optimizer.variables), as_state(arrays[:now]), what)
 
     def build(original: Any, *args: Any, **kwargs: Any) -> Any:
         result = original(*args, **kwargs)
@@ -287,17 +289,12 @@ def assign_when_built(optimizer: Any, saved: dict, what: str, session: Any = Non
 
             outside = tf.init_scope()
         with outside:
-            assign(list(optimizer.variables)[now:], values_of(arrays[now:]), what)
+            assign(list(optimizer.variables)[now:], as_state(arrays[now:]), what)
         return result
 
     undo = shadow_once(optimizer, "build", build)
     if session is not None and not session.closed:
         session.on_close(f"{what}: assigned when built", undo)
-
-
-def values_of(arrays: list) -> dict:
-    """`arrays` as `values` gives variables' (`v_0000`, ...)."""
-    return {f"v_{i:04d}": a for i, a in enumerate(arrays)}
 
 
 def _other_optimizers(model: Any) -> list[str]:
@@ -311,8 +308,10 @@ def _other_optimizers(model: Any) -> list[str]:
 
 
 def attach(session: Any) -> list:
-    """The adapters for the session's model: its stateful RNN layers' (built or not), and the
-    global seed generator's."""
+    """The adapters for the session's model: the global seed generator's; where the model has
+    them, its other optimizers', its torch modules' buffers, its inputs'
+    (`input_state.attach`), what objects of the user's classes hold, and its stateful RNN
+    layers' states (built or not)."""
     model = session.model
     found: list = [GlobalSeedGenerator()]
     if model is not None and (names := _other_optimizers(model)):
@@ -322,9 +321,7 @@ def attach(session: Any) -> list:
     if model is not None:  # the inputs' generators and tf.data variables
         found += input_state.attach(model)
     parts = _layer_parts(model) if model is not None else []
-    optimizer = getattr(model, "optimizer", None)
-    if model is not None and _users([*_compiled_objects(model), *parts, optimizer, getattr(
-            optimizer, "inner_optimizer", None)]):  # (the user's classes: later ones, too)
+    if model is not None and _roots(model, parts):  # (what they make later rides too)
         found.append(OwnedByLossesAndMetrics(model, parts))
     if model is not None and any(getattr(layer, "stateful", False) and hasattr(layer, "states")
                                  for layer in keras_compat.flatten_layers(model)):
